@@ -1,0 +1,113 @@
+"""The `nws` command: one sub-command per MLflow entry point, parameters built from the options
+dataclasses. Bad input ends in one line on stderr and exit code 2; nothing heavy (TensorFlow,
+MLflow) is imported before the parameters are parsed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from nws.errors import NWSError, ParameterError
+from nws.params import parse_bool
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    options: type
+    run: Callable[[Any], int]
+
+
+def _sample(options: Any) -> int:
+    from nws.sampling import run_campaign
+
+    summary = run_campaign(options)
+    print(summary.line())
+    return 0
+
+
+def _commands() -> dict[str, Command]:
+    from nws.sampling import MainOptions, SampleOptions
+
+    commands = [
+        Command(
+            "sample",
+            "train a zoo of nets with Optuna-drawn hyper-parameters",
+            SampleOptions,
+            _sample,
+        ),
+        Command("main", "the end-to-end study on the offline datasets", MainOptions, _sample),
+    ]
+    return {c.name: c for c in commands}
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _bool_type(name: str) -> Callable[[str], bool]:
+    def convert(text: str) -> bool:
+        try:
+            return parse_bool(name, text)
+        except ParameterError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
+
+
+def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="nws", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+    for command in commands.values():
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        for f in dataclasses.fields(command.options):
+            kind = {"int": int, "float": float, "bool": _bool_type(f.name)}.get(str(f.type), str)
+            flags = dict.fromkeys([f"--{f.name.replace('_', '-')}", f"--{f.name}"])
+            p.add_argument(
+                *flags,
+                dest=f.name,
+                type=kind,
+                default=f.default,
+                help=f"{f.metadata.get('help', '')} (default: {f.default!r})",
+            )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    commands = _commands()
+    args = build_parser(commands).parse_args(argv)
+    command = commands[args.command]
+    prog = f"nws {command.name}"
+    values = {k: v for k, v in vars(args).items() if k != "command"}
+    try:
+        return command.run(command.options(**values))
+    except NWSError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # unexpected: keep the traceback, but end on one clear line
+        traceback.print_exc()
+        print(f"{prog}: error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+        return 1
+
+
+def run_entry_point(name: str) -> NoReturn:
+    """What the scripts in entrypoints/ call: `nws <name> <argv...>`."""
+    raise SystemExit(main([name, *sys.argv[1:]]))

@@ -1,0 +1,25 @@
+"""Datasets: official-format readers, offline datasets, preprocessing and the registry."""
+
+from nws.data.preprocess import BalancedSampler, ImageSet, NetData, split_for_net, to_rgb32
+from nws.data.registry import (
+    DATASETS,
+    OFFLINE_DATASETS,
+    check_available,
+    default_data_dir,
+    load_images,
+    resolve_datasets,
+)
+
+__all__ = [
+    "DATASETS",
+    "OFFLINE_DATASETS",
+    "BalancedSampler",
+    "ImageSet",
+    "NetData",
+    "check_available",
+    "default_data_dir",
+    "load_images",
+    "resolve_datasets",
+    "split_for_net",
+    "to_rgb32",
+]

@@ -1,0 +1,121 @@
+"""Preprocessing (reference section 3): every image to 32x32x3, the 90/10 train/validation split of
+the official training set, and per-epoch class balancing.
+
+Images are kept as uint8 (a quarter of float32's memory); the training pipeline scales them to
+[0, 1] per batch. Grey images are resized bilinearly and repeated to three channels; larger images
+(STL-10) are downsampled with antialiasing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SIDE = 32
+VALID_FRACTION = 0.1
+_RESIZE_CHUNK = 8192
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """A dataset's official train and test sets, preprocessed."""
+
+    name: str
+    x_train: np.ndarray  # uint8 [N, 32, 32, 3]
+    y_train: np.ndarray  # int64 [N]
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+@dataclass(frozen=True)
+class NetData:
+    """What one net trains and is evaluated on."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_valid: np.ndarray
+    y_valid: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    def sizes(self) -> dict[str, int]:
+        return {
+            "n_train": len(self.y_train),
+            "n_valid": len(self.y_valid),
+            "n_test": len(self.y_test),
+        }
+
+
+def to_rgb32(images: np.ndarray) -> np.ndarray:
+    """uint8 [N, 32, 32, 3] from uint8 [N, H, W] or [N, H, W, C] with C in {1, 3}."""
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"expected [N, H, W] or [N, H, W, 1|3] images, got {images.shape}")
+    if images.shape[1:3] != (SIDE, SIDE):
+        images = _resize(images)
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    return np.ascontiguousarray(images, dtype=np.uint8)
+
+
+def _resize(images: np.ndarray) -> np.ndarray:
+    import tensorflow as tf
+
+    downsampling = images.shape[1] > SIDE or images.shape[2] > SIDE
+    out = np.empty((len(images), SIDE, SIDE, images.shape[-1]), dtype=np.uint8)
+    for start in range(0, len(images), _RESIZE_CHUNK):
+        chunk = tf.image.resize(
+            images[start : start + _RESIZE_CHUNK].astype(np.float32),
+            (SIDE, SIDE),
+            method="bilinear",
+            antialias=downsampling,
+        )
+        out[start : start + _RESIZE_CHUNK] = np.clip(np.round(chunk.numpy()), 0, 255)
+    return out
+
+
+def split_for_net(
+    images: ImageSet, seed: int, max_train_images: int = 0, max_eval_images: int = 0
+) -> NetData:
+    """Shuffle the official training set with the net's seed and split it 90/10.
+
+    `max_train_images` caps the training part and `max_eval_images` the validation and test sets
+    (0 = no cap), for quick runs.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(images.y_train))
+    cut = int(round((1.0 - VALID_FRACTION) * len(order)))
+    train, valid = order[:cut], order[cut:]
+    test = np.arange(len(images.y_test))
+    if max_train_images:
+        train = train[:max_train_images]
+    if max_eval_images:
+        valid = valid[:max_eval_images]
+        test = np.sort(rng.permutation(test)[:max_eval_images])
+    return NetData(
+        images.x_train[train],
+        images.y_train[train],
+        images.x_train[valid],
+        images.y_train[valid],
+        images.x_test[test],
+        images.y_test[test],
+    )
+
+
+class BalancedSampler:
+    """Each epoch, every class present is undersampled to the size of the smallest class,
+    drawn anew; the epoch is then shuffled."""
+
+    def __init__(self, labels: np.ndarray, seed: int) -> None:
+        self._rng = np.random.default_rng(seed)
+        classes = np.unique(labels)
+        self._members = [np.flatnonzero(labels == c) for c in classes]
+        self.per_class = min(len(m) for m in self._members)
+        self.epoch_size = self.per_class * len(self._members)
+
+    def epoch(self) -> np.ndarray:
+        picks = [self._rng.choice(m, self.per_class, replace=False) for m in self._members]
+        return self._rng.permutation(np.concatenate(picks))

@@ -1,0 +1,236 @@
+"""Weight snapshots: the flat-vector layout contract, capture during training, 20-of-n selection.
+
+The layout contract (reference section 6), written down once here:
+
+* All weights of the net except optimizer state, layer by layer in creation order.
+* Per conv or hidden dense layer: kernel, bias, then (with batch norm) beta, gamma, moving mean,
+  moving variance. The output layer: kernel, bias.
+* A conv kernel of Keras shape [k, k, in, out] is stored transposed to [out, in, k, k] and
+  flattened in row-major order; a dense kernel [in, out] is stored as [out, in]. Consecutive values
+  are therefore the incoming weights of one neuron, and position follows depth.
+* The conv part (all conv layers) comes first, then the fc part (hidden dense + output layer);
+  `weightn_conv` and `weightn_fc` are their lengths.
+
+Our artifacts store float32 (the NWS export writes float64).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from nws.cnn import LayerSpec, layer_plan
+from nws.space import NetConfig
+
+LAYOUT_FORMAT = "nws-flat-v1"
+BN_TENSORS = ("beta", "gamma", "moving_mean", "moving_variance")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor of the net lives in the flat vector."""
+
+    layer: str  # the weight-owning layer (conv1_1, fc2, fc_final)
+    tensor: str  # kernel, bias, beta, gamma, moving_mean, moving_variance
+    keras_layer: str  # the Keras layer holding it (conv1_1 or conv1_1_bn)
+    shape: tuple[int, ...]  # the tensor's Keras shape
+    stored_shape: tuple[int, ...]  # the shape it is flattened from (kernels transposed)
+    offset: int
+    size: int
+    part: str  # "conv" or "fc"
+
+    @property
+    def stop(self) -> int:
+        return self.offset + self.size
+
+    def to_storage(self, value: np.ndarray) -> np.ndarray:
+        """A Keras-shaped tensor in storage order, flat."""
+        if self.tensor == "kernel":
+            value = np.transpose(value, (3, 2, 0, 1)) if value.ndim == 4 else value.T
+        return np.ravel(value)
+
+    def from_storage(self, flat: np.ndarray) -> np.ndarray:
+        """The Keras-shaped tensor from its slice of the flat vector."""
+        value = np.reshape(flat, self.stored_shape)
+        if self.tensor == "kernel":
+            value = np.transpose(value, (2, 3, 1, 0)) if value.ndim == 4 else value.T
+        return value
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """The layout of a net's flat weight vector."""
+
+    entries: tuple[TensorEntry, ...]
+
+    @property
+    def n_weights(self) -> int:
+        return self.entries[-1].stop if self.entries else 0
+
+    @property
+    def weightn_conv(self) -> int:
+        return sum(e.size for e in self.entries if e.part == "conv")
+
+    @property
+    def weightn_fc(self) -> int:
+        return sum(e.size for e in self.entries if e.part == "fc")
+
+    def __iter__(self) -> Iterator[TensorEntry]:
+        return iter(self.entries)
+
+    def to_records(self) -> list[dict[str, Any]]:
+        return [asdict(e) for e in self.entries]
+
+    @classmethod
+    def from_records(cls, records: Sequence[Mapping[str, Any]]) -> WeightLayout:
+        return cls(
+            tuple(
+                TensorEntry(
+                    **{
+                        **r,
+                        "shape": tuple(r["shape"]),
+                        "stored_shape": tuple(r["stored_shape"]),
+                    }
+                )
+                for r in records
+            )
+        )
+
+
+def _layer_tensors(spec: LayerSpec) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(tensor, keras layer, shape) of one weight-owning layer, in layout order."""
+    tensors = [("kernel", spec.name, spec.kernel_shape), ("bias", spec.name, (spec.units,))]
+    if spec.batch_norm:
+        tensors += [(t, f"{spec.name}_bn", (spec.units,)) for t in BN_TENSORS]
+    return tensors
+
+
+def weight_layout(config: NetConfig) -> WeightLayout:
+    """The layout of a configuration's flat vector, computed without building the model."""
+    entries: list[TensorEntry] = []
+    offset = 0
+    for spec in layer_plan(config):
+        for tensor, keras_layer, shape in _layer_tensors(spec):
+            if tensor == "kernel":
+                stored = (
+                    (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
+                )
+            else:
+                stored = shape
+            size = int(np.prod(shape))
+            entries.append(
+                TensorEntry(spec.name, tensor, keras_layer, shape, stored, offset, size, spec.part)
+            )
+            offset += size
+    return WeightLayout(tuple(entries))
+
+
+def _variable(model: Any, entry: TensorEntry) -> Any:
+    return getattr(model.get_layer(entry.keras_layer), entry.tensor)
+
+
+def flatten(model: Any, layout: WeightLayout) -> np.ndarray:
+    """The flat float32 vector of a Keras model built by `nws.cnn.build_model`."""
+    out = np.empty(layout.n_weights, dtype=np.float32)
+    for entry in layout:
+        value = np.asarray(_variable(model, entry).numpy(), dtype=np.float32)
+        out[entry.offset : entry.stop] = entry.to_storage(value)
+    return out
+
+
+def unflatten(vector: np.ndarray, layout: WeightLayout) -> dict[tuple[str, str], np.ndarray]:
+    """Keras-shaped tensors keyed by (keras layer, tensor) from a flat vector."""
+    vector = np.asarray(vector)
+    if vector.shape != (layout.n_weights,):
+        raise ValueError(f"expected a flat vector of {layout.n_weights} values, got {vector.shape}")
+    return {
+        (e.keras_layer, e.tensor): e.from_storage(vector[e.offset : e.stop]) for e in layout.entries
+    }
+
+
+def load_into(model: Any, vector: np.ndarray, layout: WeightLayout) -> None:
+    """Assign a flat vector to the model's variables (the inverse of `flatten`)."""
+    tensors = unflatten(vector, layout)
+    for entry in layout:
+        variable = _variable(model, entry)
+        variable.assign(tensors[(entry.keras_layer, entry.tensor)].astype(variable.dtype))
+
+
+def select_prints(n_evals: int, prints: int) -> np.ndarray:
+    """1-based indices of the evaluations kept: round(linspace(1, n, prints)), as the original.
+
+    With fewer evaluations than prints, indices repeat.
+    """
+    if n_evals < 1:
+        raise ValueError("no evaluations to select from")
+    return np.round(np.linspace(1, n_evals, prints)).astype(np.int64)
+
+
+@dataclass
+class SnapshotRecorder:
+    """Writes one flat vector per evaluation to a temporary file on disk (not RAM).
+
+    A net may run 1000 epochs; only the `prints` selected rows are ever read back.
+    """
+
+    layout: WeightLayout
+    directory: str | None = None
+    evaluations: list[dict[str, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        fd, self.path = tempfile.mkstemp(prefix="nws-snapshots-", suffix=".f32", dir=self.directory)
+        self._file = os.fdopen(fd, "wb")
+
+    def record(self, model: Any, epoch: int, metrics: Mapping[str, float]) -> None:
+        self._file.write(flatten(model, self.layout).tobytes())
+        self.evaluations.append({"epoch": epoch, **{k: float(v) for k, v in metrics.items()}})
+
+    def select(self, prints: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """The [prints, n_weights] float32 array and, per row, its evaluation's record."""
+        self._file.flush()
+        n = len(self.evaluations)
+        picks = select_prints(n, prints)
+        stored = np.memmap(self.path, dtype=np.float32, mode="r", shape=(n, self.layout.n_weights))
+        weights = np.array(stored[picks - 1])
+        del stored
+        rows = [{"snapshot": k + 1, **self.evaluations[i - 1]} for k, i in enumerate(picks)]
+        return weights, rows
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+    def __enter__(self) -> SnapshotRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def layout_document(
+    config: NetConfig, layout: WeightLayout, snapshots: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """The content of `snapshots/layout.json`: enough to read a row of weights.npy unaided."""
+    return {
+        "format": LAYOUT_FORMAT,
+        "dtype": "float32",
+        "order": (
+            "layers in creation order; per layer kernel, bias, then batch norm beta, gamma, "
+            "moving_mean, moving_variance; conv kernels [k,k,in,out] stored as [out,in,k,k], "
+            "dense kernels [in,out] as [out,in], row-major"
+        ),
+        "config": config.as_dict(),
+        "n_weights": layout.n_weights,
+        "weightn_conv": layout.weightn_conv,
+        "weightn_fc": layout.weightn_fc,
+        "conv_fc_boundary": layout.weightn_conv,
+        "tensors": layout.to_records(),
+        "snapshots": list(snapshots),
+    }
