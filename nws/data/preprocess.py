@@ -87,7 +87,7 @@ def split_for_net(
     """
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(images.y_train))
-    cut = int(round((1.0 - VALID_FRACTION) * len(order)))
+    cut = int((1.0 - VALID_FRACTION) * len(order))
     train, valid = order[:cut], order[cut:]
     test = np.arange(len(images.y_test))
     if max_train_images:
