@@ -50,7 +50,6 @@ class SampleOptions:
     lr_decay: float = param(1.0, "per-epoch learning-rate factor (1.0 = constant, as published)")
     mixed_precision: bool = param(False, "train in mixed float16 (GPU)")
     deterministic: bool = param(True, "TensorFlow op determinism (bit-identical on CPU)")
-    experiment: str = param("", "MLflow experiment name (default: MLflow's own default)")
 
     def validate(self) -> tuple[list[str], NetConfig | None]:
         """Check every parameter; return the resolved datasets and the replay config."""
@@ -203,15 +202,13 @@ def run_campaign(options: SampleOptions) -> CampaignSummary:
     from nws.training import TrainSettings, configure_tensorflow
 
     configure_tensorflow(deterministic=options.deterministic)
-    if options.experiment and not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(options.experiment)
     settings = TrainSettings(
         max_epochs=options.max_epochs,
         min_epochs=options.min_epochs,
         lr_decay=options.lr_decay,
         mixed_precision=options.mixed_precision,
     )
-    campaign_params = {k: v for k, v in asdict(options).items() if k != "experiment"}
+    campaign_params = asdict(options)
     run = tracking.start_campaign_run(_campaign_tags(options), campaign_params)
     summary = CampaignSummary(options.campaign, campaign_run_id=run.info.run_id)
     environment = _environment_tags()
