@@ -23,7 +23,7 @@ def test_idx_reader_round_trip_gz_and_raw(tmp_path):
     for gz in (True, False):
         root = tmp_path / f"mnist-{gz}"
         formats.write_mnist_like(root, (images, labels), (images[:5], labels[:5]), gz=gz)
-        x_train, y_train, x_test, y_test = readers.read_mnist_like(root, "mnist")
+        x_train, y_train, x_test, _ = readers.read_mnist_like(root, "mnist")
         np.testing.assert_array_equal(x_train, images)
         np.testing.assert_array_equal(y_train, labels)
         np.testing.assert_array_equal(x_test, images[:5])
@@ -62,7 +62,7 @@ def test_cifar10_reader_does_not_unpickle_code(tmp_path):
     (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": print}))
     for name in readers.CIFAR10_FILES[1:]:
         (folder / name).write_bytes(b"")
-    with pytest.raises(DataError, match="refusing to load builtins.print"):
+    with pytest.raises(DataError, match=r"refusing to load builtins\.print"):
         readers.read_cifar10(tmp_path)
 
 
@@ -81,7 +81,7 @@ def test_stl10_reader_reads_column_major_images(tmp_path):
     train = formats.random_images(6, (96, 96, 3), seed=5)
     test = formats.random_images(4, (96, 96, 3), seed=6)
     formats.write_stl10(tmp_path, train, test)
-    x_train, y_train, x_test, y_test = readers.read_stl10(tmp_path)
+    x_train, y_train, x_test, _ = readers.read_stl10(tmp_path)
     np.testing.assert_array_equal(x_train, train[0])
     np.testing.assert_array_equal(y_train, train[1])
     np.testing.assert_array_equal(x_test, test[0])
@@ -132,7 +132,7 @@ def test_offline_datasets_are_deterministic_and_have_ten_classes():
 def test_resolve_datasets_groups_and_errors():
     assert resolve_datasets("paper") == ["mnist", "cifar10", "svhn", "stl10", "fashion"]
     assert resolve_datasets("digits,offline") == ["digits", "mnist5k", "shapes", "gratings"]
-    with pytest.raises(ParameterError, match="^datasets: unknown dataset 'imagenet'"):
+    with pytest.raises(ParameterError, match=r"^datasets: unknown dataset 'imagenet'"):
         resolve_datasets("imagenet")
 
 

@@ -84,7 +84,7 @@ def test_order_is_conv_part_first_then_layer_by_layer():
     ]  # fmt: skip
     offsets = [e.offset for e in layout]
     assert offsets == sorted(offsets) and offsets[0] == 0
-    assert all(a.stop == b.offset for a, b in zip(layout.entries, layout.entries[1:]))
+    assert all(a.stop == b.offset for a, b in zip(layout.entries, layout.entries[1:], strict=False))
     assert layout.entries[-1].layer == "fc_final"
     assert [s.name for s in layer_plan(LARGEST)][:5] == [
         "conv1_1", "conv2_1", "conv2_2", "conv3_1", "conv3_2",
