@@ -1,0 +1,47 @@
+"""The project files agree with the code: MLproject parameters follow the options dataclasses,
+and CI runs the README's test command."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import yaml
+
+from nws.cli import _commands
+from tests.conftest import ROOT
+
+MLPROJECT = yaml.safe_load((ROOT / "MLproject").read_text())
+
+
+def mlflow_default(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+@pytest.mark.parametrize("name", sorted(_commands()))
+def test_mlproject_parameters_follow_the_options_dataclass(name):
+    command = _commands()[name]
+    entry = MLPROJECT["entry_points"][name]
+    fields = {f.name: f for f in dataclasses.fields(command.options)}
+    assert list(entry["parameters"]) == list(fields)
+    for key, spec in entry["parameters"].items():
+        assert mlflow_default(spec["default"]) == mlflow_default(fields[key].default), key
+        kind = {"int": "int", "float": "float"}.get(str(fields[key].type), "string")
+        assert spec["type"] == kind, key
+        assert f"--{key.replace('_', '-')} {{{key}}}" in entry["command"]
+    assert entry["command"].startswith(f"python -m entrypoints.{name} ")
+    assert (ROOT / "entrypoints" / f"{name}.py").is_file()
+
+
+def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    main_job, tests = blocks[0], blocks[1]
+    assert main_job.endswith("mlflow run . --env-manager local")
+    assert tests.endswith("python -m pytest")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'pip install -q -e ".[dev]"' in ci
+    assert ci.rstrip().endswith("python -m pytest")

@@ -1,0 +1,255 @@
+"""The `sample` entry point end to end: MLflow runs, params, metrics, artifacts, the Optuna view,
+continuation, replay, reproducibility and failures."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+
+from nws import tracking
+from nws.errors import ParameterError
+from nws.sampling import NetJob, SampleOptions, open_storage, run_campaign
+from nws.snapshots import select_prints, weight_layout
+from nws.space import PROPERTY_NAMES, NetConfig
+from nws.training import TrainSettings
+from tests.conftest import ROOT, ZOO_PARAMETERS
+
+
+def net_runs(campaign: str | None = None, status: str | None = None):
+    query = f"tags.`{tracking.TAG_ROLE}` = 'net'"
+    if campaign:
+        query += f" and tags.`{tracking.TAG_CAMPAIGN}` = '{campaign}'"
+    if status:
+        query += f" and attributes.status = '{status}'"
+    return mlflow.search_runs(
+        search_all_experiments=True, filter_string=query, output_format="list"
+    )
+
+
+def download(run_id: str, path: str, dst) -> str:
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst))
+
+
+def test_each_net_is_a_finished_nested_run_with_its_properties(in_zoo):
+    runs = net_runs("e2e")
+    assert len(runs) == 3
+    project = mlflow.get_run(in_zoo.project_run_id)
+    assert project.info.status == "FINISHED"
+    assert project.data.tags[tracking.TAG_ROLE] == "campaign"
+    assert project.data.params["n_nets"] == "3"  # MLproject parameters stay as given
+    seeds = set()
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == in_zoo.project_run_id
+        params = run.data.params
+        config = NetConfig.from_mapping({k: params[k] for k in PROPERTY_NAMES})
+        assert config.dataset in {"digits", "shapes"}
+        assert params["optimizer"] in {"adam", "rmsprop", "momentum"}
+        assert params["initialization"] in {"constant", "normal", "glorot_uniform", "glorot_normal"}
+        assert params["batch_norm"] == "on"
+        assert params["prints"] == "4" and params["max_train_images"] == "150"
+        assert params["train_max_epochs"] == "2"
+        tags = run.data.tags
+        assert tags[tracking.TAG_SUBSET] == "main"
+        assert tags[tracking.TAG_STUDY] == "e2e"
+        assert tags[tracking.TAG_SNAPSHOTS] == "complete"
+        assert tags[tracking.TAG_SEED] == params["seed"]
+        seeds.add(params["seed"])
+        layout = weight_layout(config)
+        assert run.data.metrics["weightn_conv"] == layout.weightn_conv
+        assert run.data.metrics["weightn_fc"] == layout.weightn_fc
+        assert run.data.metrics["epochs"] == 2
+    assert len(seeds) == 3
+    assert sorted(int(r.data.tags[tracking.TAG_TRIAL]) for r in runs) == [0, 1, 2]
+
+
+def test_metrics_are_logged_per_epoch(in_zoo):
+    client = mlflow.MlflowClient()
+    for run in net_runs("e2e"):
+        for name in ("train_accuracy", "valid_accuracy", "test_accuracy", "loss"):
+            history = client.get_metric_history(run.info.run_id, name)
+            assert sorted(m.step for m in history) == [0, 1, 2], name
+        final = max(
+            client.get_metric_history(run.info.run_id, "test_accuracy"), key=lambda m: m.step
+        )
+        assert run.data.metrics["test_accuracy"] == final.value
+        assert run.data.metrics["train_seconds"] > 0
+
+
+def test_snapshot_artifacts_have_the_contract_shape_and_content(in_zoo, tmp_path):
+    for run in net_runs("e2e"):
+        run_id = run.info.run_id
+        config = NetConfig.from_mapping({k: run.data.params[k] for k in PROPERTY_NAMES})
+        layout = weight_layout(config)
+        weights = np.load(download(run_id, tracking.WEIGHTS_ARTIFACT, tmp_path / run_id))
+        assert weights.shape == (4, layout.n_weights) and weights.dtype == np.float32
+        assert tracking.weights_digest(weights) == run.data.tags[tracking.TAG_WEIGHTS_SHA256]
+        doc = json.loads(
+            Path(download(run_id, tracking.LAYOUT_ARTIFACT, tmp_path / run_id)).read_text()
+        )
+        assert doc["n_weights"] == layout.n_weights
+        assert doc["conv_fc_boundary"] == layout.weightn_conv
+        assert doc["tensors"][0]["offset"] == 0 and doc["tensors"][-1]["layer"] == "fc_final"
+        # Three evaluations (epochs 0..2) spread over four prints: round(linspace(1, 3, 4)).
+        expected = (select_prints(3, 4) - 1).tolist()
+        assert [s["epoch"] for s in doc["snapshots"]] == expected
+        assert [s["snapshot"] for s in doc["snapshots"]] == [1, 2, 3, 4]
+        history = pd.read_csv(download(run_id, tracking.HISTORY_ARTIFACT, tmp_path / run_id))
+        assert history["epoch"].tolist() == [0, 1, 2]
+        assert doc["snapshots"][-1]["test_accuracy"] == pytest.approx(
+            history["test_accuracy"].iloc[-1]
+        )
+        png = Path(download(run_id, tracking.CURVE_ARTIFACT, tmp_path / run_id)).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_optuna_study_is_a_second_view_of_the_campaign(in_zoo):
+    study = optuna.load_study(study_name="e2e", storage=open_storage(in_zoo.storage))
+    runs = {r.info.run_id: r for r in net_runs("e2e")}
+    assert study.user_attrs["subset"] == "main"
+    assert len(study.trials) == 3
+    for trial in study.trials:
+        assert trial.state == optuna.trial.TrialState.COMPLETE
+        run = runs[trial.user_attrs["mlflow_run_id"]]
+        assert trial.value == pytest.approx(run.data.metrics["test_accuracy"])
+        assert str(trial.params["optimizer"]) == run.data.params["optimizer"]
+        assert str(trial.user_attrs["seed"]) == run.data.params["seed"]
+
+
+def tiny_options(**changes) -> SampleOptions:
+    """The session zoo's parameters as SampleOptions, with changes."""
+    kinds = {f.name: {"int": int, "float": float}.get(str(f.type), str)
+             for f in dataclasses.fields(SampleOptions)}  # fmt: skip
+    base = {k: kinds[k](v) for k, v in ZOO_PARAMETERS.items()}
+    return dataclasses.replace(SampleOptions(**base), **changes)
+
+
+def test_a_second_call_continues_the_campaign_and_refuses_another_space(in_zoo):
+    summary = run_campaign(tiny_options(n_nets=1, storage=in_zoo.storage))
+    assert len(summary.finished) == 1
+    run = mlflow.get_run(summary.finished[0])
+    assert run.data.tags[tracking.TAG_TRIAL] == "3"
+    assert run.data.params["seed"] == "4"  # campaign seed 1 + trial 3
+    with pytest.raises(
+        ParameterError, match=r"^subset: campaign 'e2e' was started with subset=main"
+    ):
+        run_campaign(tiny_options(n_nets=1, storage=in_zoo.storage, subset="fixed"))
+
+
+def test_same_seed_gives_the_same_configuration_and_bit_identical_snapshots(in_zoo, tmp_path):
+    first = next(r for r in net_runs("e2e") if r.data.tags[tracking.TAG_TRIAL] == "0")
+    summary = run_campaign(
+        tiny_options(n_nets=1, campaign="again", storage=str(tmp_path / "optuna.log"))
+    )
+    again = mlflow.get_run(summary.finished[0])
+    for name in PROPERTY_NAMES:
+        assert again.data.params[name] == first.data.params[name]
+    a = np.load(download(first.info.run_id, tracking.WEIGHTS_ARTIFACT, tmp_path / "a"))
+    b = np.load(download(again.info.run_id, tracking.WEIGHTS_ARTIFACT, tmp_path / "b"))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_replay_of_an_explicit_configuration(tracking_uri, tmp_path):
+    text = "shapes,0.003,64,1,0,1,3,1,3,4,3,4,64"
+    summary = run_campaign(
+        tiny_options(n_nets=1, campaign="replay", config=text, storage=str(tmp_path / "o.log"))
+    )
+    run = mlflow.get_run(summary.finished[0])
+    assert NetConfig.from_mapping(
+        {k: run.data.params[k] for k in PROPERTY_NAMES}
+    ) == NetConfig.parse(text)
+    assert run.data.params["optimizer"] == "rmsprop" and run.data.params["activation"] == "tanh"
+
+
+def start_campaign_run():
+    return mlflow.start_run(tags={tracking.TAG_ROLE: "campaign"})
+
+
+def test_a_diverging_net_ends_failed_with_its_reason(tracking_uri):
+    options = tiny_options(prints=3)
+    exploding = dataclasses.replace(
+        NetConfig.parse("shapes,0.003,32,1,0,2,0,0,3,3,2,4,64"), lrate=1e12
+    )
+    with start_campaign_run():
+        job = NetJob(
+            options, TrainSettings(max_epochs=3, min_epochs=3), 0, exploding, ["shapes"], {}
+        )
+        outcome = job.run(observers=[])
+    assert not outcome.finished and "NaN" in outcome.failure
+    run = mlflow.get_run(outcome.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags[tracking.TAG_FAILURE].startswith("nan_loss")
+    assert tracking.TAG_SNAPSHOTS not in run.data.tags
+
+
+def test_a_crash_mid_training_never_leaves_a_finished_run(tracking_uri):
+    options = tiny_options(prints=3)
+    config = NetConfig.parse("shapes,0.003,32,1,0,0,0,2,3,3,2,4,64")
+
+    def crash(_model, epoch, _metrics):
+        if epoch == 1:
+            raise OSError("disk full")
+
+    with start_campaign_run(), pytest.raises(OSError, match="disk full"):
+        NetJob(options, TrainSettings(max_epochs=3, min_epochs=3), 0, config, ["shapes"], {}).run(
+            [crash]
+        )
+    (run,) = net_runs()
+    assert run.info.status == "FAILED"
+    assert run.data.tags[tracking.TAG_FAILURE] == "OSError: disk full"
+    assert tracking.TAG_SNAPSHOTS not in run.data.tags
+    assert mlflow.MlflowClient().list_artifacts(run.info.run_id) == []
+
+
+BAD_INPUTS = [
+    (["--n-nets", "0"], "n_nets: 0 is below 1"),
+    (["--n-nets", "two"], "argument --n-nets/--n_nets: invalid int value: 'two'"),
+    (["--subset", "huge"], "subset: 'huge' is not one of fixed, main"),
+    (["--prints", "1"], "prints: 1 is below 2"),
+    (["--min-epochs", "30", "--max-epochs", "10"], "min_epochs: 30 is larger than max_epochs (10)"),
+    (["--datasets", "imagenet"], "datasets: unknown dataset 'imagenet'"),
+    (["--config", "mnist,0.001,64,1,0,0,0,2,7,3,2,8,128", "--subset", "fixed"],
+     "config.filter_size: 7 is outside the fixed subset"),
+    (["--config", "mnist,0.9,64,1,0,0,0,2,5,3,2,8,128"], "lrate: 0.9 is outside the range"),
+    (["--datasets", "svhn", "--download", "false"], "dataset svhn: train_32x32.mat not found"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "message"), BAD_INPUTS, ids=[a[1].split(":")[0] for a in BAD_INPUTS]
+)
+def test_bad_input_is_one_line_nonzero_exit_and_no_finished_run(
+    tracking_uri, tmp_path, args, message
+):
+    env = {**os.environ, "NWS_DATA_DIR": str(tmp_path / "data")}
+    done = subprocess.run(
+        [sys.executable, "-m", "entrypoints.sample", "--storage", str(tmp_path / "o.log"), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"nws sample: error: {message}")
+    assert net_runs(status="FINISHED") == []
+
+
+def test_bad_input_through_mlflow_run_marks_the_project_run_failed(tracking_uri, tmp_path):
+    import mlflow.projects
+
+    with pytest.raises(mlflow.exceptions.ExecutionException):
+        mlflow.projects.run(
+            str(ROOT), entry_point="sample", env_manager="local",
+            parameters={"n_nets": "0", "storage": str(tmp_path / "o.log")},
+        )  # fmt: skip
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [r.info.status for r in runs] == ["FAILED"]
