@@ -110,6 +110,7 @@ def main() -> None:
 
     configure_tensorflow()
     tmp = tempfile.mkdtemp(prefix="nws-bench-")
+    os.chdir(tmp)  # MLflow's artifact root (./mlruns) goes there too
     mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
     config = NetConfig.parse(FIXED.format(d=args.dataset))
     data = split_for_net(load_images(args.dataset), 0, args.max_train_images)

@@ -82,8 +82,8 @@ def tiny_data():
     return split_for_net(load_images("shapes"), seed=4, max_train_images=160, max_eval_images=64)
 
 
-def train_tiny(data, seed, config=TINY, epochs=3, observers=()):
-    settings = TrainSettings(max_epochs=epochs, min_epochs=epochs)
+def train_tiny(data, seed, config=TINY, epochs=3, observers=(), mixed_precision=False):
+    settings = TrainSettings(max_epochs=epochs, min_epochs=epochs, mixed_precision=mixed_precision)
     layout = weight_layout(config)
     with SnapshotRecorder(layout) as recorder:
         result = train_net(config, data, seed, settings, [recorder.record, *observers])
@@ -143,3 +143,10 @@ def test_progress_prints_plain_lines_when_not_a_terminal(tiny_data):
     assert [line.split(":")[0] for line in lines[1:5]] == [f"net 1/1 epoch {e}/3" for e in range(4)]
     assert lines[-1] == "net 1/1 finished"
     assert "\r" not in stream.getvalue()
+
+
+def test_mixed_precision_trains_and_snapshots_stay_float32(tiny_data):
+    result, weights, _, _ = train_tiny(tiny_data, seed=3, epochs=2, mixed_precision=True)
+    assert weights.dtype == np.float32 and np.isfinite(weights).all()
+    assert weights.shape == (4, weight_layout(TINY).n_weights)
+    assert all(np.isfinite(h["loss"]) for h in result.history)
