@@ -19,6 +19,7 @@ from nws.params import parse_bool
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @dataclass(frozen=True)
@@ -32,23 +33,47 @@ class Command:
 def _sample(options: Any) -> int:
     from nws.sampling import run_campaign
 
-    summary = run_campaign(options)
-    print(summary.line())
+    print(run_campaign(options).line())
+    return 0
+
+
+def _train(options: Any) -> int:
+    from nws.meta.campaign import format_table, run_training
+
+    print(format_table(run_training(options)))
+    return 0
+
+
+def _predict(options: Any) -> int:
+    from nws.predict import run_predict
+
+    run_predict(options)
+    return 0
+
+
+def _main(options: Any) -> int:
+    from nws.study import run_main
+
+    run_main(options)
     return 0
 
 
 def _commands() -> dict[str, Command]:
-    from nws.sampling import MainOptions, SampleOptions
+    from nws.meta.campaign import TrainOptions
+    from nws.predict import PredictOptions
+    from nws.sampling import SampleOptions
+    from nws.study import MainOptions
 
     commands = [
-        Command(
-            "sample",
-            "train a zoo of nets with Optuna-drawn hyper-parameters",
-            SampleOptions,
-            _sample,
-        ),
-        Command("main", "the end-to-end study on the offline datasets", MainOptions, _sample),
-    ]
+        Command("main", "the whole study on the offline datasets: sample, train, register", MainOptions,
+                _main),
+        Command("sample", "train a zoo of nets with Optuna-drawn hyper-parameters", SampleOptions,
+                _sample),
+        Command("train", "train meta-classifiers on nets selected by an MLflow query", TrainOptions,
+                _train),
+        Command("predict", "predict a net's hyper-parameters with the registered champions",
+                PredictOptions, _predict),
+    ]  # fmt: skip
     return {c.name: c for c in commands}
 
 

@@ -62,9 +62,7 @@ def layer_plan(config: NetConfig) -> list[LayerSpec]:
     for block, n_layers in enumerate(conv_blocks(config.depth_conv)):
         width = config.width_conv * 2**block
         for i in range(n_layers):
-            layers.append(
-                LayerSpec(f"conv{block + 1}_{i + 1}", "conv", (k, k, channels, width), bn)
-            )
+            layers.append(LayerSpec(f"conv{block + 1}_{i + 1}", "conv", (k, k, channels, width), bn))
             channels = width
     side = IMAGE_SHAPE[0] // 2**N_BLOCKS
     features = side * side * channels

@@ -28,9 +28,7 @@ class Progress:
         if self.bars:
             from tqdm import tqdm
 
-            self._epochs = tqdm(
-                total=max_epochs, desc=label, unit="epoch", leave=False, file=self.stream
-            )
+            self._epochs = tqdm(total=max_epochs, desc=label, unit="epoch", leave=False, file=self.stream)
         else:
             self._line(f"net {index}/{self.total}: {label}")
 
@@ -45,9 +43,7 @@ class Progress:
                 self._epochs.update(1)
             self._epochs.set_postfix_str(summary)
         else:
-            self._line(
-                f"net {self._index}/{self.total} epoch {epoch}/{self._max_epochs}: {summary}"
-            )
+            self._line(f"net {self._index}/{self.total} epoch {epoch}/{self._max_epochs}: {summary}")
 
     def end_net(self, message: str) -> None:
         if self.bars:

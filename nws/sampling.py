@@ -29,9 +29,7 @@ class SampleOptions:
 
     n_nets: int = param(1, "nets to train in this call")
     subset: str = param("main", "fixed (architecture pinned) or main (architecture drawn too)")
-    datasets: str = param(
-        "offline", "comma list of datasets to draw from; 'offline' or 'paper' name groups"
-    )
+    datasets: str = param("offline", "comma list of datasets to draw from; 'offline' or 'paper' name groups")
     prints: int = param(20, "snapshots kept per net (>= 2)")
     max_epochs: int = param(1000, "most epochs per net")
     min_epochs: int = param(20, "epochs before early stopping may stop a net")
@@ -79,19 +77,6 @@ class SampleOptions:
                 datasets = resolve_datasets(replay.dataset)
             replay.check(self.subset, datasets)
         return datasets, replay
-
-
-@dataclass(frozen=True)
-class MainOptions(SampleOptions):
-    """The `main` entry point: a small offline campaign that finishes in a few minutes on 2 CPU
-    cores. Every `sample` parameter is available to make it bigger."""
-
-    n_nets: int = param(8, "nets to train")
-    campaign: str = param("main", "campaign name: the Optuna study and the nws.campaign tag")
-    max_epochs: int = param(12, "most epochs per net")
-    min_epochs: int = param(4, "epochs before early stopping may stop a net")
-    max_train_images: int = param(500, "cap on training images per net (0 = all)")
-    max_eval_images: int = param(500, "cap on validation and test images per net (0 = all)")
 
 
 @dataclass
@@ -198,7 +183,6 @@ def run_campaign(options: SampleOptions) -> CampaignSummary:
     import mlflow
 
     from nws import tracking
-    from nws.progress import Progress
     from nws.training import TrainSettings, configure_tensorflow
 
     configure_tensorflow(deterministic=options.deterministic)
@@ -209,8 +193,31 @@ def run_campaign(options: SampleOptions) -> CampaignSummary:
         mixed_precision=options.mixed_precision,
     )
     campaign_params = asdict(options)
+    owns_run = mlflow.active_run() is None
     run = tracking.start_campaign_run(_campaign_tags(options), campaign_params)
     summary = CampaignSummary(options.campaign, campaign_run_id=run.info.run_id)
+    try:
+        _train_nets(options, settings, study, datasets, replay, summary)
+    except BaseException as error:
+        if owns_run:
+            mlflow.end_run("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+    mlflow.set_tags({"nws.finished_nets": str(len(summary.finished))})
+    if owns_run:
+        mlflow.end_run()
+    return summary
+
+
+def _train_nets(
+    options: SampleOptions,
+    settings: Any,
+    study: Any,
+    datasets: list[str],
+    replay: NetConfig | None,
+    summary: CampaignSummary,
+) -> None:
+    from nws.progress import Progress
+
     environment = _environment_tags()
     progress = Progress(options.n_nets)
     try:
@@ -238,8 +245,6 @@ def run_campaign(options: SampleOptions) -> CampaignSummary:
             progress.end_net(outcome.line(index, options.n_nets))
     finally:
         progress.close()
-    mlflow.set_tags({"nws.finished_nets": str(len(summary.finished))})
-    return summary
 
 
 def optuna_state(name: str) -> Any:
@@ -333,9 +338,7 @@ class NetJob:
                     tracking.log_epoch(epoch, metrics)
 
                 try:
-                    result = train_net(
-                        self.config, data, self.seed, self.settings, [capture, *observers]
-                    )
+                    result = train_net(self.config, data, self.seed, self.settings, [capture, *observers])
                 except TrainingDiverged as diverged:
                     tracking.end_run("FAILED", {tracking.TAG_FAILURE: f"nan_loss: {diverged}"})
                     return NetOutcome(run_id, False, epochs=diverged.epoch, failure=str(diverged))
@@ -357,8 +360,6 @@ class NetJob:
             tracking.end_run("FINISHED")
         except BaseException as error:
             status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-            tracking.end_run(
-                status, {tracking.TAG_FAILURE: f"{type(error).__name__}: {error}"[:500]}
-            )
+            tracking.end_run(status, {tracking.TAG_FAILURE: f"{type(error).__name__}: {error}"[:500]})
             raise
         return NetOutcome(run_id, True, final["test_accuracy"], result.epochs)

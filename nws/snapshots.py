@@ -16,6 +16,7 @@ Our artifacts store float32 (the NWS export writes float64).
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -117,9 +118,7 @@ def weight_layout(config: NetConfig) -> WeightLayout:
     for spec in layer_plan(config):
         for tensor, keras_layer, shape in _layer_tensors(spec):
             if tensor == "kernel":
-                stored = (
-                    (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
-                )
+                stored = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
             else:
                 stored = shape
             size = int(np.prod(shape))
@@ -128,6 +127,33 @@ def weight_layout(config: NetConfig) -> WeightLayout:
             )
             offset += size
     return WeightLayout(tuple(entries))
+
+
+@functools.lru_cache(maxsize=1)
+def _conv_sizes() -> dict[int, int]:
+    """n_weights -> weightn_conv for every architecture of the space (batch norm on wins the two
+    lengths it shares with batch-norm-off architectures)."""
+    import itertools
+
+    from nws.space import BY_NAME
+
+    sizes: dict[int, int] = {}
+    arch = [BY_NAME[n].options for n in ("filter_size", "depth_conv", "depth_fc", "width_conv", "width_fc")]
+    for batch_norm in ("off", "on"):
+        for k, dc, df, wc, wf in itertools.product(*arch):
+            config = NetConfig("mnist", 0.001, 32, batch_norm, "off", "adam", "relu", "normal",
+                               k, dc, df, wc, wf)  # fmt: skip
+            layout = weight_layout(config)
+            sizes[layout.n_weights] = layout.weightn_conv
+    return sizes
+
+
+def conv_size_for_length(n_weights: int) -> int:
+    """The conv part's length of a flat vector of the NWS family, known from its length alone."""
+    try:
+        return _conv_sizes()[n_weights]
+    except KeyError:
+        raise ValueError(f"no architecture of the NWS space has {n_weights} weights") from None
 
 
 def _variable(model: Any, entry: TensorEntry) -> Any:
@@ -148,9 +174,7 @@ def unflatten(vector: np.ndarray, layout: WeightLayout) -> dict[tuple[str, str],
     vector = np.asarray(vector)
     if vector.shape != (layout.n_weights,):
         raise ValueError(f"expected a flat vector of {layout.n_weights} values, got {vector.shape}")
-    return {
-        (e.keras_layer, e.tensor): e.from_storage(vector[e.offset : e.stop]) for e in layout.entries
-    }
+    return {(e.keras_layer, e.tensor): e.from_storage(vector[e.offset : e.stop]) for e in layout.entries}
 
 
 def load_into(model: Any, vector: np.ndarray, layout: WeightLayout) -> None:

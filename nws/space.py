@@ -81,9 +81,7 @@ class Property:
             except (TypeError, ValueError):
                 raise ParameterError(self.name, f"{raw!r} is not a number") from None
             if not (self.low <= value <= self.high):
-                raise ParameterError(
-                    self.name, f"{value} is outside the range [{self.low}, {self.high}]"
-                )
+                raise ParameterError(self.name, f"{value} is outside the range [{self.low}, {self.high}]")
             return value
         if self.name == "dataset":
             return str(raw).strip()
@@ -228,9 +226,7 @@ def suggest(trial: Any, subset: str, datasets: Sequence[str]) -> NetConfig:
     values: dict[str, Any] = {}
     for prop in PROPERTIES:
         if prop.is_categorical:
-            values[prop.name] = trial.suggest_categorical(
-                prop.name, list(prop.choices(subset, datasets))
-            )
+            values[prop.name] = trial.suggest_categorical(prop.name, list(prop.choices(subset, datasets)))
         else:
             values[prop.name] = trial.suggest_float(prop.name, prop.low, prop.high)
     return NetConfig(**values)

@@ -30,6 +30,7 @@ TAG_WEIGHTS_SHA256 = "nws.weights_sha256"
 TAG_WEIGHTS_SHAPE = "nws.weights_shape"
 TAG_FAILURE = "nws.failure"
 TAG_STOP_REASON = "nws.stop_reason"
+TAG_SPLIT = "nws.split"  # "train" or "test" when a net comes with a published split
 SNAPSHOTS_COMPLETE = "complete"
 
 WEIGHTS_ARTIFACT = "snapshots/weights.npy"

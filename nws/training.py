@@ -142,9 +142,7 @@ def build_augmenter(seed: int) -> Any:
             layers.RandomTranslation(3 / side, 3 / side, seed=seed, **geometry),
             layers.RandomRotation(15 / 360, seed=seed + 1, **geometry),
             layers.RandomZoom((-0.1, 0.1), seed=seed + 2, **geometry),
-            layers.RandomShear(
-                x_factor=(0.0, shear), y_factor=(0.0, shear), seed=seed + 3, **geometry
-            ),
+            layers.RandomShear(x_factor=(0.0, shear), y_factor=(0.0, shear), seed=seed + 3, **geometry),
             layers.RandomBrightness(0.2, value_range=(0.0, 1.0), seed=seed + 4),
             layers.RandomContrast(0.5, value_range=(0.0, 1.0), seed=seed + 5),
             layers.RandomHue((0.0, 0.16), value_range=(0.0, 1.0), seed=seed + 6),
@@ -173,9 +171,7 @@ def _noise_and_clip_layer() -> type:
                 std = keras.random.uniform(
                     (ops.shape(images)[0], 1, 1, 1), 0.0, self.max_stddev, seed=self.seed_generator
                 )
-                images = images + std * keras.random.normal(
-                    ops.shape(images), seed=self.seed_generator
-                )
+                images = images + std * keras.random.normal(ops.shape(images), seed=self.seed_generator)
             return ops.clip(images, 0.0, 1.0)
 
     return NoiseAndClip
@@ -201,9 +197,7 @@ def training_dataset(data: NetData, batch_size: int, seed: int, augment: bool) -
         lambda: _index_batches(sampler, batch_size, steps),
         output_signature=tf.TensorSpec([None], tf.int64),
     )
-    ds = ds.map(
-        lambda idx: (tf.cast(tf.gather(images, idx), tf.float32) / 255.0, tf.gather(labels, idx))
-    )
+    ds = ds.map(lambda idx: (tf.cast(tf.gather(images, idx), tf.float32) / 255.0, tf.gather(labels, idx)))
     if augment:
         augmenter = build_augmenter(seed)
         ds = ds.map(lambda x, y: (augmenter(x, training=True), y))

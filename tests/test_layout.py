@@ -31,17 +31,13 @@ def bn(units: int) -> int:
         # Fixed: 5x5 kernels, channels 8/16/32, flatten 4*4*32 = 512, fc 128 -> 64 -> 20.
         (
             FIXED,
-            (5 * 5 * 3 * 8 + 8 + bn(8))
-            + (5 * 5 * 8 * 16 + 16 + bn(16))
-            + (5 * 5 * 16 * 32 + 32 + bn(32)),
+            (5 * 5 * 3 * 8 + 8 + bn(8)) + (5 * 5 * 8 * 16 + 16 + bn(16)) + (5 * 5 * 16 * 32 + 32 + bn(32)),
             (512 * 128 + 128 + bn(128)) + (128 * 64 + 64 + bn(64)) + (64 * 20 + 20),
         ),
         # Smallest: 3x3 kernels, channels 4/8/16, flatten 256, fc 64 -> 32 -> 20.
         (
             SMALLEST,
-            (3 * 3 * 3 * 4 + 4 + bn(4))
-            + (3 * 3 * 4 * 8 + 8 + bn(8))
-            + (3 * 3 * 8 * 16 + 16 + bn(16)),
+            (3 * 3 * 3 * 4 + 4 + bn(4)) + (3 * 3 * 4 * 8 + 8 + bn(8)) + (3 * 3 * 8 * 16 + 16 + bn(16)),
             (256 * 64 + 64 + bn(64)) + (64 * 32 + 32 + bn(32)) + (32 * 20 + 20),
         ),
         # Largest: 7x7 kernels, 5 conv layers [1, 2, 2] with channels 12/24/24/48/48,
@@ -98,9 +94,7 @@ def test_kernels_are_written_per_output_then_per_input_channel():
     kernel = np.arange(np.prod(conv.kernel.shape), dtype=np.float32).reshape(conv.kernel.shape)
     conv.kernel.assign(kernel)
     dense = model.get_layer("fc1")
-    dense_kernel = np.arange(np.prod(dense.kernel.shape), dtype=np.float32).reshape(
-        dense.kernel.shape
-    )
+    dense_kernel = np.arange(np.prod(dense.kernel.shape), dtype=np.float32).reshape(dense.kernel.shape)
     dense.kernel.assign(dense_kernel)
     layout = weight_layout(SMALLEST)
     vector = flatten(model, layout)

@@ -31,9 +31,7 @@ def net_runs(campaign: str | None = None, status: str | None = None):
         query += f" and tags.`{tracking.TAG_CAMPAIGN}` = '{campaign}'"
     if status:
         query += f" and attributes.status = '{status}'"
-    return mlflow.search_runs(
-        search_all_experiments=True, filter_string=query, output_format="list"
-    )
+    return mlflow.search_runs(search_all_experiments=True, filter_string=query, output_format="list")
 
 
 def download(run_id: str, path: str, dst) -> str:
@@ -79,9 +77,7 @@ def test_metrics_are_logged_per_epoch(in_zoo):
         for name in ("train_accuracy", "valid_accuracy", "test_accuracy", "loss"):
             history = client.get_metric_history(run.info.run_id, name)
             assert sorted(m.step for m in history) == [0, 1, 2], name
-        final = max(
-            client.get_metric_history(run.info.run_id, "test_accuracy"), key=lambda m: m.step
-        )
+        final = max(client.get_metric_history(run.info.run_id, "test_accuracy"), key=lambda m: m.step)
         assert run.data.metrics["test_accuracy"] == final.value
         assert run.data.metrics["train_seconds"] > 0
 
@@ -94,9 +90,7 @@ def test_snapshot_artifacts_have_the_contract_shape_and_content(in_zoo, tmp_path
         weights = np.load(download(run_id, tracking.WEIGHTS_ARTIFACT, tmp_path / run_id))
         assert weights.shape == (4, layout.n_weights) and weights.dtype == np.float32
         assert tracking.weights_digest(weights) == run.data.tags[tracking.TAG_WEIGHTS_SHA256]
-        doc = json.loads(
-            Path(download(run_id, tracking.LAYOUT_ARTIFACT, tmp_path / run_id)).read_text()
-        )
+        doc = json.loads(Path(download(run_id, tracking.LAYOUT_ARTIFACT, tmp_path / run_id)).read_text())
         assert doc["n_weights"] == layout.n_weights
         assert doc["conv_fc_boundary"] == layout.weightn_conv
         assert doc["tensors"][0]["offset"] == 0 and doc["tensors"][-1]["layer"] == "fc_final"
@@ -106,9 +100,7 @@ def test_snapshot_artifacts_have_the_contract_shape_and_content(in_zoo, tmp_path
         assert [s["snapshot"] for s in doc["snapshots"]] == [1, 2, 3, 4]
         history = pd.read_csv(download(run_id, tracking.HISTORY_ARTIFACT, tmp_path / run_id))
         assert history["epoch"].tolist() == [0, 1, 2]
-        assert doc["snapshots"][-1]["test_accuracy"] == pytest.approx(
-            history["test_accuracy"].iloc[-1]
-        )
+        assert doc["snapshots"][-1]["test_accuracy"] == pytest.approx(history["test_accuracy"].iloc[-1])
         png = Path(download(run_id, tracking.CURVE_ARTIFACT, tmp_path / run_id)).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -140,17 +132,13 @@ def test_a_second_call_continues_the_campaign_and_refuses_another_space(in_zoo):
     run = mlflow.get_run(summary.finished[0])
     assert run.data.tags[tracking.TAG_TRIAL] == "3"
     assert run.data.params["seed"] == "4"  # campaign seed 1 + trial 3
-    with pytest.raises(
-        ParameterError, match=r"^subset: campaign 'e2e' was started with subset=main"
-    ):
+    with pytest.raises(ParameterError, match=r"^subset: campaign 'e2e' was started with subset=main"):
         run_campaign(tiny_options(n_nets=1, storage=in_zoo.storage, subset="fixed"))
 
 
 def test_same_seed_gives_the_same_configuration_and_bit_identical_snapshots(in_zoo, tmp_path):
     first = next(r for r in net_runs("e2e") if r.data.tags[tracking.TAG_TRIAL] == "0")
-    summary = run_campaign(
-        tiny_options(n_nets=1, campaign="again", storage=str(tmp_path / "optuna.log"))
-    )
+    summary = run_campaign(tiny_options(n_nets=1, campaign="again", storage=str(tmp_path / "optuna.log")))
     again = mlflow.get_run(summary.finished[0])
     for name in PROPERTY_NAMES:
         assert again.data.params[name] == first.data.params[name]
@@ -165,9 +153,7 @@ def test_replay_of_an_explicit_configuration(tracking_uri, tmp_path):
         tiny_options(n_nets=1, campaign="replay", config=text, storage=str(tmp_path / "o.log"))
     )
     run = mlflow.get_run(summary.finished[0])
-    assert NetConfig.from_mapping(
-        {k: run.data.params[k] for k in PROPERTY_NAMES}
-    ) == NetConfig.parse(text)
+    assert NetConfig.from_mapping({k: run.data.params[k] for k in PROPERTY_NAMES}) == NetConfig.parse(text)
     assert run.data.params["optimizer"] == "rmsprop" and run.data.params["activation"] == "tanh"
 
 
@@ -177,13 +163,9 @@ def start_campaign_run():
 
 def test_a_diverging_net_ends_failed_with_its_reason(tracking_uri):
     options = tiny_options(prints=3)
-    exploding = dataclasses.replace(
-        NetConfig.parse("shapes,0.003,32,1,0,2,0,0,3,3,2,4,64"), lrate=1e12
-    )
+    exploding = dataclasses.replace(NetConfig.parse("shapes,0.003,32,1,0,2,0,0,3,3,2,4,64"), lrate=1e12)
     with start_campaign_run():
-        job = NetJob(
-            options, TrainSettings(max_epochs=3, min_epochs=3), 0, exploding, ["shapes"], {}
-        )
+        job = NetJob(options, TrainSettings(max_epochs=3, min_epochs=3), 0, exploding, ["shapes"], {})
         outcome = job.run(observers=[])
     assert not outcome.finished and "NaN" in outcome.failure
     run = mlflow.get_run(outcome.run_id)
@@ -201,9 +183,7 @@ def test_a_crash_mid_training_never_leaves_a_finished_run(tracking_uri):
             raise OSError("disk full")
 
     with start_campaign_run(), pytest.raises(OSError, match="disk full"):
-        NetJob(options, TrainSettings(max_epochs=3, min_epochs=3), 0, config, ["shapes"], {}).run(
-            [crash]
-        )
+        NetJob(options, TrainSettings(max_epochs=3, min_epochs=3), 0, config, ["shapes"], {}).run([crash])
     (run,) = net_runs()
     assert run.info.status == "FAILED"
     assert run.data.tags[tracking.TAG_FAILURE] == "OSError: disk full"
@@ -225,12 +205,8 @@ BAD_INPUTS = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("args", "message"), BAD_INPUTS, ids=[a[1].split(":")[0] for a in BAD_INPUTS]
-)
-def test_bad_input_is_one_line_nonzero_exit_and_no_finished_run(
-    tracking_uri, tmp_path, args, message
-):
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS, ids=[a[1].split(":")[0] for a in BAD_INPUTS])
+def test_bad_input_is_one_line_nonzero_exit_and_no_finished_run(tracking_uri, tmp_path, args, message):
     env = {**os.environ, "NWS_DATA_DIR": str(tmp_path / "data")}
     done = subprocess.run(
         [sys.executable, "-m", "entrypoints.sample", "--storage", str(tmp_path / "o.log"), *args],

@@ -111,9 +111,7 @@ def generate_gratings(n_per_class: int, rng: np.random.Generator) -> tuple[np.nd
     phase = rng.uniform(0.0, 2 * np.pi, n)
     xs, ys = _grid(n)
     projected = xs * np.cos(angle)[:, None, None] + ys * np.sin(angle)[:, None, None]
-    wave = 0.5 + 0.5 * np.sin(
-        2 * np.pi * frequency[:, None, None] * projected + phase[:, None, None]
-    )
+    wave = 0.5 + 0.5 * np.sin(2 * np.pi * frequency[:, None, None] * projected + phase[:, None, None])
     low, high = _colours(rng, n)
     images = low[:, None, None] + (high - low)[:, None, None] * wave[..., None]
     images = images + rng.normal(0.0, 0.04, images.shape)

@@ -104,8 +104,7 @@ def read_mnist_like(root: Path, dataset: str) -> Arrays:
         images, labels = arrays[f"{part}_images"], arrays[f"{part}_labels"]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(
-                f"dataset {dataset}: {part} images {images.shape} and labels {labels.shape} "
-                "do not match"
+                f"dataset {dataset}: {part} images {images.shape} and labels {labels.shape} do not match"
             )
     return (
         arrays["train_images"],

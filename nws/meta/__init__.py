@@ -1,0 +1,1 @@
+"""Meta-classifiers: predict a net's hyper-parameters from its weights."""

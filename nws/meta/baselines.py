@@ -1,0 +1,89 @@
+"""Gradient-boosting baselines on weight statistics (scikit-learn's histogram gradient boosting).
+
+`stats` sees exactly what the DMC sees, a slice, through its statistics. `layer_stats` sees the
+statistics of every layer tensor of the whole snapshot; it needs one shared architecture.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nws.meta.features import slice_statistics
+from nws.meta.models import MetaClassifier, snapshot_features, to_probabilities
+from nws.meta.samples import Samples
+
+MAX_ITER = 300
+
+
+def _estimator(regression: bool, seed: int) -> Any:
+    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+
+    common = {"max_iter": MAX_ITER, "early_stopping": False, "random_state": seed}
+    if regression:
+        return HistGradientBoostingRegressor(loss="absolute_error", **common)
+    return HistGradientBoostingClassifier(**common)
+
+
+class _GradientBoosting(MetaClassifier):
+    estimator: Any = None
+
+    def _fit_features(self, features: np.ndarray, labels: np.ndarray) -> None:
+        self.estimator = _estimator(self.task.is_regression, self.settings.seed)
+        targets = self.task.scale(labels) if self.task.is_regression else labels
+        self.estimator.fit(features, targets)
+
+    def _predict_features(self, features: np.ndarray) -> np.ndarray:
+        if self.task.is_regression:
+            return self.task.unscale(self.estimator.predict(features))
+        return to_probabilities(self.estimator, features, len(self.task.classes))
+
+    def _save_model(self, directory: Path) -> None:
+        import joblib
+
+        joblib.dump(self.estimator, directory / f"{self.name}.joblib")
+
+    def _load_model(self, directory: Path) -> None:
+        import joblib
+
+        self.estimator = joblib.load(directory / f"{self.name}.joblib")
+
+
+class SliceStatsModel(_GradientBoosting):
+    """Statistics of random slices (`stats_slices` per training snapshot)."""
+
+    name = "stats"
+
+    def fit(self, train: Samples, valid: Samples) -> None:
+        rng = np.random.default_rng(self.settings.seed)
+        index = np.repeat(np.arange(len(train)), self.settings.stats_slices)
+        features = slice_statistics(train.random_slices(index, rng))
+        self._fit_features(features, train.label[index])
+
+    def predict_slices(self, x: np.ndarray) -> np.ndarray:
+        return self._predict_features(slice_statistics(x))
+
+
+class LayerStatsModel(_GradientBoosting):
+    """Statistics of every layer tensor (in the region) of the whole snapshot."""
+
+    name = "layer_stats"
+    uses_slices = False
+
+    def _features(self, vectors: np.ndarray) -> np.ndarray:
+        assert self.layout is not None
+        vectors = np.atleast_2d(vectors)
+        if vectors.shape[1] != self.layout.n_weights:
+            raise ValueError(
+                f"layer_stats expects vectors of {self.layout.n_weights} weights, got {vectors.shape[1]}"
+            )
+        return snapshot_features(vectors, self.layout, self.settings.region)
+
+    def fit(self, train: Samples, valid: Samples) -> None:
+        vectors = np.stack([train.zoo.snapshot(n, k) for n, k in zip(train.net, train.k, strict=True)])
+        self._fit_features(self._features(vectors), train.label)
+
+    def predict_snapshots(self, vectors: np.ndarray) -> np.ndarray:
+        return self._predict_features(self._features(vectors))

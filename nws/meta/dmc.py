@@ -1,0 +1,151 @@
+"""The deep meta-classifier (DMC) of the paper: a 1D CNN on raw weight slices.
+
+Conv1D layers with kernel 5, each conv -> ReLU -> batch norm; channels 8, 16, 32, 64, 128, 256
+with 2x max-pooling in between, then further 256-channel layers (pooling only while the length is
+above 50) until about 20 positions remain: at a slice length of 5,000 the flattened size is
+19 x 256, and longer slices get more layers. Head: dense 1024 x 4 and 64, each ReLU -> batch norm
+-> dropout 0.5, then the output.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nws.meta.models import MetaClassifier
+from nws.meta.samples import Samples
+
+KERNEL = 5
+HEAD = (1024, 1024, 1024, 1024, 64)
+DROPOUT = 0.5
+MIN_EXTRA_LAYERS = 6
+POOL_WHILE_ABOVE = 50
+
+
+def conv_plan(length: int) -> list[tuple[int, bool]]:
+    """(channels, pool after) for each conv layer at this input length."""
+    plan = [(8, True), (16, True), (32, False), (64, True), (128, False), (256, False)]
+    size = length
+    for _, pool in plan:
+        size = size // 2 if pool and size >= 2 else size
+    extra = 0
+    while extra < MIN_EXTRA_LAYERS or size > POOL_WHILE_ABOVE:
+        if size > POOL_WHILE_ABOVE:
+            plan[-1] = (plan[-1][0], True)
+            size //= 2
+        plan.append((256, False))
+        extra += 1
+    if size >= 2:
+        plan[-1] = (256, True)  # the final pooling
+    return plan
+
+
+def build_dmc(length: int, n_outputs: int) -> Any:
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=(length,), name="weights")
+    x = layers.Reshape((length, 1), name="as_sequence")(inputs)
+    for i, (channels, pool) in enumerate(conv_plan(length), start=1):
+        x = layers.Conv1D(channels, KERNEL, padding="same", name=f"conv{i}")(x)
+        x = layers.Activation("relu", name=f"conv{i}_relu")(x)
+        x = layers.BatchNormalization(name=f"conv{i}_bn")(x)
+        if pool:
+            x = layers.MaxPooling1D(2, name=f"pool{i}")(x)
+    x = layers.Flatten(name="flatten")(x)
+    for i, units in enumerate(HEAD, start=1):
+        x = layers.Dense(units, name=f"fc{i}")(x)
+        x = layers.Activation("relu", name=f"fc{i}_relu")(x)
+        x = layers.BatchNormalization(name=f"fc{i}_bn")(x)
+        x = layers.Dropout(DROPOUT, name=f"fc{i}_dropout")(x)
+    outputs = layers.Dense(n_outputs, name="output", dtype="float32")(x)
+    return keras.Model(inputs, outputs, name="dmc")
+
+
+def slice_dataset(samples: Samples, batch_size: int, seed: int) -> Any:
+    """An endless tf.data stream of (slices, targets), a new random slice for every sample of
+    every batch, produced in a background thread ahead of the training step."""
+    import tensorflow as tf
+
+    length = samples.length
+    return tf.data.Dataset.from_generator(
+        lambda: samples.batches(batch_size, seed),
+        output_signature=(
+            tf.TensorSpec([batch_size, length], tf.float32),
+            tf.TensorSpec([batch_size], tf.float64 if samples.label.dtype.kind == "f" else tf.int64),
+        ),
+    ).prefetch(4)
+
+
+class DMC(MetaClassifier):
+    name = "dmc"
+
+    model: Any = None
+
+    def _compile(self) -> None:
+        import keras
+
+        n_outputs = 1 if self.task.is_regression else len(self.task.classes)
+        self.model = build_dmc(self.settings.slice_length, n_outputs)
+        if self.task.is_regression:
+            loss, metrics = keras.losses.MeanAbsoluteError(), []
+        else:
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            metrics = ["accuracy"]
+        self.model.compile(
+            optimizer=keras.optimizers.Adam(self.settings.learning_rate), loss=loss, metrics=metrics
+        )
+
+    def _targets(self, samples: Samples) -> Samples:
+        if not self.task.is_regression:
+            return samples
+        return Samples(
+            samples.zoo, samples.net, samples.k, self.task.scale(samples.label), samples.length,
+            samples.low, samples.high,
+        )  # fmt: skip
+
+    def fit(self, train: Samples, valid: Samples) -> None:
+        import keras
+        import tensorflow as tf
+
+        keras.utils.set_random_seed(self.settings.seed)
+        self._compile()
+        train = self._targets(train)
+        batch = min(self.settings.batch_size, len(train))
+        steps = max(1, len(train) // batch)
+        validation = None
+        if len(valid):
+            rng = np.random.default_rng(self.settings.seed + 1)
+            valid = self._targets(valid)
+            everything = np.arange(len(valid))
+            validation = (valid.random_slices(everything, rng), valid.label)
+        history = self.model.fit(
+            slice_dataset(train, batch, self.settings.seed).map(
+                lambda x, y: (x, tf.cast(y, tf.float32) if self.task.is_regression else y)
+            ),
+            epochs=self.settings.epochs,
+            steps_per_epoch=steps,
+            validation_data=validation,
+            validation_batch_size=256,
+            shuffle=False,
+            verbose=0,
+        )
+        self.history = {k: [float(v) for v in vs] for k, vs in history.history.items()}
+
+    def predict_slices(self, x: np.ndarray) -> np.ndarray:
+        import keras
+
+        out = self.model.predict(np.asarray(x, np.float32), batch_size=256, verbose=0)
+        if self.task.is_regression:
+            return self.task.unscale(out[:, 0])
+        return keras.ops.convert_to_numpy(keras.ops.softmax(out, axis=-1))
+
+    def _save_model(self, directory: Path) -> None:
+        self.model.save(directory / "dmc.keras")
+
+    def _load_model(self, directory: Path) -> None:
+        import keras
+
+        self.model = keras.models.load_model(directory / "dmc.keras")

@@ -1,0 +1,208 @@
+"""Evaluation of a meta-classifier on held-out nets (reference section 8):
+
+1. slice accuracy: random slices of every test snapshot (`slice_draws` per snapshot, i.e. the
+   paper's one-random-slice protocol repeated to lower its variance), and balanced accuracy;
+2. the position sweep: 100 evenly spaced slice starts per test snapshot, probabilities kept;
+3. per snapshot and per net: 64 evenly spaced slices per snapshot, their probabilities averaged
+   (per net: over all its snapshots in K); the fraction of correct slices is kept per net.
+
+Whole-snapshot models (`layer_stats`) have no slices: protocols 1 and 3 use the snapshot itself.
+For the learning rate, accuracy becomes mean absolute error, beside a constant guess.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from nws.meta.models import MetaClassifier
+from nws.meta.samples import Samples
+
+NET_SLICES = 64
+SWEEP_POSITIONS = 100
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float] = field(default_factory=dict)
+    by_snapshot: dict[int, float] = field(default_factory=dict)  # k -> accuracy (or MAE)
+    per_net: pd.DataFrame = field(default_factory=pd.DataFrame)
+    sweep: np.ndarray | None = None  # [test snapshots, positions, classes] or [.., positions]
+    confusion: np.ndarray | None = None  # [true, predicted] counts over test snapshots
+
+    @property
+    def registry_metric(self) -> tuple[str, float, bool]:
+        """What the registry compares: per-net accuracy (higher is better) or MAE (lower)."""
+        if "net_accuracy" in self.metrics:
+            return "net_accuracy", self.metrics["net_accuracy"], True
+        return "net_mae", self.metrics["net_mae"], False
+
+
+def _predict_even(model: MetaClassifier, test: Samples, count: int) -> np.ndarray:
+    """Predictions for `count` evenly spaced slices of every test snapshot: [S, count, ...]."""
+    starts = test.even_starts(count)
+    slices = np.concatenate([test.even_slices(i, starts[i]) for i in range(len(test))])
+    out = model.predict_slices(slices)
+    return out.reshape(len(test), count, *out.shape[1:])
+
+
+def evaluate(
+    model: MetaClassifier,
+    test: Samples,
+    train_labels: np.ndarray,
+    seed: int,
+    slice_draws: int = 8,
+    sweep: bool = True,
+) -> Evaluation:
+    regression = model.task.is_regression
+    truth = test.label
+    result = Evaluation()
+    if model.uses_slices:
+        rng = np.random.default_rng(seed)
+        index = np.repeat(np.arange(len(test)), slice_draws)
+        slice_out = model.predict_slices(test.random_slices(index, rng))
+        even = _predict_even(model, test, NET_SLICES)
+        snapshot_out = even.mean(axis=1)
+        if sweep:
+            result.sweep = _predict_even(model, test, SWEEP_POSITIONS).astype(np.float32)
+    else:
+        vectors = np.stack([test.zoo.snapshot(n, k) for n, k in zip(test.net, test.k, strict=True)])
+        index = np.arange(len(test))
+        slice_out = snapshot_out = model.predict_snapshots(vectors)
+        even = snapshot_out[:, None]
+    nets = pd.DataFrame({"net": test.net, "k": test.k, "truth": truth})
+    if regression:
+        _regression_metrics(result, slice_out, snapshot_out, even, truth, index, nets, train_labels)
+    else:
+        _classification_metrics(model, result, slice_out, snapshot_out, even, truth, index, nets)
+    zoo_nets = test.zoo.nets
+    result.per_net["run_id"] = zoo_nets["run_id"].to_numpy()[result.per_net["net"]]
+    result.per_net["net_test_accuracy"] = zoo_nets["test_accuracy"].to_numpy()[result.per_net["net"]]
+    return result
+
+
+def _classification_metrics(model, result, slice_out, snapshot_out, even, truth, index, nets):
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+
+    classes = model.task.classes
+    slice_pred = slice_out.argmax(axis=1)
+    snapshot_pred = snapshot_out.argmax(axis=1)
+    nets["correct_fraction"] = (even.argmax(axis=-1) == truth[:, None]).mean(axis=1)
+    nets["snapshot_correct"] = snapshot_pred == truth
+    per_net_proba = pd.DataFrame(snapshot_out).groupby(nets["net"].to_numpy()).mean()
+    net_truth = nets.groupby("net")["truth"].first()
+    net_pred = per_net_proba.to_numpy().argmax(axis=1)
+    result.metrics = {
+        "slice_accuracy": float((slice_pred == truth[index]).mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(truth[index], slice_pred)),
+        "snapshot_accuracy": float((snapshot_pred == truth).mean()),
+        "net_accuracy": float((net_pred == net_truth.to_numpy()).mean()),
+        "chance": 1.0 / len(classes),
+        "n_classes": float(len(classes)),
+    }
+    result.by_snapshot = nets.groupby("k")["snapshot_correct"].mean().astype(float).to_dict()
+    result.confusion = confusion_matrix(truth, snapshot_pred, labels=range(len(classes)))
+    per_net = nets.groupby("net").agg(truth=("truth", "first"), correct_fraction=("correct_fraction", "mean"))
+    per_net["true_value"] = [classes[i] for i in per_net["truth"]]
+    per_net["predicted_value"] = [classes[i] for i in net_pred]
+    result.per_net = per_net.drop(columns="truth").reset_index()
+
+
+def _regression_metrics(result, slice_out, snapshot_out, even, truth, index, nets, train_labels):
+    guess = float(np.median(train_labels))
+    nets["abs_error"] = np.abs(snapshot_out - truth)
+    nets["prediction"] = snapshot_out
+    per_net = nets.groupby("net").agg(true_value=("truth", "first"), predicted_value=("prediction", "mean"))
+    result.metrics = {
+        "slice_mae": float(np.abs(slice_out - truth[index]).mean()),
+        "snapshot_mae": float(nets["abs_error"].mean()),
+        "net_mae": float(np.abs(per_net["predicted_value"] - per_net["true_value"]).mean()),
+        "constant_guess_mae": float(np.abs(truth - guess).mean()),
+    }
+    result.by_snapshot = nets.groupby("k")["abs_error"].mean().astype(float).to_dict()
+    result.per_net = per_net.reset_index()
+
+
+def sweep_accuracy(evaluation: Evaluation, truth: np.ndarray) -> np.ndarray:
+    """Accuracy (or MAE) per sweep position, averaged over the test snapshots."""
+    sweep = evaluation.sweep
+    if sweep is None:
+        return np.array([])
+    if sweep.ndim == 2:
+        return np.abs(sweep - truth[:, None]).mean(axis=0)
+    return (sweep.argmax(axis=-1) == truth[:, None]).mean(axis=0)
+
+
+def _png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def confusion_png(confusion: np.ndarray, classes: tuple[str, ...], title: str) -> bytes:
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(classes), 1.0 + 0.6 * len(classes)))
+    ConfusionMatrixDisplay(confusion, display_labels=list(classes)).plot(ax=ax, colorbar=False)
+    ax.set_title(title)
+    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
+    return _png(fig)
+
+
+def sweep_png(curve: np.ndarray, chance: float, boundary: float | None, title: str, ylabel: str) -> bytes:
+    """Accuracy per relative slice position within the region (0 = its start, 1 = its end)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.plot(np.linspace(0, 1, len(curve)), curve, "b-", label=ylabel)
+    if np.isfinite(chance):
+        ax.axhline(chance, color="grey", linestyle="--", label="chance")
+    if boundary is not None:
+        ax.axvline(boundary, color="red", linestyle=":", label="conv | fc")
+    ax.set_xlabel("relative slice start within the region")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True)
+    ax.legend(fontsize="small")
+    return _png(fig)
+
+
+def results_png(table: pd.DataFrame) -> bytes:
+    """Per-net accuracy of every (property, model) against chance."""
+    plt = _pyplot()
+    rows = table[table["chance"].notna()]
+    models = sorted(rows["model"].unique())
+    props = list(dict.fromkeys(rows["property"]))
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(props) + 2), 3.8))
+    width = 0.8 / max(1, len(models))
+    x = np.arange(len(props))
+    for i, name in enumerate(models):
+        values = [
+            rows[(rows["property"] == p) & (rows["model"] == name)]["net_accuracy"].max() for p in props
+        ]
+        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=name)
+    chance = [rows[rows["property"] == p]["chance"].iloc[0] for p in props]
+    ax.scatter(x, chance, color="black", marker="_", s=600, label="chance", zorder=3)
+    ax.set_xticks(x, props, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("per-net accuracy")
+    ax.legend(fontsize="small")
+    ax.grid(True, axis="y")
+    return _png(fig)

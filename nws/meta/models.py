@@ -1,0 +1,159 @@
+"""The meta-classifiers behind one interface: `dmc` (the paper's deep 1D CNN on raw slices),
+`stats` (slice statistics + gradient boosting) and `layer_stats` (per-layer statistics of whole
+snapshots + gradient boosting, for selections that share one architecture).
+
+Each predicts a property from weights: class probabilities, or the learning rate (regressed with
+an L1 loss on the rate scaled to [0, 1] by the space's range, reported in the original units).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from nws.meta.features import layer_statistics
+from nws.meta.samples import Samples
+from nws.snapshots import WeightLayout, conv_size_for_length
+from nws.space import BY_NAME
+
+MODEL_NAMES = ("dmc", "stats", "layer_stats")
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a meta-classifier predicts."""
+
+    prop: str
+    classes: tuple[str, ...] = ()  # empty: regression of the learning rate
+
+    @property
+    def is_regression(self) -> bool:
+        return not self.classes
+
+    def scale(self, values: np.ndarray) -> np.ndarray:
+        p = BY_NAME[self.prop]
+        return (np.asarray(values, np.float64) - p.low) / (p.high - p.low)
+
+    def unscale(self, values: np.ndarray) -> np.ndarray:
+        p = BY_NAME[self.prop]
+        return np.asarray(values, np.float64) * (p.high - p.low) + p.low
+
+
+@dataclass(frozen=True)
+class MetaSettings:
+    """Settings that shape a meta-classifier (logged as params)."""
+
+    slice_length: int = 5000
+    region: str = "all"
+    epochs: int = 50
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    stats_slices: int = 16  # random slices per training snapshot for the stats model
+    seed: int = 0
+
+
+@dataclass
+class MetaClassifier(ABC):
+    """Base: fit on samples, predict slices (or whole snapshots), save and load."""
+
+    task: Task
+    settings: MetaSettings
+    layout: WeightLayout | None = None  # layer_stats: the shared architecture
+    history: dict[str, list[float]] = field(default_factory=dict)
+    name: ClassVar[str] = ""
+    uses_slices: ClassVar[bool] = True
+
+    @abstractmethod
+    def fit(self, train: Samples, valid: Samples) -> None:
+        """Train on the training samples; the validation samples are for monitoring."""
+
+    def predict_slices(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities [n, C], or learning rates [n], from slices [n, slice_length]."""
+        raise TypeError(f"{self.name} predicts whole snapshots, not slices")
+
+    def predict_snapshots(self, vectors: np.ndarray) -> np.ndarray:
+        """Class probabilities [n, C], or learning rates [n], from whole flat vectors."""
+        raise TypeError(f"{self.name} predicts slices, not whole snapshots")
+
+    def predict_vector(self, vector: np.ndarray, slices: int = 64) -> np.ndarray:
+        """Probabilities (or the learning rate) for one whole flat vector: `slices` evenly spaced
+        slices of the region, their predictions averaged (the per-net protocol)."""
+        vector = np.asarray(vector, dtype=np.float32).ravel()
+        if not self.uses_slices:
+            return self.predict_snapshots(vector[None])[0]
+        conv = conv_size_for_length(len(vector))
+        low, stop = {"all": (0, len(vector)), "conv": (0, conv), "fc": (conv, len(vector))}[
+            self.settings.region
+        ]
+        length = self.settings.slice_length
+        if stop - low < length:
+            raise ValueError(f"the {self.settings.region} part ({stop - low}) is shorter than a slice")
+        starts = np.round(np.linspace(low, stop - length, slices)).astype(np.int64)
+        window = np.lib.stride_tricks.sliding_window_view(vector, length)
+        return self.predict_slices(window[starts]).mean(axis=0)
+
+    def label(self, output: np.ndarray) -> str | float:
+        """The readable value of a prediction."""
+        if self.task.is_regression:
+            return float(output)
+        return self.task.classes[int(np.argmax(output))]
+
+    @abstractmethod
+    def _save_model(self, directory: Path) -> None:
+        """Write the fitted estimator's files into `directory`."""
+
+    @abstractmethod
+    def _load_model(self, directory: Path) -> None:
+        """Read what `_save_model` wrote."""
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "model": self.name,
+            "task": asdict(self.task),
+            "settings": asdict(self.settings),
+            "layout": self.layout.to_records() if self.layout else None,
+        }
+        (directory / "meta.json").write_text(json.dumps(meta, indent=1))
+        self._save_model(directory)
+
+    @staticmethod
+    def load(directory: Path) -> MetaClassifier:
+        meta = json.loads((Path(directory) / "meta.json").read_text())
+        task = Task(meta["task"]["prop"], tuple(meta["task"]["classes"]))
+        layout = WeightLayout.from_records(meta["layout"]) if meta["layout"] else None
+        model = create(meta["model"], task, MetaSettings(**meta["settings"]), layout)
+        model._load_model(Path(directory))
+        return model
+
+
+def create(
+    name: str, task: Task, settings: MetaSettings, layout: WeightLayout | None = None
+) -> MetaClassifier:
+    from nws.meta.baselines import LayerStatsModel, SliceStatsModel
+    from nws.meta.dmc import DMC
+
+    kinds: dict[str, type[MetaClassifier]] = {
+        "dmc": DMC,
+        "stats": SliceStatsModel,
+        "layer_stats": LayerStatsModel,
+    }
+    return kinds[name](task, settings, layout)
+
+
+def to_probabilities(model: Any, features: np.ndarray, n_classes: int) -> np.ndarray:
+    """predict_proba with a column for every class, also ones the estimator never saw."""
+    proba = model.predict_proba(features)
+    out = np.zeros((len(features), n_classes))
+    out[:, model.classes_.astype(int)] = proba
+    return out
+
+
+def snapshot_features(vectors: np.ndarray, layout: WeightLayout, region: str) -> np.ndarray:
+    entries = [e for e in layout if region == "all" or e.part == region]
+    return layer_statistics(vectors, entries)

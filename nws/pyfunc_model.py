@@ -1,0 +1,32 @@
+"""The MLflow pyfunc model of a registered meta-classifier, logged as code (MLflow's
+"models from code"), so loading it never unpickles anything.
+
+`predict` takes flat weight vectors (the layout contract, one per row; nets of different
+architectures in separate calls) and returns the property's readable value per row, or the
+learning rate as a number.
+"""
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+
+
+class WeightPropertyModel(mlflow.pyfunc.PythonModel):
+    """Predicts one hyper-parameter of a net from its flat weight vector."""
+
+    def load_context(self, context):
+        from nws.meta.models import MetaClassifier
+
+        self.meta = MetaClassifier.load(Path(context.artifacts["meta_classifier"]))
+
+    def predict(self, context, model_input: np.ndarray, params=None):
+        if isinstance(model_input, dict):  # a named tensor input
+            model_input = next(iter(model_input.values()))
+        if hasattr(model_input, "to_numpy"):
+            model_input = model_input.to_numpy()
+        rows = [model_input] if np.ndim(model_input) == 1 else list(model_input)
+        return np.array([self.meta.label(self.meta.predict_vector(row)) for row in rows])
+
+
+mlflow.models.set_model(WeightPropertyModel())

@@ -1,0 +1,134 @@
+"""The Model Registry: log a trained meta-classifier as an MLflow pyfunc model, register it under
+a name that says what it predicts (`nws-meta-<property>`), and move the alias `champion` to a new
+version only when its held-out score beats the current champion's.
+
+The model itself is `nws/pyfunc_model.py`, logged as code with the `nws` package beside it: its
+`predict` takes flat weight vectors and returns the property's readable value per row.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CHAMPION = "champion"
+TAG_SCORE = "nws.score"
+TAG_SCORE_METRIC = "nws.score_metric"
+TAG_PREVIOUS = "nws.previous_champion"
+TAG_COMPARISON = "nws.champion_comparison"
+
+
+def registered_name(prop: str) -> str:
+    return f"nws-meta-{prop.replace('_', '-')}"
+
+
+def _signature(regression: bool) -> Any:
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema, TensorSpec
+
+    output = ColSpec("double" if regression else "string", "prediction")
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]),
+        outputs=Schema([output]),
+    )
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    names = ("mlflow", "tensorflow", "keras", "scikit-learn", "numpy", "pandas", "joblib")
+    return [f"{name}=={version(name)}" for name in names]
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    version: str
+    model_uri: str
+    champion: bool
+    comparison: str
+
+
+def log_meta_classifier(
+    model: Any, register: bool, value: float, metric: str, higher_is_better: bool
+) -> Registration | None:
+    """Log `model` into the active run as a pyfunc model; register and maybe promote it."""
+    import mlflow
+
+    import nws
+
+    with tempfile.TemporaryDirectory(prefix="nws-model-") as tmp, warnings.catch_warnings():
+        # The signature is explicit, and an input example would be a whole weight vector.
+        warnings.filterwarnings("ignore", message=".*input_example.*")
+        directory = Path(tmp) / "meta"
+        model.save(directory)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+            artifacts={"meta_classifier": str(directory)},
+            code_paths=[str(Path(nws.__file__).parent)],
+            signature=_signature(model.task.is_regression),
+            pip_requirements=_requirements(),
+        )
+    if not register:
+        return None
+    name = registered_name(model.task.prop)
+    version = mlflow.register_model(info.model_uri, name)
+    champion, comparison = promote_if_better(name, version.version, value, metric, higher_is_better)
+    return Registration(name, version.version, info.model_uri, champion, comparison)
+
+
+def promote_if_better(
+    name: str, version: str, value: float, metric: str, higher_is_better: bool
+) -> tuple[bool, str]:
+    """Move `champion` to this version if its held-out metric beats the champion's; record both
+    figures and the comparison on the version."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        current = None
+    previous = float(current.tags.get(TAG_SCORE, "nan")) if current else None
+    if previous is None or not np.isfinite(previous):
+        better, comparison = True, f"{metric} {value:.4f}; no champion before"
+    else:
+        better = value > previous if higher_is_better else value < previous
+        sign = (">" if better else "<=") if higher_is_better else ("<" if better else ">=")
+        comparison = f"{metric} {value:.4f} {sign} champion v{current.version} {previous:.4f}"
+    for key, text in {
+        TAG_SCORE: repr(float(value)),
+        TAG_SCORE_METRIC: metric,
+        TAG_PREVIOUS: f"v{current.version} ({metric} {previous})" if current else "none",
+        TAG_COMPARISON: comparison,
+    }.items():
+        client.set_model_version_tag(name, version, key, text)
+    if better:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    return better, comparison
+
+
+def load_champion(prop: str, alias: str = CHAMPION) -> Any | None:
+    """The pyfunc model behind `models:/nws-meta-<prop>@<alias>`, or None if there is none."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from nws.errors import DataError
+
+    uri = f"models:/{registered_name(prop)}@{alias}"
+    try:
+        MlflowClient().get_model_version_by_alias(registered_name(prop), alias)
+    except MlflowException:
+        return None
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except Exception as e:  # a model logged by another version of nws, a missing artifact, ...
+        raise DataError(f"cannot load {uri}: {type(e).__name__}: {e}") from None

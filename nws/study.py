@@ -1,0 +1,88 @@
+"""The `main` entry point: the whole study end to end. Sample a small zoo on the offline datasets,
+train the meta-classifiers on every property that varies, register the champions and print the
+accuracy table against chance.
+
+Its parameters are those of `sample` and `train` (declared there, once), with defaults small
+enough for a 2-core CPU; the nets are selected by the campaign's tag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+from typing import Any
+
+from nws.meta.campaign import TrainOptions
+from nws.sampling import SampleOptions
+
+SAMPLE_DEFAULTS = {
+    "n_nets": 36,
+    "subset": "fixed",
+    "campaign": "main",
+    "max_epochs": 6,
+    "min_epochs": 3,
+    "max_train_images": 500,
+    "max_eval_images": 300,
+}
+TRAIN_DEFAULTS = {"K": "16,20", "slice_length": 512, "epochs": 15}
+TRAIN_FROM_CAMPAIGN = ("experiment", "filter", "seed")
+"""Train parameters that `main` sets itself: the nets are the campaign's, the seed is shared."""
+
+
+def _fields(options: type, defaults: dict[str, Any], skip: tuple[str, ...] = ()) -> list[tuple]:
+    return [
+        (f.name, f.type, field(default=defaults.get(f.name, f.default), metadata=f.metadata))
+        for f in dataclasses.fields(options)
+        if f.name not in skip
+    ]
+
+
+MainOptions = dataclasses.make_dataclass(
+    "MainOptions",
+    _fields(SampleOptions, SAMPLE_DEFAULTS) + _fields(TrainOptions, TRAIN_DEFAULTS, TRAIN_FROM_CAMPAIGN),
+    frozen=True,
+)
+MainOptions.__doc__ = "The parameters of the `main` entry point: those of sample and train."
+
+
+def _part(options: Any, target: type, **extra: Any) -> Any:
+    names = {f.name for f in dataclasses.fields(target)}
+    return target(**{k: v for k, v in dataclasses.asdict(options).items() if k in names}, **extra)
+
+
+def run_main(options: Any) -> Any:
+    """Sample, then train on the campaign's nets; return the results table."""
+    import mlflow
+
+    from nws import tracking
+    from nws.meta.campaign import format_table, run_training, say
+    from nws.sampling import run_campaign
+
+    sample = _part(options, SampleOptions)
+    sample.validate()
+    _part(options, TrainOptions).validate()
+    owns_run = mlflow.active_run() is None
+    parent = mlflow.active_run() or mlflow.start_run(run_name=f"nws-main-{options.campaign}")
+    try:
+        mlflow.set_tags({tracking.TAG_ROLE: "study", tracking.TAG_CAMPAIGN: options.campaign})
+        with mlflow.start_run(run_name=f"sample-{options.campaign}", nested=True):
+            summary = run_campaign(sample)
+        say(summary.line())
+        experiment = mlflow.get_experiment(parent.info.experiment_id).name
+        train = _part(
+            options,
+            TrainOptions,
+            experiment=experiment,
+            filter=f"tags.`{tracking.TAG_CAMPAIGN}` = '{options.campaign}'",
+            seed=options.seed,
+        )
+        with mlflow.start_run(run_name=f"meta-{options.campaign}", nested=True):
+            table = run_training(train)
+        say(format_table(table))
+    except BaseException:
+        if owns_run:
+            mlflow.end_run("FAILED")
+        raise
+    if owns_run:
+        mlflow.end_run()
+    return table
