@@ -133,6 +133,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def mlproject_text() -> str:
+    """The MLproject file, rendered from the options dataclasses (tests check the file equals it).
+
+    Regenerate: python -c "from nws.cli import mlproject_text as t; print(t(), end='')" > MLproject
+    """
+
+    def default(value: Any) -> str:
+        if isinstance(value, bool):
+            return '"true"' if value else '"false"'
+        return f'"{value}"' if isinstance(value, str) else repr(value)
+
+    lines = [
+        "# Generated from the entry points' options by nws.cli.mlproject_text(); do not edit by hand.",
+        "name: nws",
+        "",
+        "conda_env: conda.yaml",
+        "",
+        "entry_points:",
+    ]
+    for name, command in _commands().items():
+        lines += [f"  {name}:", "    parameters:"]
+        flags = []
+        for f in dataclasses.fields(command.options):
+            kind = {"int": "int", "float": "float"}.get(str(f.type), "string")
+            lines.append(f"      {f.name}: {{type: {kind}, default: {default(f.default)}}}")
+            flags.append(f"--{f.name.replace('_', '-')} {{{f.name}}}")
+        lines.append("    command: >-")
+        line = f"      python -m entrypoints.{name}"
+        for flag in flags:
+            if len(line) + len(flag) + 1 > 100:
+                lines.append(line)
+                line = "      " + flag
+            else:
+                line += " " + flag
+        lines += [line, ""]
+    return "\n".join(lines)
+
+
 def run_entry_point(name: str) -> NoReturn:
     """What the scripts in entrypoints/ call: `nws <name> <argv...>`."""
     raise SystemExit(main([name, *sys.argv[1:]]))

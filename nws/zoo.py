@@ -115,7 +115,9 @@ def _net_record(run: Any) -> dict[str, Any]:
 
 
 def _is_local(artifact_uri: str) -> bool:
-    return artifact_uri.startswith("file:") or "://" not in artifact_uri
+    from urllib.parse import urlparse
+
+    return urlparse(artifact_uri).scheme in ("", "file")
 
 
 def _local_path(uri: str) -> Path:

@@ -97,3 +97,115 @@ def in_zoo(zoo: Zoo, monkeypatch: pytest.MonkeyPatch) -> Zoo:
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """An `mlflow server` subprocess on 127.0.0.1 with proxied artifacts."""
+
+    def __init__(self, root: Path) -> None:
+        import subprocess
+        import sys
+
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(root / "server.log", "w")  # noqa: SIM115 (closed in stop)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=root,
+        )  # fmt: skip
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("mlflow server did not start within 90 s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except Exception:
+            self.process.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> MlflowServer:
+    server = MlflowServer(tmp_path_factory.mktemp("server"))
+    yield server
+    server.stop()
+
+
+META_ZOO = {
+    "n_nets": 30,
+    "subset": "fixed",
+    "datasets": "digits,shapes",
+    "prints": 3,
+    "max_epochs": 0,
+    "min_epochs": 0,
+    "max_train_images": 64,
+    "max_eval_images": 32,
+    "seed": 2,
+    "campaign": "meta",
+}
+
+
+@pytest.fixture(scope="session")
+def meta_zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
+    """Thirty nets of the fixed architecture at their initialisation (max_epochs=0): every
+    property of the space is drawn, and the initialisation is plainly encoded in the weights."""
+    import mlflow
+
+    from nws.sampling import SampleOptions, run_campaign
+
+    root = tmp_path_factory.mktemp("meta-zoo")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    storage = str(root / "optuna.log")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.chdir(root)
+        mlflow.set_tracking_uri(uri)
+        run_campaign(SampleOptions(**META_ZOO, storage=storage))
+        mlflow.set_tracking_uri(None)
+    return Zoo(root, uri, storage, {k: str(v) for k, v in META_ZOO.items()})
+
+
+@pytest.fixture
+def in_meta_zoo(meta_zoo: Zoo, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Zoo:
+    """The meta zoo's store for one test, with a fresh snapshot cache and an empty registry."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", meta_zoo.tracking_uri)
+    monkeypatch.setenv("NWS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(meta_zoo.root)
+    mlflow.set_tracking_uri(meta_zoo.tracking_uri)
+    client = MlflowClient()
+    for model in client.search_registered_models():
+        client.delete_registered_model(model.name)
+    yield meta_zoo
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)

@@ -36,6 +36,12 @@ def test_mlproject_parameters_follow_the_options_dataclass(name):
     assert (ROOT / "entrypoints" / f"{name}.py").is_file()
 
 
+def test_mlproject_is_the_rendered_declaration():
+    from nws.cli import mlproject_text
+
+    assert (ROOT / "MLproject").read_text() == mlproject_text()
+
+
 def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)

@@ -18,10 +18,13 @@ from nws.meta.samples import Samples
 MAX_ITER = 300
 
 
-def _estimator(regression: bool, seed: int) -> Any:
+def _estimator(regression: bool, seed: int, n_samples: int) -> Any:
     from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 
-    common = {"max_iter": MAX_ITER, "early_stopping": False, "random_state": seed}
+    # scikit-learn's default leaf size (20) cannot split a zoo of a few dozen snapshots at all.
+    leaf = max(2, min(20, n_samples // 20))
+    common = {"max_iter": MAX_ITER, "early_stopping": False, "random_state": seed,
+              "min_samples_leaf": leaf}  # fmt: skip
     if regression:
         return HistGradientBoostingRegressor(loss="absolute_error", **common)
     return HistGradientBoostingClassifier(**common)
@@ -31,7 +34,7 @@ class _GradientBoosting(MetaClassifier):
     estimator: Any = None
 
     def _fit_features(self, features: np.ndarray, labels: np.ndarray) -> None:
-        self.estimator = _estimator(self.task.is_regression, self.settings.seed)
+        self.estimator = _estimator(self.task.is_regression, self.settings.seed, len(features))
         targets = self.task.scale(labels) if self.task.is_regression else labels
         self.estimator.fit(features, targets)
 

@@ -278,7 +278,8 @@ def train_one(the_plan: Plan, prop: str, split: Split, name: str, options: Train
                              "confusion.png")  # fmt: skip
         if result.sweep is not None:
             _log_sweep(result, samples["test"], task, the_plan, options, f"{prop} / {name}")
-        registration = log_meta_classifier(model, options.register, *result.registry_metric)
+        metric, value, higher_is_better = result.registry_metric
+        registration = log_meta_classifier(model, options.register, value, metric, higher_is_better)
         row = {"property": prop, "model": name, "run_id": child.info.run_id, **result.metrics,
                "chance": result.metrics.get("chance", np.nan), "n_train_nets": len(split.train),
                "n_test_nets": len(split.test)}  # fmt: skip

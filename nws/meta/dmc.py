@@ -20,6 +20,10 @@ from nws.meta.samples import Samples
 KERNEL = 5
 HEAD = (1024, 1024, 1024, 1024, 64)
 DROPOUT = 0.5
+BN_MOMENTUM = 0.9
+"""As the original (TensorLayer's BatchNormLayer decay); Keras' 0.99 leaves the moving statistics
+near their initial values for the first hundreds of steps."""
+RECALIBRATION_BATCHES = 10
 MIN_EXTRA_LAYERS = 6
 POOL_WHILE_ABOVE = 50
 
@@ -51,14 +55,14 @@ def build_dmc(length: int, n_outputs: int) -> Any:
     for i, (channels, pool) in enumerate(conv_plan(length), start=1):
         x = layers.Conv1D(channels, KERNEL, padding="same", name=f"conv{i}")(x)
         x = layers.Activation("relu", name=f"conv{i}_relu")(x)
-        x = layers.BatchNormalization(name=f"conv{i}_bn")(x)
+        x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"conv{i}_bn")(x)
         if pool:
             x = layers.MaxPooling1D(2, name=f"pool{i}")(x)
     x = layers.Flatten(name="flatten")(x)
     for i, units in enumerate(HEAD, start=1):
         x = layers.Dense(units, name=f"fc{i}")(x)
         x = layers.Activation("relu", name=f"fc{i}_relu")(x)
-        x = layers.BatchNormalization(name=f"fc{i}_bn")(x)
+        x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"fc{i}_bn")(x)
         x = layers.Dropout(DROPOUT, name=f"fc{i}_dropout")(x)
     outputs = layers.Dense(n_outputs, name="output", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="dmc")
@@ -133,6 +137,36 @@ class DMC(MetaClassifier):
             verbose=0,
         )
         self.history = {k: [float(v) for v in vs] for k, vs in history.history.items()}
+        self._recalibrate_batch_norm(train, batch)
+
+    def _recalibrate_batch_norm(self, train: Samples, batch: int) -> None:
+        """Re-estimate the batch-norm statistics with dropout off, as the exact average over
+        `RECALIBRATION_BATCHES` training batches (Li et al., "Understanding the disharmony between
+        dropout and batch normalization", CVPR 2019).
+
+        Dropout before a batch-norm layer makes the statistics it sees in training differ from
+        those at inference, and the head stacks five such layers; without this, a DMC trained
+        for few steps predicts well in training mode and poorly in inference mode.
+        """
+        import keras
+
+        layers = self.model.layers
+        dropouts = [layer for layer in layers if isinstance(layer, keras.layers.Dropout)]
+        norms = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
+        rates, momentum = [layer.rate for layer in dropouts], [layer.momentum for layer in norms]
+        for layer in dropouts:
+            layer.rate = 0.0
+        try:
+            batches = train.batches(batch, self.settings.seed + 2)
+            for step in range(RECALIBRATION_BATCHES):
+                for layer in norms:  # moving = cumulative mean of the batches seen so far
+                    layer.momentum = step / (step + 1)
+                self.model(next(batches)[0], training=True)
+        finally:
+            for layer, rate in zip(dropouts, rates, strict=True):
+                layer.rate = rate
+            for layer, value in zip(norms, momentum, strict=True):
+                layer.momentum = value
 
     def predict_slices(self, x: np.ndarray) -> np.ndarray:
         import keras

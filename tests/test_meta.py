@@ -1,0 +1,145 @@
+"""Meta-classifiers end to end: training on a run query, real learning, the results in MLflow,
+the registry's champion alias, pyfunc loading, `predict`, and bad input."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from nws import tracking
+from nws.meta.campaign import TrainOptions, run_training
+from nws.meta.dmc import build_dmc, conv_plan
+from nws.predict import PredictOptions, run_predict
+from nws.registry import CHAMPION, registered_name
+
+PLAIN = "params.initialization != 'glorot_uniform' and params.initialization != 'glorot_normal'"
+"""Constant vs normal(0, 1) initialisation: plainly encoded in snapshot 1."""
+
+
+def test_dmc_depth_follows_the_slice_length():
+    model = build_dmc(5000, 5)
+    assert model.get_layer("flatten").output.shape[1] == 19 * 256  # as in the paper
+    assert 9e6 < model.count_params() < 11e6  # "about 10 M parameters at L = 5,000"
+    assert len(conv_plan(50000)) > len(conv_plan(5000))
+    assert build_dmc(64, 2).get_layer("flatten").output.shape[1] <= 256 * 8
+
+
+@pytest.fixture(scope="module")
+def learned(meta_zoo, tmp_path_factory):
+    """Train once for this module: constant vs normal initialisation at snapshot 1, and the
+    learning rate, with both slice models; registered in a fresh registry."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", meta_zoo.tracking_uri)
+        patch.setenv("NWS_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        patch.chdir(meta_zoo.root)
+        mlflow.set_tracking_uri(meta_zoo.tracking_uri)
+        client = MlflowClient()
+        for model in client.search_registered_models():
+            client.delete_registered_model(model.name)
+        options = TrainOptions(
+            filter=PLAIN, props="initialization,lrate", K="1,1", slice_length=256, models="dmc,stats",
+            epochs=30, batch_size=16, test_fraction=0.3, seed=1,
+        )  # fmt: skip
+        table = run_training(options)
+        yield table[table["property"] == "initialization"].set_index("model"), table
+        mlflow.set_tracking_uri(None)
+
+
+def test_both_models_learn_a_plainly_encoded_property_far_above_chance(learned):
+    initialization, _ = learned
+    for model in ("dmc", "stats"):
+        row = initialization.loc[model]
+        assert row["chance"] == 0.5
+        assert row["net_accuracy"] == 1.0, model
+        assert row["slice_accuracy"] >= 0.9, model
+
+
+def test_learning_rate_is_regressed_in_its_units(learned):
+    _, table = learned
+    lrate = table[table["property"] == "lrate"].set_index("model")
+    for model in ("dmc", "stats"):
+        assert 0 < lrate.loc[model, "net_mae"] < 0.005  # the space's range is [0.0002, 0.005]
+        assert lrate.loc[model, "constant_guess_mae"] > 0
+        assert np.isnan(lrate.loc[model, "chance"])
+    champion = MlflowClient().get_model_version_by_alias(registered_name("lrate"), CHAMPION)
+    assert champion.tags["nws.score_metric"] == "net_mae"
+
+
+def test_results_reach_mlflow_and_the_champion_is_registered(learned):
+    initialization, _ = learned
+    client = MlflowClient()
+    stats_run = mlflow.get_run(initialization.loc["stats", "run_id"])
+    assert stats_run.data.tags[tracking.TAG_ROLE] == "meta-classifier"
+    assert stats_run.data.params["classes"] == "constant,normal"
+    assert stats_run.data.metrics["net_accuracy"] == 1.0
+    artifacts = {a.path for a in client.list_artifacts(stats_run.info.run_id)}
+    assert {"per_net.csv", "confusion.png", "position_sweep.npy", "position_sweep.png"} <= artifacts
+    sweep = np.load(mlflow.artifacts.download_artifacts(run_id=stats_run.info.run_id,
+                                                        artifact_path="position_sweep.npy"))  # fmt: skip
+    assert sweep.shape[1:] == (100, 2)
+    by_k = client.get_metric_history(stats_run.info.run_id, "accuracy_by_snapshot")
+    assert [m.step for m in by_k] == [1]
+    parent = mlflow.get_run(stats_run.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags[tracking.TAG_ROLE] == "meta"
+    assert parent.data.metrics["netacc_initialization_stats"] == 1.0
+    assert "mae_lrate_dmc" in parent.data.metrics and "mae_lrate_constant" in parent.data.metrics
+    assert parent.data.metrics["chance_initialization"] == 0.5
+    parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"selection.csv", "results.csv", "results.png"} <= parent_artifacts
+    selection = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id,
+                                                                artifact_path="selection.csv"))  # fmt: skip
+    parts = selection["split_initialization"].value_counts()
+    assert parts["test"] >= 2 and parts["train"] >= 2
+    name = registered_name("initialization")
+    champion = client.get_model_version_by_alias(name, CHAMPION)
+    assert champion.tags["nws.score_metric"] == "net_accuracy"
+    assert float(champion.tags["nws.score"]) == 1.0
+
+
+def test_a_worse_model_does_not_take_the_champion_alias(learned):
+    client = MlflowClient()
+    name = registered_name("initialization")
+    before = client.get_model_version_by_alias(name, CHAMPION)
+    worse = TrainOptions(filter=PLAIN, props="initialization", K="1,1", slice_length=256,
+                         models="dmc", epochs=1, batch_size=16, test_fraction=0.3, seed=1,
+                         learning_rate=1e-9)  # fmt: skip
+    table = run_training(worse)
+    after = client.get_model_version_by_alias(name, CHAMPION)
+    assert after.version == before.version
+    newest = max(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+    assert newest.version != before.version
+    assert not table["champion"].iloc[0]
+    assert f"champion v{before.version}" in newest.tags["nws.champion_comparison"]
+
+
+def test_registered_model_loads_as_pyfunc_and_predicts_readable_labels(learned, tmp_path):
+    model = mlflow.pyfunc.load_model(f"models:/{registered_name('initialization')}@{CHAMPION}")
+    assert model.metadata.signature is not None
+    nets = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.`nws.role` = 'net' and {PLAIN}")  # fmt: skip
+    for run in nets[:4]:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, dst_path=str(tmp_path / run.info.run_id),
+            artifact_path=tracking.WEIGHTS_ARTIFACT,
+        )  # fmt: skip
+        weights = np.load(path)
+        predicted = model.predict(weights[:1])
+        assert predicted.tolist() == [run.data.params["initialization"]]
+
+
+def test_predict_prints_and_logs_each_property_beside_the_truth(learned, capsys):
+    normal = "tags.`nws.role` = 'net' and params.initialization = 'normal'"
+    run = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string=normal)[0]
+    table = run_predict(PredictOptions(run_id=run.info.run_id, k=1))
+    assert table.set_index("property").loc["initialization", "predicted"] == "normal"
+    assert table.set_index("property").loc["initialization", "true"] == "normal"
+    out = capsys.readouterr().out
+    assert "initialization  normal" in out and "(true: normal)" in out
+    assert "dataset: no models:/nws-meta-dataset@champion, skipped" in out
+    logged = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                filter_string="tags.`nws.role` = 'prediction'")  # fmt: skip
+    assert logged[0].data.params["predicted_initialization"] == "normal"
+    assert logged[0].data.metrics["correct_properties"] == 1

@@ -1,0 +1,77 @@
+"""Meta-classifier training on every property, and bad input to `train`: one line, exit code 2,
+nothing registered."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import subprocess
+import sys
+
+import pytest
+from mlflow import MlflowClient
+
+from nws import cli, tracking
+from nws.meta.campaign import TrainOptions, run_training
+from tests.conftest import ROOT
+
+
+def test_all_properties_all_models_with_skips(in_meta_zoo, capsys):
+    options = TrainOptions(K="2,3", models="stats,layer_stats", props="all", register=False)
+    table = run_training(options)
+    out = capsys.readouterr().out
+    assert "skipping properties that do not vary: batch_norm (always on), filter_size (always 5)" in out
+    assert set(table["model"]) == {"stats", "layer_stats"}
+    assert {"dataset", "optimizer", "activation", "initialization", "lrate"} <= set(table["property"])
+    assert "lrate" in set(table["property"])
+    lrate = table[table["property"] == "lrate"].iloc[0]
+    assert lrate["net_mae"] > 0 and lrate["constant_guess_mae"] > 0
+    assert MlflowClient().search_registered_models() == []
+    layer = table[(table["model"] == "layer_stats") & (table["property"] == "initialization")].iloc[0]
+    assert layer["net_accuracy"] >= 0.75  # per-layer statistics see the initialisation plainly
+
+
+BAD = [
+    (["--filter", "params.dataset = 'cifar10'"], "filter: no finished net run"),
+    (["--props", "colour"], "props: unknown property 'colour'"),
+    (["--K", "1,4"], "K: '1,4' is outside 1..3"),
+    (["--slice-length", "20000", "--region", "conv"], "slice_length: 20000 is longer than the conv part"),
+    (["--props", "depth_conv"], "props: does not vary in the selection: depth_conv (always 3)"),
+    (["--models", "svm"], "models: unknown model 'svm'"),
+    (["--test-fraction", "1.5"], "test_fraction: 1.5 is not in (0, 1)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "message"), BAD, ids=[b[1].split(":")[0] + str(i) for i, b in enumerate(BAD)]
+)
+def test_bad_input_is_one_line_exit_2_and_registers_nothing(in_meta_zoo, args, message):
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        code = cli.main(["train", "--slice-length", "128", *args])
+    assert code == 2
+    lines = stderr.getvalue().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"nws train: error: {message}"), lines
+    assert MlflowClient().search_registered_models() == []
+
+
+def test_a_corrupted_artifact_fails_train_before_anything_is_registered(in_meta_zoo):
+    from nws.zoo import Selection, _local_path, query_nets
+
+    victim = query_nets(Selection()).iloc[3]
+    path = _local_path(victim.artifact_uri) / tracking.WEIGHTS_ARTIFACT
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original[:-4] + b"\x01\x02\x03\x04")
+        done = subprocess.run(
+            [sys.executable, "-m", "entrypoints.train", "--slice-length", "128", "--epochs", "1"],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        path.write_bytes(original)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"nws train: error: run {victim.run_id}: snapshot artifact is corrupted in the artifact store "
+        f"(sha256 does not match the run's nws.weights_sha256 tag)"
+    )
+    assert MlflowClient().search_registered_models() == []

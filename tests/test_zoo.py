@@ -1,0 +1,182 @@
+"""The zoo: run query, split by net with balanced classes, K and region slicing, the verified
+snapshot cache and the consolidated store, against SQLite and an `mlflow server`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import mlflow
+import numpy as np
+import pytest
+
+from nws import tracking
+from nws.errors import DataError, ParameterError
+from nws.meta.samples import Samples
+from nws.sampling import SampleOptions, run_campaign
+from nws.zoo import (
+    ArtifactCache,
+    Selection,
+    build_zoo,
+    check_slice_length,
+    parse_k,
+    query_nets,
+    split_nets,
+)
+from tests.conftest import META_ZOO
+
+FIXED_CONV, FIXED_TOTAL = 16880, 92868  # hand-computed in test_layout.py
+
+
+def artifact_weights(run_id: str, tmp_path) -> np.ndarray:
+    path = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=tracking.WEIGHTS_ARTIFACT, dst_path=str(tmp_path / run_id)
+    )
+    return np.load(path)
+
+
+def test_query_selects_finished_complete_nets_and_applies_the_filter(in_meta_zoo):
+    nets = query_nets(Selection())
+    assert len(nets) == 30
+    assert set(nets["subset"]) == {"fixed"} and set(nets["prints"]) == {3}
+    assert set(nets["n_weights"]) == {FIXED_TOTAL} and set(nets["weightn_conv"]) == {FIXED_CONV}
+    shapes = query_nets(Selection(filter="params.dataset = 'shapes'"))
+    assert set(shapes["dataset"]) == {"shapes"} and 0 < len(shapes) < 30
+    with pytest.raises(ParameterError, match=r"^filter: no finished net run"):
+        query_nets(Selection(filter="params.dataset = 'cifar10'"))
+    with pytest.raises(ParameterError, match=r"^filter: "):
+        query_nets(Selection(filter="params.dataset === 'x'"))
+    with pytest.raises(ParameterError, match=r"^experiment: no MLflow experiment named 'nope'"):
+        query_nets(Selection(experiment="nope"))
+
+
+def test_a_running_or_incomplete_net_is_never_selected(in_meta_zoo):
+    with mlflow.start_run(tags={tracking.TAG_ROLE: "net"}) as half_written:
+        pass  # FINISHED, but without the completion tag
+    nets = query_nets(Selection())
+    assert half_written.info.run_id not in set(nets["run_id"])
+
+
+def test_split_is_by_net_balanced_and_deterministic(in_meta_zoo):
+    nets = query_nets(Selection())
+    for prop in ("dataset", "optimizer", "initialization", "batch_size"):
+        split = split_nets(nets, prop, test_fraction=0.3, seed=5)
+        train, valid, test = set(split.train), set(split.valid), set(split.test)
+        assert not train & test and not valid & test and not train & valid
+        counts_test = np.bincount(split.labels[split.test], minlength=len(split.classes))
+        counts_train = np.bincount(
+            split.labels[np.r_[split.train, split.valid]], minlength=len(split.classes)
+        )
+        assert len(set(counts_test)) == 1 and len(set(counts_train)) == 1  # equal nets per class
+        assert split.chance == pytest.approx(1 / len(split.classes))
+        again = split_nets(nets, prop, test_fraction=0.3, seed=5)
+        np.testing.assert_array_equal(again.test, split.test)
+    lrate = split_nets(nets, "lrate", 0.2, 0)
+    assert lrate.is_regression and len(lrate.test) == 6
+    with pytest.raises(ParameterError, match=r"^props: depth_conv has a single class"):
+        split_nets(nets, "depth_conv", 0.2, 0)
+
+
+def test_k_ranges():
+    assert parse_k("", 20) == (1, 20)
+    assert parse_k("11,20", 20) == (11, 20)
+    assert parse_k("20", 20) == (20, 20)
+    for bad in ("0,3", "3,2", "1,21", "a,b"):
+        with pytest.raises(ParameterError, match=r"^K: "):
+            parse_k(bad, 20)
+
+
+def test_slices_come_from_the_hand_computed_offsets(in_meta_zoo, tmp_path):
+    nets = query_nets(Selection())
+    zoo = build_zoo(nets, ArtifactCache())
+    first = artifact_weights(nets["run_id"][0], tmp_path)
+    np.testing.assert_array_equal(zoo.snapshot(0, 2), first[1])
+    labels = np.zeros(len(nets))
+    length = 100
+    fc = Samples.of(zoo, np.array([0, 1]), labels, (2, 3), "fc", length)
+    assert fc.k.tolist() == [2, 3, 2, 3]
+    assert fc.low.tolist() == [FIXED_CONV] * 4
+    assert fc.high.tolist() == [FIXED_TOTAL - length] * 4
+    # Row (net 1, k 3) starts after net 0's 3 rows and net 1's first 2.
+    assert fc.row_starts()[3] == 3 * FIXED_TOTAL + 2 * FIXED_TOTAL
+    conv = Samples.of(zoo, np.array([0]), labels, (1, 1), "conv", length)
+    assert (conv.low[0], conv.high[0]) == (0, FIXED_CONV - length)
+    starts = conv.even_starts(5)[0]
+    assert starts.tolist() == np.round(np.linspace(0, FIXED_CONV - length, 5)).astype(int).tolist()
+    np.testing.assert_array_equal(conv.even_slices(0, starts)[4], first[0][starts[4] : starts[4] + length])
+    rng = np.random.default_rng(0)
+    drawn = fc.random_slices(np.arange(4).repeat(50), rng)
+    assert drawn.shape == (200, length)
+    with pytest.raises(ParameterError, match=r"^slice_length: 20000 is longer than the conv part"):
+        check_slice_length(nets, np.arange(len(nets)), "conv", 20000)
+
+
+def test_second_build_reuses_the_cache_and_a_truncated_store_is_rebuilt(in_meta_zoo):
+    nets = query_nets(Selection())
+    first = ArtifactCache()
+    zoo = build_zoo(nets, first)
+    assert first.stats.verified == 30 and first.stats.downloaded == 0  # local store: read in place
+    assert zoo.size_bytes == 30 * 3 * FIXED_TOTAL * 4
+    second = ArtifactCache()
+    again = build_zoo(nets, second)
+    assert second.stats.store_reused and second.stats.verified == 0
+    expected = zoo.snapshot(7, 3)
+    np.testing.assert_array_equal(again.snapshot(7, 3), expected)
+    with open(zoo.directory / "weights.f32", "r+b") as f:
+        f.truncate(1000)
+    third = ArtifactCache()
+    rebuilt = build_zoo(nets, third)
+    assert not third.stats.store_reused and third.stats.reused == 30  # already verified, no hashing
+    np.testing.assert_array_equal(rebuilt.snapshot(7, 3), expected)
+
+
+def test_a_corrupted_artifact_is_reported_with_its_run(in_meta_zoo, tmp_path):
+    nets = query_nets(Selection(filter="params.dataset = 'shapes'"))
+    victim = nets.iloc[0]
+    path = tracking_path(victim)
+    original = path.read_bytes()
+    try:
+        data = bytearray(original)
+        data[-8:] = b"\x01" * 8  # same size, different weights (the output biases are 0)
+        path.write_bytes(bytes(data))
+        with pytest.raises(DataError, match=f"^run {victim.run_id}: snapshot artifact is corrupted"):
+            build_zoo(nets, ArtifactCache(tmp_path / "fresh"))
+    finally:
+        path.write_bytes(original)
+
+
+def tracking_path(net):
+    from nws.zoo import _local_path
+
+    return _local_path(net.artifact_uri) / tracking.WEIGHTS_ARTIFACT
+
+
+def test_the_zoo_works_the_same_against_an_mlflow_server(mlflow_server, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(mlflow_server.url)
+    try:
+        options = dataclasses.replace(
+            SampleOptions(**META_ZOO), n_nets=3, campaign="served", storage=str(tmp_path / "optuna.log")
+        )
+        run_campaign(options)
+        nets = query_nets(Selection(filter="tags.`nws.campaign` = 'served'"))
+        assert len(nets) == 3 and all(u.startswith("mlflow-artifacts:") for u in nets["artifact_uri"])
+        cache = ArtifactCache(tmp_path / "cache")
+        zoo = build_zoo(nets, cache)
+        assert cache.stats.downloaded == 3 and cache.stats.verified == 3
+        for i, run_id in enumerate(nets["run_id"]):
+            np.testing.assert_array_equal(zoo.snapshot(i, 3), artifact_weights(run_id, tmp_path)[2])
+        # A second training on the same nets downloads nothing.
+        again = ArtifactCache(tmp_path / "cache")
+        build_zoo(nets, again)
+        assert again.stats.downloaded == 0 and again.stats.store_reused
+        # A truncated cached artifact is detected and fetched again.
+        cached = tmp_path / "cache" / "runs" / nets["run_id"][1] / tracking.WEIGHTS_ARTIFACT
+        cached.write_bytes(cached.read_bytes()[:-100])
+        for store in (tmp_path / "cache" / "stores").iterdir():
+            (store / "complete").unlink()
+        third = ArtifactCache(tmp_path / "cache")
+        build_zoo(nets, third)
+        assert third.stats.downloaded == 1 and third.stats.reused == 2
+    finally:
+        mlflow.set_tracking_uri(None)
