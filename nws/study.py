@@ -16,15 +16,18 @@ from nws.meta.campaign import TrainOptions
 from nws.sampling import SampleOptions
 
 SAMPLE_DEFAULTS = {
-    "n_nets": 36,
+    "n_nets": 24,
     "subset": "fixed",
     "campaign": "main",
-    "max_epochs": 6,
-    "min_epochs": 3,
+    "prints": 6,
+    "max_epochs": 5,
+    "min_epochs": 5,
     "max_train_images": 500,
     "max_eval_images": 300,
 }
-TRAIN_DEFAULTS = {"K": "16,20", "slice_length": 512, "epochs": 15}
+"""24 nets of the fixed architecture, 5 epochs each: one snapshot per evaluation (epochs 0-5)."""
+TRAIN_DEFAULTS = {"K": "4,6", "slice_length": 512, "epochs": 30}
+"""The last three snapshots (epochs 3-5); slices of 512 weights keep the DMC affordable on a CPU."""
 TRAIN_FROM_CAMPAIGN = ("experiment", "filter", "seed")
 """Train parameters that `main` sets itself: the nets are the campaign's, the seed is shared."""
 

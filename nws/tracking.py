@@ -77,11 +77,13 @@ def start_net_run(run_name: str, tags: Mapping[str, str], params: Mapping[str, A
 
 
 def log_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
-    """Per-epoch metrics (step = epoch), logged asynchronously so training never waits."""
+    """Per-epoch metrics (step = epoch), one batch per epoch.
+
+    Synchronous on purpose: a batch costs milliseconds, while MLflow's asynchronous queue costs
+    up to a second per flush (it polls with a one-second timeout), which small nets feel.
+    """
     values = {k: float(metrics[k]) for k in EPOCH_METRICS if k in metrics}
-    _mlflow().log_metrics(
-        {k: v for k, v in values.items() if math.isfinite(v)}, step=epoch, synchronous=False
-    )
+    _mlflow().log_metrics({k: v for k, v in values.items() if math.isfinite(v)}, step=epoch)
 
 
 def weights_digest(weights: np.ndarray) -> str:
@@ -99,7 +101,6 @@ def log_net_result(
     import pandas as pd
 
     mlflow = _mlflow()
-    mlflow.flush_async_logging()
     with tempfile.TemporaryDirectory(prefix="nws-artifacts-") as tmp:
         root = Path(tmp)
         (root / "snapshots").mkdir()
@@ -153,5 +154,4 @@ def end_run(status: str = "FINISHED", tags: Mapping[str, str] | None = None) -> 
     mlflow = _mlflow()
     if tags:
         mlflow.set_tags(dict(tags))
-    mlflow.flush_async_logging()
     mlflow.end_run(status=status)

@@ -256,8 +256,11 @@ def train_net(
 
     keras.utils.set_random_seed(seed)
     started = time.perf_counter()
-    train_ds, steps = training_dataset(data, config.batch_size, seed, config.augmentation == "on")
-    model = compile_model(config, steps, settings)
+    if settings.max_epochs > 0:
+        train_ds, steps = training_dataset(data, config.batch_size, seed, config.augmentation == "on")
+    else:  # only the initialisation is evaluated: no input pipeline to build
+        train_ds, steps = None, BalancedSampler(data.y_train, seed).epoch_size // config.batch_size
+    model = compile_model(config, max(1, steps), settings)
     valid_ds = evaluation_dataset(data.x_valid, data.y_valid, settings.eval_batch_size)
     test_ds = evaluation_dataset(data.x_test, data.y_test, settings.eval_batch_size)
     result = TrainResult(steps_per_epoch=steps)

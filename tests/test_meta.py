@@ -40,8 +40,8 @@ def learned(meta_zoo, tmp_path_factory):
         for model in client.search_registered_models():
             client.delete_registered_model(model.name)
         options = TrainOptions(
-            filter=PLAIN, props="initialization,lrate", K="1,1", slice_length=256, models="dmc,stats",
-            epochs=30, batch_size=16, test_fraction=0.3, seed=1,
+            filter=PLAIN, props="initialization,lrate", K="1,1", slice_length=128, models="dmc,stats",
+            epochs=20, batch_size=16, test_fraction=0.3, seed=1,
         )  # fmt: skip
         table = run_training(options)
         yield table[table["property"] == "initialization"].set_index("model"), table
@@ -103,7 +103,7 @@ def test_a_worse_model_does_not_take_the_champion_alias(learned):
     client = MlflowClient()
     name = registered_name("initialization")
     before = client.get_model_version_by_alias(name, CHAMPION)
-    worse = TrainOptions(filter=PLAIN, props="initialization", K="1,1", slice_length=256,
+    worse = TrainOptions(filter=PLAIN, props="initialization", K="1,1", slice_length=128,
                          models="dmc", epochs=1, batch_size=16, test_fraction=0.3, seed=1,
                          learning_rate=1e-9)  # fmt: skip
     table = run_training(worse)

@@ -17,7 +17,7 @@ from tests.conftest import ROOT
 
 
 def test_all_properties_all_models_with_skips(in_meta_zoo, capsys):
-    options = TrainOptions(K="2,3", models="stats,layer_stats", props="all", register=False)
+    options = TrainOptions(K="3,3", models="stats,layer_stats", props="all", register=False)
     table = run_training(options)
     out = capsys.readouterr().out
     assert "skipping properties that do not vary: batch_norm (always on), filter_size (always 5)" in out

@@ -40,8 +40,9 @@ class Task:
         return (np.asarray(values, np.float64) - p.low) / (p.high - p.low)
 
     def unscale(self, values: np.ndarray) -> np.ndarray:
+        """Back to the property's units, clipped to its range in the space (the rate is bounded)."""
         p = BY_NAME[self.prop]
-        return np.asarray(values, np.float64) * (p.high - p.low) + p.low
+        return np.clip(np.asarray(values, np.float64), 0.0, 1.0) * (p.high - p.low) + p.low
 
 
 @dataclass(frozen=True)
