@@ -38,7 +38,7 @@ def make_runs(n: int) -> None:
             for k, v in {
                 tracking.TAG_ROLE: "net", tracking.TAG_SUBSET: "main", tracking.TAG_CAMPAIGN: f"c{i % 4}",
                 tracking.TAG_SNAPSHOTS: "complete", tracking.TAG_WEIGHTS_SHAPE: "20x92868",
-                tracking.TAG_WEIGHTS_SHA256: "0" * 64,
+                tracking.TAG_WEIGHTS_DIGEST: "0" * 32,
             }.items()
         ]  # fmt: skip
         values = {"test_accuracy": float(rng.uniform()), "weightn_conv": 16880.0, "weightn_fc": 75988.0}

@@ -1,9 +1,10 @@
-"""A consolidated zoo store as `nws.zoo.build_zoo` writes it, filled with random weights of the
+"""A zoo store as `nws.zoo.build_zoo` indexes it, over snapshot files of random weights of the
 fixed architecture, for benchmarks that need gigabytes of snapshots without training nets."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,20 +16,25 @@ N_WEIGHTS, CONV, PRINTS = 92868, 16880, 20  # the fixed architecture (see tests/
 def synthetic_store(directory: Path, nets: int) -> Path:
     from nws.space import PROPERTY_NAMES
 
-    directory.mkdir(parents=True)
+    (directory / "files").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    size = PRINTS * N_WEIGHTS
-    block = rng.standard_normal(size, dtype=np.float32).tobytes()
-    with open(directory / "weights.f32", "wb") as f:
-        for i in range(nets):
-            f.write(block if i % 2 else rng.standard_normal(size, dtype=np.float32).tobytes())
-    table = pd.DataFrame({
-        "run_id": [f"run{i}" for i in range(nets)], "prints": PRINTS, "n_weights": N_WEIGHTS,
-        "weightn_conv": CONV, "weightn_fc": N_WEIGHTS - CONV, "test_accuracy": 0.5,
-        "offset": np.arange(nets, dtype=np.int64) * size,
-    })  # fmt: skip
+    block = rng.standard_normal((PRINTS, N_WEIGHTS), dtype=np.float32)
+    rows = []
+    for i in range(nets):
+        path = directory / "files" / f"net{i}.npy"
+        np.save(path, block if i % 2 else rng.standard_normal((PRINTS, N_WEIGHTS), dtype=np.float32))
+        stat = os.stat(path)
+        rows.append({"run_id": f"run{i}", "prints": PRINTS, "n_weights": N_WEIGHTS, "weightn_conv": CONV,
+                     "weightn_fc": N_WEIGHTS - CONV, "test_accuracy": 0.5, "offset": i * PRINTS * N_WEIGHTS,
+                     "path": str(path), "data_offset": 128, "file_size": stat.st_size,
+                     "mtime_ns": stat.st_mtime_ns})  # fmt: skip
+    table = pd.DataFrame(rows)
     for name in PROPERTY_NAMES:
         table[name] = "x"
     table.to_csv(directory / "nets.csv", index=False)
-    (directory / "complete").write_text(json.dumps({"format": 1, "nets": nets}))
+    (directory / "complete").write_text(json.dumps({"format": 2, "nets": nets}))
     return directory
+
+
+def store_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in (directory / "files").iterdir())

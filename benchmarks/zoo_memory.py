@@ -56,7 +56,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(HERE))
-    from synthetic import N_WEIGHTS, PRINTS, synthetic_store
+    from synthetic import N_WEIGHTS, PRINTS, store_bytes, synthetic_store
 
     root = Path(tempfile.mkdtemp(prefix="nws-mem-bench-"))
     per_net = PRINTS * N_WEIGHTS * 4
@@ -71,11 +71,12 @@ def main() -> None:
             check=True,
         )  # fmt: skip
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        bytes_ = (store / "weights.f32").stat().st_size
+        bytes_ = store_bytes(store)
         note = "" if peak > before else " (peak of an earlier, larger child)"
         print(f"zoo {bytes_ / 1e9:5.2f} GB ({nets} nets): peak RSS {peak / 1e6:5.2f} GB{note}, "
               f"{time.perf_counter() - started:.0f} s")  # fmt: skip
-        (store / "weights.f32").unlink()
+        for file in (store / "files").iterdir():
+            file.unlink()
     print("target: flat; a 6 GB zoo trains under 1.5 GB resident")
 
 

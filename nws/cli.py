@@ -51,6 +51,22 @@ def _predict(options: Any) -> int:
     return 0
 
 
+def _import_nws(options: Any) -> int:
+    from nws.interop import print_refusals, run_import
+
+    summary = run_import(options)
+    print_refusals(summary)
+    print(summary.line())
+    return 1 if summary.refused and not options.allow_refused else 0
+
+
+def _export_nws(options: Any) -> int:
+    from nws.interop import run_export
+
+    run_export(options)
+    return 0
+
+
 def _main(options: Any) -> int:
     from nws.study import run_main
 
@@ -59,6 +75,7 @@ def _main(options: Any) -> int:
 
 
 def _commands() -> dict[str, Command]:
+    from nws.interop import ExportOptions, ImportOptions
     from nws.meta.campaign import TrainOptions
     from nws.predict import PredictOptions
     from nws.sampling import SampleOptions
@@ -73,6 +90,10 @@ def _commands() -> dict[str, Command]:
                 _train),
         Command("predict", "predict a net's hyper-parameters with the registered champions",
                 PredictOptions, _predict),
+        Command("import_nws", "import the published NWS dataset as MLflow net runs", ImportOptions,
+                _import_nws),
+        Command("export_nws", "export net runs in the published NWS or the Small CNN Zoo layout",
+                ExportOptions, _export_nws),
     ]  # fmt: skip
     return {c.name: c for c in commands}
 

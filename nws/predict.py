@@ -76,7 +76,7 @@ def load_vector(options: PredictOptions) -> tuple[np.ndarray, dict[str, str], st
     from nws.zoo import ArtifactCache
 
     path = ArtifactCache().fetch(
-        run.info.run_id, run.info.artifact_uri, run.data.tags[tracking.TAG_WEIGHTS_SHA256]
+        run.info.run_id, run.info.artifact_uri, run.data.tags[tracking.TAG_WEIGHTS_DIGEST]
     )
     truth = {name: run.data.params.get(name, "") for name in PROPERTY_NAMES}
     return _pick(np.load(path, mmap_mode="r"), options.k, f"run {run.info.run_id}"), truth, run.info.run_id

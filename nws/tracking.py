@@ -7,11 +7,11 @@ A net run is FINISHED only after its artifacts are uploaded and tagged complete
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ TAG_STUDY = "optuna.study"
 TAG_TRIAL = "optuna.trial_number"
 TAG_SEED = "nws.seed"
 TAG_SNAPSHOTS = "nws.snapshots"  # "complete" once the artifacts are all there
-TAG_WEIGHTS_SHA256 = "nws.weights_sha256"
+TAG_WEIGHTS_DIGEST = "nws.weights_xxh3"  # xxh3-128 of the weights.npy array data
 TAG_WEIGHTS_SHAPE = "nws.weights_shape"
 TAG_FAILURE = "nws.failure"
 TAG_STOP_REASON = "nws.stop_reason"
@@ -87,7 +87,11 @@ def log_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
 
 
 def weights_digest(weights: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(weights).tobytes()).hexdigest()
+    """The integrity digest of a snapshot array's data: xxh3-128, fast enough (over 10 GB/s) that
+    verifying a zoo costs less than reading it; an integrity check, not a security boundary."""
+    import xxhash
+
+    return xxhash.xxh3_128(memoryview(np.ascontiguousarray(weights)).cast("B")).hexdigest()
 
 
 def log_net_result(
@@ -97,10 +101,30 @@ def log_net_result(
     final_metrics: Mapping[str, float],
     tags: Mapping[str, str],
 ) -> None:
-    """Upload a finished net's artifacts, then its final metrics, then mark it complete."""
-    import pandas as pd
+    """`write_net_result` for the active run."""
+    from mlflow import MlflowClient
 
-    mlflow = _mlflow()
+    write_net_result(
+        MlflowClient(), _mlflow().active_run().info.run_id, weights, layout, history, final_metrics, tags
+    )
+
+
+def write_net_result(
+    client: Any,
+    run_id: str,
+    weights: np.ndarray,
+    layout: Mapping[str, Any],
+    history: list[dict[str, float]],
+    final_metrics: Mapping[str, float],
+    tags: Mapping[str, str],
+) -> None:
+    """Upload a finished net's artifacts, then its final metrics, then mark it complete.
+
+    Works on any run through the client (thread-safe), so importers can write many at once.
+    """
+    import pandas as pd
+    from mlflow.entities import Metric, RunTag
+
     with tempfile.TemporaryDirectory(prefix="nws-artifacts-") as tmp:
         root = Path(tmp)
         (root / "snapshots").mkdir()
@@ -109,16 +133,34 @@ def log_net_result(
         frame = pd.DataFrame(history)
         frame.to_csv(root / HISTORY_ARTIFACT, index=False)
         (root / CURVE_ARTIFACT).write_bytes(training_curve_png(frame))
-        mlflow.log_artifacts(str(root))
-    mlflow.log_metrics(dict(final_metrics))
-    mlflow.set_tags(
-        {
-            **tags,
-            TAG_WEIGHTS_SHA256: weights_digest(weights),
-            TAG_WEIGHTS_SHAPE: "x".join(str(n) for n in weights.shape),
-            TAG_SNAPSHOTS: SNAPSHOTS_COMPLETE,
-        }
+        client.log_artifacts(run_id, str(root))
+    now = int(time.time() * 1000)
+    all_tags = {
+        **tags,
+        TAG_WEIGHTS_DIGEST: weights_digest(weights),
+        TAG_WEIGHTS_SHAPE: "x".join(str(n) for n in weights.shape),
+    }
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in final_metrics.items()],
+        tags=[RunTag(k, str(v)) for k, v in all_tags.items()],
     )
+    client.set_tag(run_id, TAG_SNAPSHOTS, SNAPSHOTS_COMPLETE)
+
+
+def log_history(client: Any, run_id: str, history: list[dict[str, float]]) -> None:
+    """Per-epoch metrics of a whole history at once (step = epoch), in batches MLflow accepts."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(name, float(row[name]), now, int(row["epoch"]))
+        for row in history
+        for name in EPOCH_METRICS
+        if name in row and math.isfinite(float(row[name]))
+    ]
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
 
 
 def training_curve_png(history: Any) -> bytes:

@@ -89,7 +89,7 @@ def test_snapshot_artifacts_have_the_contract_shape_and_content(in_zoo, tmp_path
         layout = weight_layout(config)
         weights = np.load(download(run_id, tracking.WEIGHTS_ARTIFACT, tmp_path / run_id))
         assert weights.shape == (4, layout.n_weights) and weights.dtype == np.float32
-        assert tracking.weights_digest(weights) == run.data.tags[tracking.TAG_WEIGHTS_SHA256]
+        assert tracking.weights_digest(weights) == run.data.tags[tracking.TAG_WEIGHTS_DIGEST]
         doc = json.loads(Path(download(run_id, tracking.LAYOUT_ARTIFACT, tmp_path / run_id)).read_text())
         assert doc["n_weights"] == layout.n_weights
         assert doc["conv_fc_boundary"] == layout.weightn_conv

@@ -72,6 +72,6 @@ def test_a_corrupted_artifact_fails_train_before_anything_is_registered(in_meta_
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
         f"nws train: error: run {victim.run_id}: snapshot artifact is corrupted in the artifact store "
-        f"(sha256 does not match the run's nws.weights_sha256 tag)"
+        f"(its digest does not match the run's nws.weights_xxh3 tag)"
     )
     assert MlflowClient().search_registered_models() == []

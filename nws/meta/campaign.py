@@ -25,18 +25,15 @@ from nws.errors import ParameterError
 from nws.meta.models import MODEL_NAMES, MetaSettings, Task
 from nws.params import at_least, param
 from nws.space import PROPERTY_NAMES, get_property
-from nws.zoo import REGIONS, Selection, Split
+from nws.zoo import REGIONS, SPLITS, Selection, Split
 
 TAG_META_ROLE = "meta"
 
 
 @dataclass(frozen=True)
-class TrainOptions:
-    """The parameters of the `train` entry point."""
+class TrainOptions(Selection):
+    """The parameters of the `train` entry point: the selection, then the training."""
 
-    experiment: str = param("", "MLflow experiments to select nets from, comma list (default: all)")
-    filter: str = param("", "MLflow search filter, AND-ed with: finished net runs with complete snapshots")
-    min_test_accuracy: float = param(0.0, "leave out nets below this test accuracy")
     props: str = param("all", "comma list of properties to predict, or all")
     K: str = param("", "snapshot range a,b within 1..prints (default: every snapshot)")
     slice_length: int = param(5000, "consecutive weights per input slice")
@@ -46,6 +43,7 @@ class TrainOptions:
     batch_size: int = param(64, "DMC batch size")
     learning_rate: float = param(0.001, "DMC learning rate (Adam)")
     test_fraction: float = param(0.2, "share of each class's nets held out for testing")
+    split: str = param("random", "random (by net, seeded) or published (the nets' nws.split tags)")
     seed: int = param(0, "seed of the split and the training")
     register: bool = param(True, "register the models and move the champion alias")
     cache_dir: str = param("", "snapshot cache (default $NWS_CACHE_DIR or ~/.cache/nws/zoo)")
@@ -59,6 +57,8 @@ class TrainOptions:
             raise ParameterError("test_fraction", f"{self.test_fraction} is not in (0, 1)")
         if not self.learning_rate > 0:
             raise ParameterError("learning_rate", f"{self.learning_rate} is not positive")
+        if self.split not in SPLITS:
+            raise ParameterError("split", f"{self.split!r} is not one of {', '.join(SPLITS)}")
         if self.region not in REGIONS:
             raise ParameterError("region", f"{self.region!r} is not one of {', '.join(REGIONS)}")
         at_least("slice_length", self.slice_length, 1)
@@ -122,8 +122,7 @@ def plan(options: TrainOptions) -> Plan:
     )
 
     props, models = options.validate()
-    selection = Selection(options.experiment, options.filter, options.min_test_accuracy)
-    nets = query_nets(selection)
+    nets = query_nets(options)
     say(f"selected {len(nets)} nets")
     explicit = options.props.strip() not in ("", "all")
     varying, constant = varying_properties(nets, props)
@@ -138,7 +137,9 @@ def plan(options: TrainOptions) -> Plan:
     splits = {}
     for prop in varying:
         try:
-            splits[prop] = split_nets(nets, prop, options.test_fraction, options.seed)
+            splits[prop] = split_nets(
+                nets, prop, options.test_fraction, options.seed, published=options.split == "published"
+            )
         except ParameterError as reason:
             if explicit:
                 raise
