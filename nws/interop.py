@@ -199,6 +199,7 @@ class _Importer:
                     "weightn_fc": layout.weightn_fc,
                 },
                 {},
+                curve=False,
             )
         except BaseException as error:
             self.client.set_tag(run_id, tracking.TAG_FAILURE, f"{type(error).__name__}: {error}"[:500])

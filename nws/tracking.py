@@ -117,10 +117,13 @@ def write_net_result(
     history: list[dict[str, float]],
     final_metrics: Mapping[str, float],
     tags: Mapping[str, str],
+    curve: bool = True,
 ) -> None:
-    """Upload a finished net's artifacts, then its final metrics, then mark it complete.
+    """Upload a finished net's artifacts, then, in one batch, its final metrics, tags and the
+    completion tag.
 
     Works on any run through the client (thread-safe), so importers can write many at once.
+    `curve=False` leaves out the training-curve picture (the slowest part, for bulk imports).
     """
     import pandas as pd
     from mlflow.entities import Metric, RunTag
@@ -132,20 +135,21 @@ def write_net_result(
         (root / LAYOUT_ARTIFACT).write_text(json.dumps(layout, indent=1))
         frame = pd.DataFrame(history)
         frame.to_csv(root / HISTORY_ARTIFACT, index=False)
-        (root / CURVE_ARTIFACT).write_bytes(training_curve_png(frame))
+        if curve:
+            (root / CURVE_ARTIFACT).write_bytes(training_curve_png(frame))
         client.log_artifacts(run_id, str(root))
     now = int(time.time() * 1000)
     all_tags = {
         **tags,
         TAG_WEIGHTS_DIGEST: weights_digest(weights),
         TAG_WEIGHTS_SHAPE: "x".join(str(n) for n in weights.shape),
+        TAG_SNAPSHOTS: SNAPSHOTS_COMPLETE,  # in the same transaction, after every artifact
     }
     client.log_batch(
         run_id,
         metrics=[Metric(k, float(v), now, 0) for k, v in final_metrics.items()],
         tags=[RunTag(k, str(v)) for k, v in all_tags.items()],
     )
-    client.set_tag(run_id, TAG_SNAPSHOTS, SNAPSHOTS_COMPLETE)
 
 
 def log_history(client: Any, run_id: str, history: list[dict[str, float]]) -> None:
@@ -170,17 +174,24 @@ def training_curve_png(history: Any) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4))
+    losses = [c for c in ("loss", "valid_loss", "test_loss") if c in history]
+    fig, axes = plt.subplots(1, 2 if losses else 1, figsize=(11 if losses else 6, 4), squeeze=False)
+    acc = axes[0][0]
     for column, style in (
         ("train_accuracy", "r--"),
         ("valid_accuracy", "r-"),
         ("test_accuracy", "g-"),
         ("valid_accuracy_smoothed", "b-"),
     ):
-        acc.plot(history["epoch"], history[column], style, label=column)
-    for column, style in (("loss", "r--"), ("valid_loss", "r-"), ("test_loss", "g-")):
-        loss.plot(history["epoch"], history[column], style, label=column)
-    for ax, label in ((acc, "accuracy"), (loss, "loss")):
+        if column in history:
+            acc.plot(history["epoch"], history[column], style, label=column)
+    panels = [(acc, "accuracy")]
+    if losses:  # published nets record errors only
+        loss = axes[0][1]
+        for column, style in zip(losses, ("r--", "r-", "g-"), strict=False):
+            loss.plot(history["epoch"], history[column], style, label=column)
+        panels.append((loss, "loss"))
+    for ax, label in panels:
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(True)

@@ -98,7 +98,7 @@ def imported(tracking_uri, published):
 def test_each_broken_net_is_refused_with_its_reason_and_the_others_are_imported(imported):
     code, out, err, runs = imported
     assert code == 1
-    assert "imported 3 nets, skipped 0 already imported, refused 6" in out
+    assert "imported 3 nets, skipped 0 already imported, refused 6" in out, err
     assert sorted(runs) == ["A", "B", "C"]
     assert all(r.info.status == "FINISHED" for r in runs.values())
     refusals = [line for line in err.splitlines() if line.startswith("refused ")]
@@ -233,7 +233,7 @@ def test_train_works_on_imported_nets_with_the_published_split(tracking_uri, two
     table = run_training(
         TrainOptions(
             props="initialization",
-            K="20,20",
+            K="11,20",
             models="stats,layer_stats",
             split="published",
             slice_length=1000,
