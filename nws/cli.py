@@ -195,3 +195,7 @@ def mlproject_text() -> str:
 def run_entry_point(name: str) -> NoReturn:
     """What the scripts in entrypoints/ call: `nws <name> <argv...>`."""
     raise SystemExit(main([name, *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,13 +2,20 @@
 trained with snapshot capture and becomes one MLflow run nested under the campaign's run.
 
 The Optuna study is a second view of the campaign: each trial holds the net's MLflow run id and is
-told the net's final test accuracy (or fails).
+told the net's final test accuracy (or fails). Many workers (processes, machines) share one
+campaign through the study's storage. With a `target`, they train until the campaign holds
+exactly that many finished nets. On an RDB storage each running trial sends Optuna heartbeats,
+and the trial of a worker that died is failed (its MLflow run marked FAILED) and retried by
+Optuna's RetryFailedTrialCallback.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import socket
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +55,18 @@ class SampleOptions:
     lr_decay: float = param(1.0, "per-epoch learning-rate factor (1.0 = constant, as published)")
     mixed_precision: bool = param(False, "train in mixed float16 (GPU)")
     deterministic: bool = param(True, "TensorFlow op determinism (bit-identical on CPU)")
+    target: int = param(0, "finished nets the campaign should hold; workers train until then (0: n_nets)")
+    workers: int = param(1, "worker processes on this machine, all on the same campaign")
+    threads: int = param(0, "TensorFlow CPU threads per worker (0: the cores split between workers)")
+    heartbeat: int = param(
+        30, "seconds between heartbeats on an RDB storage; a trial silent for 2x this is retried"
+    )
+    parent_run_id: str = param("", "MLflow run to nest the nets under (set for the workers of --workers)")
+
+    @property
+    def heartbeat_enabled(self) -> bool:
+        """Heartbeats need an RDB storage (Optuna's journal storage has none)."""
+        return "://" in (self.storage.strip() or DEFAULT_STORAGE)
 
     def validate(self) -> tuple[list[str], NetConfig | None]:
         """Check every parameter; return the resolved datasets and the replay config."""
@@ -69,6 +88,10 @@ class SampleOptions:
             raise ParameterError("lr_decay", f"{self.lr_decay} is not in (0, 1]")
         if not self.campaign.strip():
             raise ParameterError("campaign", "must not be empty")
+        at_least("target", self.target, 0)
+        at_least("workers", self.workers, 1)
+        at_least("threads", self.threads, 0)
+        at_least("heartbeat", self.heartbeat, 1)
         datasets = resolve_datasets(self.datasets)
         replay = None
         if self.config.strip():
@@ -93,9 +116,13 @@ class CampaignSummary:
         )
 
 
-def open_storage(url: str) -> Any:
+def open_storage(url: str, heartbeat: int | None = None) -> Any:
     """An Optuna storage from a URL: RDB URLs (sqlite:///, postgresql://, ...) as RDBStorage,
-    `journal:<path>` or a path as a JournalStorage file (several processes on one machine)."""
+    `journal:<path>` or a path as a JournalStorage file (several processes on one machine).
+
+    With `heartbeat`, an RDB storage records a heartbeat per running trial; a trial silent for
+    twice that long is failed, its MLflow run marked FAILED, and Optuna retries its configuration.
+    """
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -106,14 +133,43 @@ def open_storage(url: str) -> Any:
             raise ParameterError(
                 "storage", "must not be MLflow's database (both keep an alembic_version table)"
             )
+        connect = {"connect_timeout": 5} if url.startswith("postgresql") else {}
         try:
-            return optuna.storages.RDBStorage(url)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs={"connect_args": connect, "pool_pre_ping": True},
+                heartbeat_interval=heartbeat,
+                grace_period=2 * heartbeat if heartbeat else None,
+                heartbeat_stale_trial_callback=fail_and_retry if heartbeat else None,
+            )
         except Exception as e:  # SQLAlchemy raises many types for bad URLs or servers
-            raise ParameterError("storage", f"cannot open {url}: {type(e).__name__}: {e}") from None
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ParameterError("storage", f"cannot open {url}: {reason}") from None
     path = Path(url.removeprefix("journal:")).expanduser()
     if not path.parent.is_dir():
         raise ParameterError("storage", f"directory {path.parent} does not exist")
     return JournalStorage(JournalFileBackend(str(path)))
+
+
+MAX_RETRIES = 2
+
+
+def fail_and_retry(study: Any, trial: Any) -> None:
+    """A trial whose worker died: mark its MLflow run FAILED, then let Optuna's
+    RetryFailedTrialCallback enqueue its configuration again."""
+    import optuna
+
+    from nws import tracking
+
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, tracking.TAG_FAILURE, f"worker {trial.user_attrs.get('worker')} died")
+            client.set_terminated(run_id, "FAILED")
+    optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRIES)(study, trial)
 
 
 def open_study(options: SampleOptions, datasets: list[str]) -> Any:
@@ -121,7 +177,7 @@ def open_study(options: SampleOptions, datasets: list[str]) -> Any:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(options.storage)
+    storage = open_storage(options.storage, options.heartbeat)
     study = optuna.create_study(
         study_name=options.campaign,
         storage=storage,
@@ -172,29 +228,41 @@ def _environment_tags() -> dict[str, str]:
 
 
 def run_campaign(options: SampleOptions) -> CampaignSummary:
-    """Train `n_nets` nets of a campaign; every net is an MLflow run and an Optuna trial."""
+    """Train a campaign's nets: `n_nets` in this call, or until the campaign holds `target`
+    finished nets; with `workers` > 1, in that many processes. Every net is an MLflow run and an
+    Optuna trial."""
     datasets, replay = options.validate()
     from nws.data import check_available
+    from nws.tracking import check_tracking_server
+    from nws.training import configure_tensorflow
 
-    data_dir = options.data_dir or None
-    check_available(datasets, data_dir, options.download)
+    check_tracking_server()
+    if options.workers == 1:  # before anything touches TensorFlow (loading images does)
+        configure_tensorflow(deterministic=options.deterministic, threads=options.threads)
+    check_available(datasets, options.data_dir or None, options.download)
     study = open_study(options, datasets)
+    if options.workers > 1:
+        from nws.workers import run_workers
+
+        return run_workers(options, study)
 
     import mlflow
 
     from nws import tracking
-    from nws.training import TrainSettings, configure_tensorflow
+    from nws.training import TrainSettings
 
-    configure_tensorflow(deterministic=options.deterministic)
     settings = TrainSettings(
         max_epochs=options.max_epochs,
         min_epochs=options.min_epochs,
         lr_decay=options.lr_decay,
         mixed_precision=options.mixed_precision,
     )
-    campaign_params = asdict(options)
+    if options.parent_run_id:  # a worker of `--workers`: the parent holds the campaign run
+        summary = CampaignSummary(options.campaign, campaign_run_id=options.parent_run_id)
+        _train_nets(options, settings, study, datasets, replay, summary)
+        return summary
     owns_run = mlflow.active_run() is None
-    run = tracking.start_campaign_run(_campaign_tags(options), campaign_params)
+    run = tracking.start_campaign_run(_campaign_tags(options), asdict(options))
     summary = CampaignSummary(options.campaign, campaign_run_id=run.info.run_id)
     try:
         _train_nets(options, settings, study, datasets, replay, summary)
@@ -208,6 +276,45 @@ def run_campaign(options: SampleOptions) -> CampaignSummary:
     return summary
 
 
+def trial_counts(study: Any) -> tuple[int, list[int], int]:
+    """Finished (COMPLETE) trials, the numbers of the RUNNING ones, and WAITING (queued) ones."""
+    states = optuna_state("COMPLETE"), optuna_state("RUNNING"), optuna_state("WAITING")
+    trials = study.get_trials(deepcopy=False, states=states)
+    complete = sum(t.state == states[0] for t in trials)
+    running = [t.number for t in trials if t.state == states[1]]
+    return complete, running, sum(t.state == states[2] for t in trials)
+
+
+def wait_for_work(study: Any, target: int, poll: float) -> bool:
+    """False once the campaign holds `target` finished nets; True when a net is to be trained.
+
+    While the last nets are being trained elsewhere, wait: if one of those workers dies, its
+    trial comes back (retried) and this worker takes it.
+    """
+    import warnings
+
+    import optuna
+
+    while True:
+        with warnings.catch_warnings():  # fail_stale_trials is marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        complete, running, waiting = trial_counts(study)
+        if complete >= target:
+            return False
+        if waiting or complete + len(running) < target:
+            return True
+        time.sleep(poll)
+
+
+def is_surplus(study: Any, number: int, target: int) -> bool:
+    """Whether trial `number` would take the campaign past its target: the finished nets plus
+    the running trials numbered before it already make up the target (a race between workers
+    that asked at the same moment; the lowest-numbered trials go on)."""
+    complete, running, _ = trial_counts(study)
+    return complete + sum(n < number for n in running) >= target
+
+
 def _train_nets(
     options: SampleOptions,
     settings: Any,
@@ -216,33 +323,48 @@ def _train_nets(
     replay: NetConfig | None,
     summary: CampaignSummary,
 ) -> None:
+    import optuna
+
     from nws.progress import Progress
 
     environment = _environment_tags()
-    progress = Progress(options.n_nets)
+    total = options.target or options.n_nets
+    progress = Progress(total)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    poll = min(5.0, options.heartbeat / 2)
+    index = 0
+
+    def objective(trial: Any) -> float:
+        if options.target and is_surplus(study, trial.number, options.target):
+            raise optuna.TrialPruned("surplus: the campaign's target is already being trained")
+        config = space.suggest(trial, options.subset, datasets)
+        net = NetJob(options, settings, trial.number, config, datasets, environment)
+        progress.start_net(index, net.label, settings.max_epochs)
+        trial.set_user_attr("seed", net.seed)
+        trial.set_user_attr("worker", worker)
+        outcome = net.run(
+            observers=[progress.epoch], on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id)
+        )
+        progress.end_net(outcome.line(index, total))
+        if not outcome.finished:
+            trial.set_user_attr("failure", outcome.failure)
+            summary.failed.append(outcome.run_id)
+            return float("nan")  # Optuna fails the trial
+        summary.finished.append(outcome.run_id)
+        return outcome.test_accuracy
+
     try:
-        for index in range(1, options.n_nets + 1):
+        while True:
+            if options.target:
+                if not wait_for_work(study, options.target, poll):
+                    break
+            elif index >= options.n_nets:
+                break
             if replay is not None:
                 study.enqueue_trial(replay.as_dict())
-            trial = study.ask()
-            config = space.suggest(trial, options.subset, datasets)
-            net = NetJob(options, settings, trial.number, config, datasets, environment)
-            progress.start_net(index, net.label, settings.max_epochs)
-            trial.set_user_attr("seed", net.seed)
-            try:
-                outcome = net.run(observers=[progress.epoch])
-            except BaseException:
-                study.tell(trial, state=optuna_state("FAIL"))
-                raise
-            trial.set_user_attr("mlflow_run_id", outcome.run_id)
-            if outcome.finished:
-                study.tell(trial, outcome.test_accuracy)
-                summary.finished.append(outcome.run_id)
-            else:
-                trial.set_user_attr("failure", outcome.failure)
-                study.tell(trial, state=optuna_state("FAIL"))
-                summary.failed.append(outcome.run_id)
-            progress.end_net(outcome.line(index, options.n_nets))
+            index += 1
+            # One trial per call: Optuna runs the heartbeat thread and fails stale trials first.
+            study.optimize(objective, n_trials=1, gc_after_trial=False)
     finally:
         progress.close()
 
@@ -316,7 +438,7 @@ class NetJob:
             **sizes,
         }
 
-    def run(self, observers: list[Any]) -> NetOutcome:
+    def run(self, observers: list[Any], on_start: Callable[[str], None] | None = None) -> NetOutcome:
         from nws import tracking
         from nws.data import load_images, split_for_net
         from nws.snapshots import SnapshotRecorder, layout_document, weight_layout
@@ -327,9 +449,14 @@ class NetJob:
         data = split_for_net(images, self.seed, o.max_train_images, o.max_eval_images)
         layout = weight_layout(self.config)
         run = tracking.start_net_run(
-            f"net-{o.campaign}-{self.trial_number:05d}", self.tags(), self.params(data.sizes())
+            f"net-{o.campaign}-{self.trial_number:05d}",
+            self.tags(),
+            self.params(data.sizes()),
+            parent_run_id=o.parent_run_id or None,
         )
         run_id = run.info.run_id
+        if on_start is not None:
+            on_start(run_id)
         try:
             with SnapshotRecorder(layout) as recorder:
 

@@ -48,9 +48,11 @@ MainOptions = dataclasses.make_dataclass(
 MainOptions.__doc__ = "The parameters of the `main` entry point: those of sample and train."
 
 
-def _part(options: Any, target: type, **extra: Any) -> Any:
+def _part(options: Any, target: type, **overrides: Any) -> Any:
+    """The `target` options (sample's or train's) that `main`'s options hold, with overrides."""
     names = {f.name for f in dataclasses.fields(target)}
-    return target(**{k: v for k, v in dataclasses.asdict(options).items() if k in names}, **extra)
+    values = {k: v for k, v in dataclasses.asdict(options).items() if k in names}
+    return target(**{**values, **overrides})
 
 
 def run_main(options: Any) -> Any:

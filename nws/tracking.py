@@ -55,6 +55,27 @@ def _mlflow() -> Any:
     return mlflow
 
 
+def check_tracking_server(timeout: float = 5.0) -> None:
+    """Fail within seconds, in one line, when an `mlflow server` tracking URI does not answer
+    (MLflow's own client would retry for minutes)."""
+    import urllib.error
+    import urllib.request
+
+    from nws.errors import NWSError
+
+    uri = _mlflow().get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            reason = f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError) as e:
+        reason = str(getattr(e, "reason", e))
+    raise NWSError(f"MLflow tracking server {uri} is unreachable: {reason}")
+
+
 def start_campaign_run(tags: Mapping[str, str], params: Mapping[str, Any]) -> Any:
     """Start (or, inside `mlflow run`, continue) the campaign's run.
 
@@ -68,10 +89,16 @@ def start_campaign_run(tags: Mapping[str, str], params: Mapping[str, Any]) -> An
     return run
 
 
-def start_net_run(run_name: str, tags: Mapping[str, str], params: Mapping[str, Any]) -> Any:
-    """A run for one net, nested under the active campaign run."""
+def start_net_run(
+    run_name: str, tags: Mapping[str, str], params: Mapping[str, Any], parent_run_id: str | None = None
+) -> Any:
+    """A run for one net, nested under the active campaign run (or the given parent run, for the
+    worker processes of a campaign whose run lives in another process)."""
     mlflow = _mlflow()
-    run = mlflow.start_run(run_name=run_name, nested=True, tags=dict(tags))
+    if parent_run_id:
+        run = mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id, tags=dict(tags))
+    else:
+        run = mlflow.start_run(run_name=run_name, nested=True, tags=dict(tags))
     mlflow.log_params(dict(params))
     return run
 

@@ -110,19 +110,23 @@ def free_port() -> int:
 class MlflowServer:
     """An `mlflow server` subprocess on 127.0.0.1 with proxied artifacts."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, backend: str = "", port: int = 0) -> None:
+        self.root = root
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.backend = backend or f"sqlite:///{root / 'server.db'}"
+        self.start()
+
+    def start(self) -> None:
         import subprocess
         import sys
 
-        self.root = root
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(root / "server.log", "w")  # noqa: SIM115 (closed in stop)
+        self.log = open(self.root / "server.log", "a")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=root,
+             "--backend-store-uri", self.backend,
+             "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=self.root,
         )  # fmt: skip
         self.wait_ready()
 
@@ -148,6 +152,7 @@ class MlflowServer:
             self.process.wait(timeout=20)
         except Exception:
             self.process.kill()
+            self.process.wait()
         self.log.close()
 
 
@@ -209,3 +214,64 @@ def in_meta_zoo(meta_zoo: Zoo, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+
+
+class Postgres:
+    """A private PostgreSQL server (the Debian package's binaries) on 127.0.0.1, in a temporary
+    directory, with a trusted user `nws`; databases are made per test."""
+
+    def __init__(self, root: Path) -> None:
+        import glob
+        import shutil
+        import subprocess
+
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+        if not found:
+            raise RuntimeError("PostgreSQL is not installed (Debian package postgresql; .ci/run installs it)")
+        self.bin = Path(found[-1]).parent
+        self.root = root
+        as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if as_postgres:
+            shutil.chown(root, "postgres")
+        self.as_postgres = as_postgres
+        self.port = free_port()
+        data = root / "data"
+        subprocess.run([*as_postgres, str(self.bin / "initdb"), "-D", str(data), "-U", "nws", "--auth=trust",
+                        "-E", "UTF8"], check=True, capture_output=True)  # fmt: skip
+        options = f"-p {self.port} -k {root} -c listen_addresses=127.0.0.1"
+        subprocess.run([*as_postgres, str(self.bin / "pg_ctl"), "-D", str(data), "-l", str(root / "pg.log"),
+                        "-w", "-o", options, "start"], check=True, capture_output=True)  # fmt: skip
+        self.data = data
+        self.count = 0
+
+    def database(self, name: str = "") -> str:
+        """A new empty database; its SQLAlchemy URL."""
+        import psycopg
+
+        self.count += 1
+        name = name or f"db{self.count}"
+        with psycopg.connect(host="127.0.0.1", port=self.port, user="nws", dbname="postgres",
+                             autocommit=True) as connection:  # fmt: skip
+            connection.execute(f"CREATE DATABASE {name}")
+        return f"postgresql://nws@127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        import subprocess
+
+        pg_ctl = str(self.bin / "pg_ctl")
+        stop = [*self.as_postgres, pg_ctl, "-D", str(self.data), "-m", "fast", "stop"]
+        subprocess.run(stop, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Postgres:
+    import shutil
+    import tempfile
+
+    # Not under pytest's temporary root: that is private to this user, and the server runs as
+    # `postgres` when the tests run as root.
+    root = Path(tempfile.mkdtemp(prefix="nws-postgres-"))
+    server = Postgres(root)
+    yield server
+    server.stop()
+    shutil.rmtree(root, ignore_errors=True)

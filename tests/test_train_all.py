@@ -8,6 +8,7 @@ import io
 import subprocess
 import sys
 
+import mlflow
 import pytest
 from mlflow import MlflowClient
 
@@ -75,3 +76,25 @@ def test_a_corrupted_artifact_fails_train_before_anything_is_registered(in_meta_
         f"(its digest does not match the run's nws.weights_xxh3 tag)"
     )
     assert MlflowClient().search_registered_models() == []
+
+
+def test_main_samples_trains_registers_and_prints_the_table(tracking_uri, tmp_path, capsys):
+    code = cli.main([
+        "main", "--n-nets", "12", "--datasets", "digits", "--max-epochs", "0", "--min-epochs", "0",
+        "--prints", "3", "--max-train-images", "64", "--max-eval-images", "32", "--K", "1,3",
+        "--props", "initialization,lrate", "--models", "stats", "--slice-length", "256",
+        "--storage", str(tmp_path / "optuna.log"), "--campaign", "tiny-main",
+    ])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "campaign tiny-main: 12 nets finished, 0 failed" in out
+    assert "property        model         net acc slice acc  chance" in out
+    assert "initialization  stats" in out and "lrate           stats" in out
+    study = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                               filter_string="tags.`nws.role` = 'study'")  # fmt: skip
+    assert len(study) == 1 and study[0].info.status == "FINISHED"
+    parent = f"tags.mlflow.parentRunId = '{study[0].info.run_id}'"
+    children = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string=parent)
+    assert sorted(r.data.tags["nws.role"] for r in children) == ["campaign", "meta"]
+    client = MlflowClient()
+    assert client.get_model_version_by_alias("nws-meta-initialization", "champion") is not None

@@ -1,0 +1,116 @@
+"""`sample --workers N`: N worker processes on one campaign, on this machine.
+
+The parent holds the campaign's MLflow run and starts each worker as `nws sample` with the same
+parameters, one worker each, the CPU threads split between them (on a GPU they share the device,
+memory growth on). The workers coordinate only through the campaign's Optuna storage. The parent
+supervises them: on a storage without heartbeats (a journal file) it fails and retries the trials
+of a worker that died itself; in target mode it starts a replacement worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from nws.sampling import CampaignSummary, SampleOptions, fail_and_retry, optuna_state
+
+POLL_SECONDS = 1.0
+
+
+def worker_command(options: SampleOptions, **changes: Any) -> list[str]:
+    """`python -m nws.cli sample ...` with these options."""
+    worker = dataclasses.replace(options, **changes)
+    args = [sys.executable, "-m", "nws.cli", "sample"]
+    for f in dataclasses.fields(worker):
+        value = getattr(worker, f.name)
+        args += [
+            f"--{f.name.replace('_', '-')}",
+            ("true" if value else "false") if isinstance(value, bool) else str(value),
+        ]
+    return args
+
+
+def _quotas(options: SampleOptions) -> list[int]:
+    """n_nets per worker when there is no target (the target itself is shared)."""
+    if options.target:
+        return [options.n_nets] * options.workers
+    base, extra = divmod(options.n_nets, options.workers)
+    return [base + (i < extra) for i in range(options.workers)]
+
+
+def _fail_trials_of(study: Any, pid: int) -> int:
+    """On a storage without heartbeats (a journal file): fail and retry the RUNNING trials of a
+    worker that died, as the heartbeat would on an RDB storage."""
+    import socket
+
+    worker = f"{socket.gethostname()}:{pid}"
+    running = optuna_state("RUNNING")
+    numbers = [t.number for t in study.get_trials(deepcopy=False, states=(running,))
+               if t.user_attrs.get("worker") == worker]  # fmt: skip
+    for number in numbers:
+        study.tell(number, state=optuna_state("FAIL"), skip_if_finished=True)
+        fail_and_retry(study, next(t for t in study.get_trials(deepcopy=False) if t.number == number))
+    return len(numbers)
+
+
+def run_workers(options: SampleOptions, study: Any) -> CampaignSummary:
+    import mlflow
+
+    from nws import tracking
+    from nws.sampling import _campaign_tags, trial_counts
+
+    owns_run = mlflow.active_run() is None
+    run = tracking.start_campaign_run(_campaign_tags(options), dataclasses.asdict(options))
+    threads = options.threads or max(1, (os.cpu_count() or 1) // options.workers)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+    before, _, _ = trial_counts(study)
+
+    def start(quota: int) -> subprocess.Popen:
+        command = worker_command(options, workers=1, n_nets=max(1, quota), threads=threads,
+                                 parent_run_id=run.info.run_id)  # fmt: skip
+        return subprocess.Popen(command, env=env)
+
+    workers = {start(q): q for q in _quotas(options) if q > 0}
+    restarts = options.workers
+    status = "FINISHED"
+    try:
+        while workers:
+            time.sleep(POLL_SECONDS)
+            for process in [p for p in workers if p.poll() is not None]:
+                quota = workers.pop(process)
+                if process.returncode == 0:
+                    continue
+                print(f"worker {process.pid} ended with code {process.returncode}", file=sys.stderr)
+                if not options.heartbeat_enabled:
+                    _fail_trials_of(study, process.pid)
+                complete, _, _ = trial_counts(study)
+                if options.target and complete < options.target and restarts > 0:
+                    restarts -= 1
+                    workers[start(quota)] = quota
+                else:
+                    status = "FAILED"
+    except BaseException:
+        for process in workers:
+            process.send_signal(signal.SIGINT)
+        for process in workers:
+            process.wait()
+        if owns_run:
+            mlflow.end_run("KILLED")
+        raise
+    complete, _, _ = trial_counts(study)
+    finished = [t.user_attrs.get("mlflow_run_id", "") for t in study.get_trials(deepcopy=False)
+                if t.state == optuna_state("COMPLETE")][before:]  # fmt: skip
+    summary = CampaignSummary(options.campaign, finished=finished, campaign_run_id=run.info.run_id)
+    mlflow.set_tags({"nws.finished_nets": str(complete), "nws.workers": str(options.workers)})
+    if owns_run:
+        mlflow.end_run(status)
+    if status == "FAILED" and not (options.target and complete >= options.target):
+        from nws.errors import NWSError
+
+        raise NWSError(f"campaign {options.campaign}: a worker failed ({complete} nets finished in all)")
+    return summary

@@ -1,0 +1,231 @@
+"""Scale-out and faults on real servers (127.0.0.1 only): PostgreSQL for the Optuna study and
+for MLflow's backend store, an `mlflow server` subprocess, worker processes started as a user
+would (`python -m nws.cli sample ...`). Nets are tiny so this stays within a few minutes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MlflowServer, free_port
+
+TINY = "--subset fixed --datasets digits --prints 3 --max-epochs 1 --min-epochs 1 --max-train-images 64 "
+TINY = (TINY + "--max-eval-images 32 --threads 1").split()
+
+
+def sample(*args: str, tracking_uri: str, cwd: Path, **popen: object) -> subprocess.Popen:
+    # MLflow's own retry policy, with a shorter backoff than its default (2) to keep the
+    # server-restart test short.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "TF_CPP_MIN_LOG_LEVEL": "3",
+           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}  # fmt: skip
+    return subprocess.Popen([sys.executable, "-m", "nws.cli", "sample", *TINY, *args], env=env, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)  # fmt: skip
+
+
+def finish(process: subprocess.Popen, timeout: float = 240) -> str:
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        pytest.fail(f"sample did not end within {timeout} s:\n{output[-3000:]}")
+    return output
+
+
+def load_study(storage: str, campaign: str):
+    import optuna
+
+    from nws.sampling import open_storage
+
+    return optuna.load_study(study_name=campaign, storage=open_storage(storage))
+
+
+def wait_until(condition, timeout: float, what: str, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"sample ended before {what}:\n{process.communicate()[0][-3000:]}")
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def campaign_trials(storage: str, campaign: str) -> list:
+    """A campaign's trials; none while its study does not exist yet."""
+    try:
+        return load_study(storage, campaign).get_trials(deepcopy=False)
+    except KeyError:
+        return []
+
+
+def finished_count(storage: str, campaign: str) -> int:
+    return sum(t.state.name == "COMPLETE" for t in campaign_trials(storage, campaign))
+
+
+def states(study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    return counts
+
+
+def net_runs(client, campaign: str, status: str = "") -> list:
+    condition = f"tags.`nws.role` = 'net' and tags.`nws.campaign` = '{campaign}'"
+    if status:
+        condition += f" and attributes.status = '{status}'"
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, condition, max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def servers(postgres, tmp_path_factory: pytest.TempPathFactory):
+    """PostgreSQL (two databases: Optuna's and MLflow's) and an mlflow server on it."""
+    root = tmp_path_factory.mktemp("scale")
+    server = MlflowServer(root, backend=postgres.database("mlflow"))
+    yield postgres, server, root
+    server.stop()
+
+
+@pytest.fixture
+def client(servers, monkeypatch: pytest.MonkeyPatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    _, server, _ = servers
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    mlflow.set_tracking_uri(server.url)
+    yield MlflowClient(server.url)
+    mlflow.set_tracking_uri(None)
+
+
+def test_three_workers_reach_the_target_exactly_through_a_tracking_server_restart(servers, client):
+    postgres, server, root = servers
+    storage = postgres.database("optuna_three")
+    target = 4
+    process = sample("--workers", "3", "--target", str(target), "--storage", storage, "--campaign", "three",
+                     "--heartbeat", "2", tracking_uri=server.url, cwd=root)  # fmt: skip
+    wait_until(lambda: finished_count(storage, "three") >= 1, 180, "a finished net", process)
+    server.stop()  # workers are mid-campaign: their MLflow calls retry until the server is back
+    time.sleep(1)
+    server.start()
+    output = finish(process)
+    assert process.returncode == 0, output[-3000:]
+
+    study = load_study(storage, "three")
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    assert len(complete) == target
+    finished = net_runs(client, "three", "FINISHED")
+    assert len(finished) == target
+    assert {t.user_attrs["mlflow_run_id"] for t in complete} == {r.info.run_id for r in finished}
+    configs = {tuple(sorted(t.params.items())) for t in complete}
+    assert len(configs) == target
+    assert len({r.data.params["seed"] for r in finished}) == target
+    assert len({t.user_attrs["worker"] for t in complete}) >= 2  # the work was shared
+    campaign = client.search_runs([finished[0].info.experiment_id], "tags.`nws.role` = 'campaign'")
+    parent = finished[0].data.tags["mlflow.parentRunId"]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent for r in finished)
+    assert any(r.info.run_id == parent and r.info.status == "FINISHED" for r in campaign)
+    for run in finished:  # every finished net has its snapshots on the server's artifact store
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "snapshots")} >= {
+            "snapshots/weights.npy", "snapshots/layout.json"}  # fmt: skip
+
+
+def test_a_worker_killed_mid_net_is_detected_and_its_net_retried(servers, client):
+    from mlflow import MlflowClient
+
+    from nws.zoo import Selection, query_nets
+
+    postgres, server, root = servers
+    storage = postgres.database("optuna_kill")
+    target = 2
+    args = ["--target", str(target), "--storage", storage, "--campaign", "kill", "--heartbeat", "1",
+            "--max-epochs", "3", "--min-epochs", "3", "--max-train-images", "256"]  # fmt: skip
+    doomed = sample(*args, tracking_uri=server.url, cwd=root)
+    survivor = sample(*args, tracking_uri=server.url, cwd=root)
+
+    def doomed_is_mid_net() -> bool:  # its net has trained an epoch and is not done
+        for trial in campaign_trials(storage, "kill"):
+            run_id = trial.user_attrs.get("mlflow_run_id")
+            mine = trial.user_attrs.get("worker", "").endswith(f":{doomed.pid}")
+            if trial.state.name == "RUNNING" and mine and run_id:
+                return bool(MlflowClient(server.url).get_metric_history(run_id, "train_accuracy"))
+        return False
+
+    wait_until(doomed_is_mid_net, 180, "the doomed worker to be mid-net", doomed)
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait()
+    output = finish(survivor)
+    assert survivor.returncode == 0, output[-3000:]
+
+    import optuna
+
+    study = load_study(storage, "kill")
+    trials = study.get_trials(deepcopy=False)
+    killed = [t for t in trials if t.user_attrs.get("worker", "").endswith(f":{doomed.pid}")
+              and t.state.name != "COMPLETE"]  # fmt: skip
+    assert len(killed) == 1 and killed[0].state.name == "FAIL"
+    killed_run = client.get_run(killed[0].user_attrs["mlflow_run_id"])
+    assert killed_run.info.status == "FAILED"
+    assert "died" in killed_run.data.tags["nws.failure"]
+    retries = [t for t in trials if optuna.storages.RetryFailedTrialCallback.retried_trial_number(t)
+               == killed[0].number]  # fmt: skip
+    assert len(retries) == 1 and retries[0].state.name == "COMPLETE"
+    assert retries[0].params == killed[0].params
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == target
+    assert len(net_runs(client, "kill", "FINISHED")) == target
+    selected = query_nets(Selection(filter="tags.`nws.campaign` = 'kill'"))
+    assert len(selected) == target
+    assert killed_run.info.run_id not in set(selected["run_id"])
+
+
+def test_journal_campaign_stopped_and_resumed_ends_at_the_target(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = str(tmp_path / "journal.log")
+    target = 3
+    args = ["--workers", "2", "--target", str(target), "--storage", storage, "--campaign", "resume"]
+    first = sample(*args, tracking_uri=uri, cwd=tmp_path)
+
+    def one_finished() -> bool:
+        return Path(storage).exists() and finished_count(storage, "resume") >= 1
+
+    wait_until(one_finished, 180, "a finished net", first)
+    first.send_signal(signal.SIGINT)  # the parent passes it on to its workers
+    output = finish(first, 60)
+    assert first.returncode != 0, output[-3000:]
+    stopped = states(load_study(storage, "resume"))
+    assert 1 <= stopped.get("COMPLETE", 0) <= target and stopped.get("RUNNING", 0) == 0
+
+    second = sample(*args, tracking_uri=uri, cwd=tmp_path)
+    output = finish(second)
+    assert second.returncode == 0, output[-3000:]
+    assert states(load_study(storage, "resume"))["COMPLETE"] == target
+    client = MlflowClient(uri)
+    assert len(net_runs(client, "resume", "FINISHED")) == target
+    assert all(r.info.status in {"FINISHED", "KILLED", "FAILED"} for r in net_runs(client, "resume"))
+    campaigns = client.search_runs(["0"], "tags.`nws.role` = 'campaign'")
+    assert sorted(r.info.status for r in campaigns) == ["FINISHED", "KILLED"]
+
+
+@pytest.mark.parametrize("what", ["storage", "tracking"])
+def test_an_unreachable_server_is_one_line_within_seconds(what, tmp_path):
+    dead = f"127.0.0.1:{free_port()}"
+    storage = f"postgresql://nws@{dead}/optuna" if what == "storage" else str(tmp_path / "j.log")
+    tracking = f"http://{dead}" if what == "tracking" else f"sqlite:///{tmp_path / 'm.db'}"
+    started = time.monotonic()
+    process = sample("--storage", storage, tracking_uri=tracking, cwd=tmp_path)
+    output = finish(process, 120)
+    assert process.returncode == 2
+    assert time.monotonic() - started < 60
+    errors = [line for line in output.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and ("unreachable" in errors[0] or "cannot open" in errors[0]), output
+    assert "Traceback" not in output
