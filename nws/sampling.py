@@ -234,11 +234,10 @@ def run_campaign(options: SampleOptions) -> CampaignSummary:
     datasets, replay = options.validate()
     from nws.data import check_available
     from nws.tracking import check_tracking_server
-    from nws.training import configure_tensorflow
+    from nws.training import configure_tensorflow, tensorflow_environment
 
     check_tracking_server()
-    if options.workers == 1:  # before anything touches TensorFlow (loading images does)
-        configure_tensorflow(deterministic=options.deterministic, threads=options.threads)
+    tensorflow_environment(options.threads)  # before loading images starts TensorFlow
     check_available(datasets, options.data_dir or None, options.download)
     study = open_study(options, datasets)
     if options.workers > 1:
@@ -251,6 +250,7 @@ def run_campaign(options: SampleOptions) -> CampaignSummary:
     from nws import tracking
     from nws.training import TrainSettings
 
+    configure_tensorflow(deterministic=options.deterministic, threads=options.threads)
     settings = TrainSettings(
         max_epochs=options.max_epochs,
         min_epochs=options.min_epochs,

@@ -8,6 +8,7 @@ model and the metrics at every evaluation (epoch 0 is the initialisation).
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -112,18 +113,32 @@ class TrainResult:
 _configured = False
 
 
+def tensorflow_environment(threads: int = 0) -> None:
+    """What TensorFlow reads from the environment when it starts: GPU memory growth (workers
+    share a GPU) and CPU thread pools. Set before anything imports TensorFlow, these hold even
+    when loading data starts TensorFlow before `configure_tensorflow` runs."""
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+    if threads:
+        os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
+        os.environ["TF_NUM_INTEROP_THREADS"] = str(max(1, min(threads, 2)))
+
+
 def configure_tensorflow(deterministic: bool = True, threads: int = 0) -> None:
     """Once per process: GPU memory growth (workers share a GPU), op determinism, CPU threads."""
     global _configured
     if _configured:
         return
+    tensorflow_environment(threads)
     import tensorflow as tf
 
-    for gpu in tf.config.list_physical_devices("GPU"):
-        tf.config.experimental.set_memory_growth(gpu, True)
-    if threads:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(max(1, min(threads, 2)))
+    try:
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
+        if threads:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(max(1, min(threads, 2)))
+    except RuntimeError:  # TensorFlow already started: the environment above applied instead
+        pass
     if deterministic:
         tf.config.experimental.enable_op_determinism()
     _configured = True

@@ -157,8 +157,10 @@ class MlflowServer:
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> MlflowServer:
-    server = MlflowServer(tmp_path_factory.mktemp("server"))
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory, postgres: Postgres) -> MlflowServer:
+    """One tracking server for the session, as a cluster runs it: PostgreSQL backend store,
+    proxied artifacts. Tests keep apart by campaign name."""
+    server = MlflowServer(tmp_path_factory.mktemp("server"), backend=postgres.database("mlflow"))
     yield server
     server.stop()
 
@@ -216,6 +218,22 @@ def in_meta_zoo(meta_zoo: Zoo, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     mlflow.set_tracking_uri(None)
 
 
+def install_postgres() -> list[str]:
+    """The Debian package, when the tests run as root on a machine without it (a fresh machine
+    running the README's test command); otherwise a clear failure."""
+    import glob
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.fail("PostgreSQL is needed: install the Debian package postgresql (.ci/run does)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "postgresql"]
+    for command in (["apt-get", "update", "-qq"], install):
+        subprocess.run(command, check=True, capture_output=True, env=env)
+    return sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+
+
 class Postgres:
     """A private PostgreSQL server (the Debian package's binaries) on 127.0.0.1, in a temporary
     directory, with a trusted user `nws`; databases are made per test."""
@@ -225,9 +243,7 @@ class Postgres:
         import shutil
         import subprocess
 
-        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
-        if not found:
-            raise RuntimeError("PostgreSQL is not installed (Debian package postgresql; .ci/run installs it)")
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl")) or install_postgres()
         self.bin = Path(found[-1]).parent
         self.root = root
         as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -238,7 +254,7 @@ class Postgres:
         data = root / "data"
         subprocess.run([*as_postgres, str(self.bin / "initdb"), "-D", str(data), "-U", "nws", "--auth=trust",
                         "-E", "UTF8"], check=True, capture_output=True)  # fmt: skip
-        options = f"-p {self.port} -k {root} -c listen_addresses=127.0.0.1"
+        options = f"-p {self.port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=300"
         subprocess.run([*as_postgres, str(self.bin / "pg_ctl"), "-D", str(data), "-l", str(root / "pg.log"),
                         "-w", "-o", options, "start"], check=True, capture_output=True)  # fmt: skip
         self.data = data

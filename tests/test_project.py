@@ -51,3 +51,23 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():
     ci = (ROOT / ".ci" / "run").read_text()
     assert 'pip install -q -e ".[dev]"' in ci
     assert ci.rstrip().endswith("python -m pytest")
+
+
+def test_cluster_job_files_run_sample_with_its_parameters():
+    import dataclasses
+
+    import yaml
+
+    from nws.sampling import SampleOptions
+
+    names = {f.name for f in dataclasses.fields(SampleOptions)}
+    slurm = (ROOT / "examples" / "cluster" / "sample.sbatch").read_text()
+    assert "mlflow run . -e sample" in slurm
+    slurm_params = re.findall(r"-P (\w+)=", slurm)
+    assert {"campaign", "target", "storage"} <= set(slurm_params) <= names
+    job = yaml.safe_load((ROOT / "examples" / "cluster" / "sample-job.yaml").read_text())
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["nws", "sample"]
+    k8s_params = {a.split("=")[0].removeprefix("--").replace("-", "_") for a in container["args"]}
+    assert {"campaign", "target", "storage"} <= k8s_params <= names
+    assert {e["name"] for e in container["env"]} >= {"MLFLOW_TRACKING_URI"}

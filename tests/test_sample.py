@@ -206,16 +206,36 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize(("args", "message"), BAD_INPUTS, ids=[a[1].split(":")[0] for a in BAD_INPUTS])
-def test_bad_input_is_one_line_nonzero_exit_and_no_finished_run(tracking_uri, tmp_path, args, message):
+def test_bad_input_is_one_line_nonzero_exit_and_no_finished_run(
+    tracking_uri, tmp_path, monkeypatch, capsys, args, message
+):
+    """In-process through the CLI's main (the next test runs the real process)."""
+    from nws.cli import main
+
+    monkeypatch.setenv("NWS_DATA_DIR", str(tmp_path / "data"))
+    try:
+        code = main(["sample", "--storage", str(tmp_path / "o.log"), *args])
+    except SystemExit as exit:  # argparse's usage errors
+        code = exit.code
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"nws sample: error: {message}")
+    assert net_runs(status="FINISHED") == []
+
+
+def test_bad_input_from_the_entry_point_process_is_one_line_on_stderr(tracking_uri, tmp_path):
     env = {**os.environ, "NWS_DATA_DIR": str(tmp_path / "data")}
     done = subprocess.run(
-        [sys.executable, "-m", "entrypoints.sample", "--storage", str(tmp_path / "o.log"), *args],
+        [sys.executable, "-m", "entrypoints.sample", "--storage", str(tmp_path / "o.log"),
+         "--datasets", "svhn", "--download", "false"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith(f"nws sample: error: {message}")
+    assert done.stderr.strip().splitlines() == [
+        f"nws sample: error: dataset svhn: train_32x32.mat not found under {tmp_path / 'data' / 'svhn'} "
+        "(expected the official files: train_32x32.mat, test_32x32.mat) (downloads are off)"
+    ]
     assert net_runs(status="FINISHED") == []
 
 

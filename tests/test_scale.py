@@ -4,6 +4,7 @@ would (`python -m nws.cli sample ...`). Nets are tiny so this stays within a few
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MlflowServer, free_port
+from tests.conftest import free_port
 
 TINY = "--subset fixed --datasets digits --prints 3 --max-epochs 1 --min-epochs 1 --max-train-images 64 "
 TINY = (TINY + "--max-eval-images 32 --threads 1").split()
@@ -38,12 +39,18 @@ def finish(process: subprocess.Popen, timeout: float = 240) -> str:
     return output
 
 
+@functools.cache
+def storage_of(url: str):
+    """One storage (one connection pool) per URL for all the polling of a test."""
+    from nws.sampling import open_storage
+
+    return open_storage(url)
+
+
 def load_study(storage: str, campaign: str):
     import optuna
 
-    from nws.sampling import open_storage
-
-    return optuna.load_study(study_name=campaign, storage=open_storage(storage))
+    return optuna.load_study(study_name=campaign, storage=storage_of(storage))
 
 
 def wait_until(condition, timeout: float, what: str, process: subprocess.Popen | None = None) -> None:
@@ -84,13 +91,11 @@ def net_runs(client, campaign: str, status: str = "") -> list:
     return client.search_runs(experiments, condition, max_results=1000)
 
 
-@pytest.fixture(scope="module")
-def servers(postgres, tmp_path_factory: pytest.TempPathFactory):
-    """PostgreSQL (two databases: Optuna's and MLflow's) and an mlflow server on it."""
-    root = tmp_path_factory.mktemp("scale")
-    server = MlflowServer(root, backend=postgres.database("mlflow"))
-    yield postgres, server, root
-    server.stop()
+@pytest.fixture
+def servers(postgres, mlflow_server, tmp_path):
+    """PostgreSQL (the Optuna study's database is made per test) and the session's mlflow server
+    on PostgreSQL."""
+    return postgres, mlflow_server, tmp_path
 
 
 @pytest.fixture
@@ -205,7 +210,7 @@ def test_journal_campaign_stopped_and_resumed_ends_at_the_target(tmp_path, monke
     stopped = states(load_study(storage, "resume"))
     assert 1 <= stopped.get("COMPLETE", 0) <= target and stopped.get("RUNNING", 0) == 0
 
-    second = sample(*args, tracking_uri=uri, cwd=tmp_path)
+    second = sample(*args[2:], tracking_uri=uri, cwd=tmp_path)  # one process this time
     output = finish(second)
     assert second.returncode == 0, output[-3000:]
     assert states(load_study(storage, "resume"))["COMPLETE"] == target

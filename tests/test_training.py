@@ -92,8 +92,14 @@ def train_tiny(data, seed, config=TINY, epochs=3, observers=(), mixed_precision=
     return result, weights, rows, size
 
 
-def test_training_is_bit_identical_for_a_seed_and_captures_every_evaluation(tiny_data):
-    result, weights, rows, size = train_tiny(tiny_data, seed=9, epochs=2)
+@pytest.fixture(scope="module")
+def seed9(tiny_data):
+    """One tiny training run (seed 9, 2 epochs) that several tests look at."""
+    return train_tiny(tiny_data, seed=9, epochs=2)
+
+
+def test_training_is_bit_identical_for_a_seed_and_captures_every_evaluation(tiny_data, seed9):
+    result, weights, rows, size = seed9
     again = train_tiny(tiny_data, seed=9, epochs=2)
     other = train_tiny(tiny_data, seed=10, epochs=2)
     layout = weight_layout(TINY)
@@ -111,14 +117,14 @@ def test_training_is_bit_identical_for_a_seed_and_captures_every_evaluation(tiny
         assert 0.0 <= h["valid_accuracy"] <= 1.0 and np.isfinite(h["loss"])
 
 
-def test_snapshot_one_is_the_pure_initialisation(tiny_data):
+def test_snapshot_one_is_the_pure_initialisation(seed9):
     import keras
 
     from nws.cnn import build_model
     from nws.snapshots import flatten
 
-    _, weights, _, _ = train_tiny(tiny_data, seed=5)
-    keras.utils.set_random_seed(5)
+    _, weights, _, _ = seed9
+    keras.utils.set_random_seed(9)
     initial = flatten(build_model(TINY), weight_layout(TINY))
     np.testing.assert_array_equal(weights[0], initial)
 

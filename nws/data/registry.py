@@ -190,6 +190,8 @@ def load_images(name: str, data_dir: str | None = None, download: bool = True) -
 
 
 def check_available(names: list[str], data_dir: str | None, download: bool) -> None:
-    """Fail early, with one line, when a campaign's dataset cannot be loaded."""
+    """Fail early, with one line, when a campaign's dataset cannot be loaded (a paper dataset:
+    the offline ones are generated and cannot be missing)."""
     for name in names:
-        load_images(name, data_dir, download)
+        if DATASETS[name].source != "offline":
+            load_images(name, data_dir, download)
