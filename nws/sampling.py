@@ -276,6 +276,11 @@ def run_campaign(options: SampleOptions) -> CampaignSummary:
     return summary
 
 
+def worker_name(pid: int | None = None) -> str:
+    """host:pid, how trials and net runs name the process that trained them."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}"
+
+
 def trial_counts(study: Any) -> tuple[int, list[int], int]:
     """Finished (COMPLETE) trials, the numbers of the RUNNING ones, and WAITING (queued) ones."""
     states = optuna_state("COMPLETE"), optuna_state("RUNNING"), optuna_state("WAITING")
@@ -330,7 +335,7 @@ def _train_nets(
     environment = _environment_tags()
     total = options.target or options.n_nets
     progress = Progress(total)
-    worker = f"{socket.gethostname()}:{os.getpid()}"
+    worker = worker_name()
     poll = min(5.0, options.heartbeat / 2)
     index = 0
 
@@ -422,6 +427,7 @@ class NetJob:
             tracking.TAG_STUDY: self.options.campaign,
             tracking.TAG_TRIAL: str(self.trial_number),
             tracking.TAG_SEED: str(self.seed),
+            tracking.TAG_WORKER: worker_name(),
             **self.environment,
         }
 

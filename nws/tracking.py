@@ -25,6 +25,8 @@ TAG_CAMPAIGN = "nws.campaign"
 TAG_STUDY = "optuna.study"
 TAG_TRIAL = "optuna.trial_number"
 TAG_SEED = "nws.seed"
+TAG_WORKER = "nws.worker"
+"""host:pid of the process that trained the net (the Optuna trial's `worker` attribute too)."""
 TAG_SNAPSHOTS = "nws.snapshots"  # "complete" once the artifacts are all there
 TAG_WEIGHTS_DIGEST = "nws.weights_xxh3"  # xxh3-128 of the weights.npy array data
 TAG_WEIGHTS_SHAPE = "nws.weights_shape"

@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from nws.sampling import CampaignSummary, SampleOptions, fail_and_retry, optuna_state
+from nws.sampling import CampaignSummary, SampleOptions, fail_and_retry, optuna_state, worker_name
 
 POLL_SECONDS = 1.0
 
@@ -46,9 +46,7 @@ def _quotas(options: SampleOptions) -> list[int]:
 def _fail_trials_of(study: Any, pid: int) -> int:
     """On a storage without heartbeats (a journal file): fail and retry the RUNNING trials of a
     worker that died, as the heartbeat would on an RDB storage."""
-    import socket
-
-    worker = f"{socket.gethostname()}:{pid}"
+    worker = worker_name(pid)
     running = optuna_state("RUNNING")
     numbers = [t.number for t in study.get_trials(deepcopy=False, states=(running,))
                if t.user_attrs.get("worker") == worker]  # fmt: skip

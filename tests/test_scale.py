@@ -134,6 +134,8 @@ def test_three_workers_reach_the_target_exactly_through_a_tracking_server_restar
     assert len(configs) == target
     assert len({r.data.params["seed"] for r in finished}) == target
     assert len({t.user_attrs["worker"] for t in complete}) >= 2  # the work was shared
+    worker_of = {t.user_attrs["mlflow_run_id"]: t.user_attrs["worker"] for t in complete}
+    assert all(r.data.tags["nws.worker"] == worker_of[r.info.run_id] for r in finished)
     campaign = client.search_runs([finished[0].info.experiment_id], "tags.`nws.role` = 'campaign'")
     parent = finished[0].data.tags["mlflow.parentRunId"]
     assert all(r.data.tags["mlflow.parentRunId"] == parent for r in finished)
