@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import platform
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -162,14 +163,18 @@ def fail_and_retry(study: Any, trial: Any) -> None:
     from nws import tracking
 
     run_id = trial.user_attrs.get("mlflow_run_id")
-    if run_id:
-        from mlflow import MlflowClient
+    try:
+        if run_id:
+            from mlflow import MlflowClient
 
-        client = MlflowClient()
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_tag(run_id, tracking.TAG_FAILURE, f"worker {trial.user_attrs.get('worker')} died")
-            client.set_terminated(run_id, "FAILED")
-    optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRIES)(study, trial)
+            client = MlflowClient()
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_tag(run_id, tracking.TAG_FAILURE, f"worker {trial.user_attrs.get('worker')} died")
+                client.set_terminated(run_id, "FAILED")
+    except Exception as e:  # the retry matters more; the run stays not FINISHED either way
+        print(f"could not mark MLflow run {run_id} FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+    finally:
+        optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRIES)(study, trial)
 
 
 def open_study(options: SampleOptions, datasets: list[str]) -> Any:
@@ -290,11 +295,12 @@ def trial_counts(study: Any) -> tuple[int, list[int], int]:
     return complete, running, sum(t.state == states[2] for t in trials)
 
 
-def wait_for_work(study: Any, target: int, poll: float) -> bool:
+def wait_for_work(study: Any, target: int, poll: float, heartbeats: bool = True) -> bool:
     """False once the campaign holds `target` finished nets; True when a net is to be trained.
 
     While the last nets are being trained elsewhere, wait: if one of those workers dies, its
-    trial comes back (retried) and this worker takes it.
+    trial comes back (retried) and this worker takes it. Without heartbeats (the journal file),
+    trials of this host's processes that are gone are failed and retried instead.
     """
     import warnings
 
@@ -304,6 +310,8 @@ def wait_for_work(study: Any, target: int, poll: float) -> bool:
         with warnings.catch_warnings():  # fail_stale_trials is marked experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
+        if not heartbeats:
+            fail_orphaned_trials(study)
         complete, running, waiting = trial_counts(study)
         if complete >= target:
             return False
@@ -312,12 +320,43 @@ def wait_for_work(study: Any, target: int, poll: float) -> bool:
         time.sleep(poll)
 
 
+def _process_is_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def fail_orphaned_trials(study: Any, pids: list[int] | None = None) -> list[int]:
+    """Fail and retry the RUNNING trials of processes of this host that no longer exist (or of
+    the given pids): what heartbeats do on an RDB storage, for the journal file, which has none.
+    A process interrupted between Optuna creating its trial and telling it leaves such a trial,
+    and it would otherwise count as in progress for ever."""
+    host = socket.gethostname()
+    orphans = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna_state("RUNNING"),)):
+        worker_host, _, pid = trial.user_attrs.get("worker", "").rpartition(":")
+        if worker_host != host or not pid.isdigit():
+            continue
+        if (int(pid) in pids) if pids is not None else _process_is_gone(int(pid)):
+            study.tell(trial.number, state=optuna_state("FAIL"), skip_if_finished=True)
+            fail_and_retry(study, trial)
+            orphans.append(trial.number)
+    return orphans
+
+
 def is_surplus(study: Any, number: int, target: int) -> bool:
     """Whether trial `number` would take the campaign past its target: the finished nets plus
-    the running trials numbered before it already make up the target (a race between workers
-    that asked at the same moment; the lowest-numbered trials go on)."""
-    complete, running, _ = trial_counts(study)
-    return complete + sum(n < number for n in running) >= target
+    the running or queued trials numbered before it already make up the target (a race between
+    workers that asked at the same moment, or a retry queued meanwhile; the lowest-numbered
+    trials go on)."""
+    states = optuna_state("COMPLETE"), optuna_state("RUNNING"), optuna_state("WAITING")
+    trials = study.get_trials(deepcopy=False, states=states)
+    complete = sum(t.state == states[0] for t in trials)
+    return complete + sum(t.state != states[0] and t.number < number for t in trials) >= target
 
 
 def _train_nets(
@@ -340,13 +379,13 @@ def _train_nets(
     index = 0
 
     def objective(trial: Any) -> float:
+        trial.set_user_attr("worker", worker)  # first: a retry inherits the dead worker's name
         if options.target and is_surplus(study, trial.number, options.target):
             raise optuna.TrialPruned("surplus: the campaign's target is already being trained")
         config = space.suggest(trial, options.subset, datasets)
         net = NetJob(options, settings, trial.number, config, datasets, environment)
         progress.start_net(index, net.label, settings.max_epochs)
         trial.set_user_attr("seed", net.seed)
-        trial.set_user_attr("worker", worker)
         outcome = net.run(
             observers=[progress.epoch], on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id)
         )
@@ -361,7 +400,7 @@ def _train_nets(
     try:
         while True:
             if options.target:
-                if not wait_for_work(study, options.target, poll):
+                if not wait_for_work(study, options.target, poll, options.heartbeat_enabled):
                     break
             elif index >= options.n_nets:
                 break
@@ -461,9 +500,9 @@ class NetJob:
             parent_run_id=o.parent_run_id or None,
         )
         run_id = run.info.run_id
-        if on_start is not None:
-            on_start(run_id)
         try:
+            if on_start is not None:
+                on_start(run_id)
             with SnapshotRecorder(layout) as recorder:
 
                 def capture(model: Any, epoch: int, metrics: dict[str, float]) -> None:

@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from nws.sampling import CampaignSummary, SampleOptions, fail_and_retry, optuna_state, worker_name
+from nws.sampling import CampaignSummary, SampleOptions, fail_orphaned_trials, optuna_state
 
 POLL_SECONDS = 1.0
 
@@ -43,19 +43,6 @@ def _quotas(options: SampleOptions) -> list[int]:
     return [base + (i < extra) for i in range(options.workers)]
 
 
-def _fail_trials_of(study: Any, pid: int) -> int:
-    """On a storage without heartbeats (a journal file): fail and retry the RUNNING trials of a
-    worker that died, as the heartbeat would on an RDB storage."""
-    worker = worker_name(pid)
-    running = optuna_state("RUNNING")
-    numbers = [t.number for t in study.get_trials(deepcopy=False, states=(running,))
-               if t.user_attrs.get("worker") == worker]  # fmt: skip
-    for number in numbers:
-        study.tell(number, state=optuna_state("FAIL"), skip_if_finished=True)
-        fail_and_retry(study, next(t for t in study.get_trials(deepcopy=False) if t.number == number))
-    return len(numbers)
-
-
 def run_workers(options: SampleOptions, study: Any) -> CampaignSummary:
     import mlflow
 
@@ -71,7 +58,8 @@ def run_workers(options: SampleOptions, study: Any) -> CampaignSummary:
     def start(quota: int) -> subprocess.Popen:
         command = worker_command(options, workers=1, n_nets=max(1, quota), threads=threads,
                                  parent_run_id=run.info.run_id)  # fmt: skip
-        return subprocess.Popen(command, env=env)
+        # Their own session: a terminal's Ctrl-C reaches the parent only, which passes it on once.
+        return subprocess.Popen(command, env=env, start_new_session=True)
 
     workers = {start(q): q for q in _quotas(options) if q > 0}
     restarts = options.workers
@@ -84,8 +72,8 @@ def run_workers(options: SampleOptions, study: Any) -> CampaignSummary:
                 if process.returncode == 0:
                     continue
                 print(f"worker {process.pid} ended with code {process.returncode}", file=sys.stderr)
-                if not options.heartbeat_enabled:
-                    _fail_trials_of(study, process.pid)
+                if not options.heartbeat_enabled:  # on an RDB storage the heartbeat does it
+                    fail_orphaned_trials(study, [process.pid])
                 complete, _, _ = trial_counts(study)
                 if options.target and complete < options.target and restarts > 0:
                     restarts -= 1
@@ -97,6 +85,8 @@ def run_workers(options: SampleOptions, study: Any) -> CampaignSummary:
             process.send_signal(signal.SIGINT)
         for process in workers:
             process.wait()
+        if not options.heartbeat_enabled:  # trials an interrupted worker could not tell
+            fail_orphaned_trials(study, [p.pid for p in workers])
         if owns_run:
             mlflow.end_run("KILLED")
         raise

@@ -208,7 +208,7 @@ def test_journal_campaign_stopped_and_resumed_ends_at_the_target(tmp_path, monke
         return Path(storage).exists() and finished_count(storage, "resume") >= 1
 
     wait_until(one_finished, 180, "a finished net", first)
-    first.send_signal(signal.SIGINT)  # the parent passes it on to its workers
+    first.send_signal(signal.SIGTERM)  # as a scheduler would; the parent passes it on as SIGINT
     output = finish(first, 60)
     assert first.returncode != 0, output[-3000:]
     stopped = states(load_study(storage, "resume"))
@@ -238,3 +238,23 @@ def test_an_unreachable_server_is_one_line_within_seconds(what, tmp_path):
     errors = [line for line in output.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and ("unreachable" in errors[0] or "cannot open" in errors[0]), output
     assert "Traceback" not in output
+
+
+def test_on_a_journal_file_a_gone_process_trial_is_failed_and_retried(tmp_path):
+    import socket
+
+    import optuna
+
+    from nws.sampling import fail_orphaned_trials, open_storage
+
+    study = optuna.create_study(study_name="orphans", storage=open_storage(str(tmp_path / "j.log")))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    orphan, alive = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}), study.ask()
+    orphan.set_user_attr("worker", f"{socket.gethostname()}:{gone.pid}")
+    alive.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    assert fail_orphaned_trials(study) == [orphan.number]
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state.name for t in trials] == ["FAIL", "RUNNING", "WAITING"]
+    assert trials[2].params == trials[0].params
+    assert optuna.storages.RetryFailedTrialCallback.retried_trial_number(trials[2]) == orphan.number
