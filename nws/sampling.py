@@ -16,6 +16,7 @@ import platform
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -136,13 +137,15 @@ def open_storage(url: str, heartbeat: int | None = None) -> Any:
             )
         connect = {"connect_timeout": 5} if url.startswith("postgresql") else {}
         try:
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs={"connect_args": connect, "pool_pre_ping": True},
-                heartbeat_interval=heartbeat,
-                grace_period=2 * heartbeat if heartbeat else None,
-                heartbeat_stale_trial_callback=fail_and_retry if heartbeat else None,
-            )
+            with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs={"connect_args": connect, "pool_pre_ping": True},
+                    heartbeat_interval=heartbeat,
+                    grace_period=2 * heartbeat if heartbeat else None,
+                    heartbeat_stale_trial_callback=fail_and_retry if heartbeat else None,
+                )
         except Exception as e:  # SQLAlchemy raises many types for bad URLs or servers
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ParameterError("storage", f"cannot open {url}: {reason}") from None
@@ -190,20 +193,19 @@ def open_study(options: SampleOptions, datasets: list[str]) -> Any:
         sampler=space.TrialSeededSampler(options.seed),
         load_if_exists=True,
     )
-    wanted = {"subset": options.subset, "datasets": ",".join(datasets)}
+    wanted = {"subset": options.subset, "datasets": ",".join(datasets), "seed": options.seed}
     existing = study.user_attrs
-    if not any(k in existing for k in STUDY_ATTRS):
-        for key, value in wanted.items():
+    for key, value in wanted.items():
+        # Key by key: workers starting together may see the study before its creator has set
+        # every attribute; the first to find one missing sets it.
+        if key not in existing:
             study.set_user_attr(key, value)
-        study.set_user_attr("seed", options.seed)
-    else:
-        for key, value in wanted.items():
-            if existing.get(key) != value:
-                raise ParameterError(
-                    key,
-                    f"campaign {options.campaign!r} was started with {key}={existing.get(key)}; "
-                    f"got {value} (use another campaign name)",
-                )
+        elif key in STUDY_ATTRS and existing[key] != value:
+            raise ParameterError(
+                key,
+                f"campaign {options.campaign!r} was started with {key}={existing[key]}; "
+                f"got {value} (use another campaign name)",
+            )
     return study
 
 
@@ -302,7 +304,6 @@ def wait_for_work(study: Any, target: int, poll: float, heartbeats: bool = True)
     trial comes back (retried) and this worker takes it. Without heartbeats (the journal file),
     trials of this host's processes that are gone are failed and retried instead.
     """
-    import warnings
 
     import optuna
 
