@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from pagecache import drop_page_cache
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -36,16 +37,6 @@ def write_published(root: Path, nets: int) -> Path:
         pub.write_net(root / "nets" / f"n{i:05d}", FIXED, pub.published_weights(conv + fc, i), n_evals=40)
         rows.append(pub.index_row(FIXED, (conv, fc), f"nets/n{i:05d}"))
     return pub.write_index(root / "nws_fixed_train.csv", rows)
-
-
-def drop_page_cache() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def numpy_read(root: Path) -> float:

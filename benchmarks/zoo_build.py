@@ -21,6 +21,7 @@ import tempfile
 import time
 
 import numpy as np
+from pagecache import drop_page_cache
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -94,15 +95,6 @@ def main() -> None:
                 zoo.gather(zoo.row_start(np.full(args.prints, i), np.arange(1, args.prints + 1)),
                            int(zoo.lengths[i]))  # fmt: skip
         return time.perf_counter() - t
-
-    def drop_page_cache() -> bool:
-        try:
-            os.sync()
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("3\n")
-            return True
-        except OSError:
-            return False
 
     variants = {"numpy": numpy_read, "first": first, "cached": lambda: cached(False),
                 "cached+read": lambda: cached(True)}  # fmt: skip
