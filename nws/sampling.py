@@ -288,13 +288,13 @@ def worker_name(pid: int | None = None) -> str:
     return f"{socket.gethostname()}:{pid or os.getpid()}"
 
 
-def trial_counts(study: Any) -> tuple[int, list[int], int]:
-    """Finished (COMPLETE) trials, the numbers of the RUNNING ones, and WAITING (queued) ones."""
+def trial_counts(study: Any) -> tuple[int, list[int], list[int]]:
+    """Finished (COMPLETE) trials, and the numbers of the RUNNING and WAITING (queued) ones."""
     states = optuna_state("COMPLETE"), optuna_state("RUNNING"), optuna_state("WAITING")
     trials = study.get_trials(deepcopy=False, states=states)
     complete = sum(t.state == states[0] for t in trials)
     running = [t.number for t in trials if t.state == states[1]]
-    return complete, running, sum(t.state == states[2] for t in trials)
+    return complete, running, [t.number for t in trials if t.state == states[2]]
 
 
 def wait_for_work(study: Any, target: int, poll: float, heartbeats: bool = True) -> bool:
@@ -354,10 +354,8 @@ def is_surplus(study: Any, number: int, target: int) -> bool:
     the running or queued trials numbered before it already make up the target (a race between
     workers that asked at the same moment, or a retry queued meanwhile; the lowest-numbered
     trials go on)."""
-    states = optuna_state("COMPLETE"), optuna_state("RUNNING"), optuna_state("WAITING")
-    trials = study.get_trials(deepcopy=False, states=states)
-    complete = sum(t.state == states[0] for t in trials)
-    return complete + sum(t.state != states[0] and t.number < number for t in trials) >= target
+    complete, running, waiting = trial_counts(study)
+    return complete + sum(n < number for n in running + waiting) >= target
 
 
 def _train_nets(
