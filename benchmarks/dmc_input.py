@@ -12,7 +12,9 @@ Run: python benchmarks/dmc_input.py [--slice-length 5000] [--steps 8] [--nets 40
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +44,7 @@ def main() -> None:
 
     configure_tensorflow(deterministic=False)
     root = Path(tempfile.mkdtemp(prefix="nws-dmc-bench-"))
+    atexit.register(shutil.rmtree, root, True)  # gigabytes: never left behind
     synthetic_store(root / "store", args.nets)
     zoo = Zoo(root / "store")
     labels = np.arange(args.nets) % 5

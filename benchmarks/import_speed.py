@@ -1,21 +1,30 @@
 """`import_nws` throughput against plain numpy.fromfile of the same files, and its peak memory.
 
 Writes N nets of the fixed architecture in the published layout (20 float64 snapshots each),
-then measures side by side: np.fromfile of every snapshot file, and the import into a fresh
-SQLite store (snapshots per second; target at least 0.5x numpy). Peak resident memory of import
-processes of growing size shows whether memory grows with the count (target: flat).
-Both with the files in the page cache (warm) and, where allowed, after dropping it (cold).
+then measures side by side: np.fromfile of every snapshot file, and `nws import_nws` into a fresh
+store (snapshots per second; target at least 0.5x numpy), for each worker count. Two rates per
+import: end to end (Python start-up, MLflow import and queries included) and steady (from the
+first net done to the last, what a 16,000-net import runs at). Both with the files in the page
+cache (warm) and, where allowed, after dropping it (cold). Peak memory is the proportional set size
+of the whole import (parent, fork server and workers together), sampled every 50 ms, for imports of
+growing size (target: flat).
 
-Run: python benchmarks/import_speed.py [--nets 100] [--workers 2] [--memory-nets 25,100]
+The store is SQLite (created before the clock starts, as a user's existing store), or with
+--postgres a private PostgreSQL server (the Debian package's binaries, as the tests use).
+
+Run: python benchmarks/import_speed.py [--nets 100] [--workers 1,2] [--memory-nets 25,100] [--postgres]
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -24,11 +33,12 @@ from pagecache import drop_page_cache
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
 FIXED = ["mnist", 0.0021, 64, 1, 0, 0, 0, 2, 5, 3, 2, 8, 128]
+PRINTS = 20
 
 
 def write_published(root: Path, nets: int) -> Path:
-    sys.path.insert(0, str(ROOT))
     from tests import published as pub
 
     conv, fc = pub.conv_fc_sizes(*FIXED[8:])
@@ -46,52 +56,128 @@ def numpy_read(root: Path) -> float:
     return time.perf_counter() - t
 
 
-def import_once(csv: Path, workers: int, limit_nets: int | None = None) -> tuple[float, int]:
-    """Seconds and peak RSS (kB) of one `nws import_nws` process into a fresh store."""
-    store = tempfile.mkdtemp(prefix="nws-import-store-")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db"}
-    if limit_nets is not None:
-        lines = csv.read_text().splitlines()
-        csv = csv.with_name(f"nws_fixed_train_{limit_nets}.csv")
-        csv.write_text("\n".join(lines[: limit_nets + 1]) + "\n")
-    code = ("import resource, sys, time; from nws.cli import main; t = time.perf_counter(); "
-            f"rc = main(['import_nws', '--csv', {str(csv)!r}, '--workers', '{workers}']); "
-            "print('SECONDS', time.perf_counter() - t); "
-            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=store, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(done.stderr[-2000:])
-    values = dict(line.split() for line in done.stdout.splitlines() if line.startswith(("SECONDS", "PEAK")))
-    return float(values["SECONDS"]), int(values["PEAK"])
+def tree_memory(pid: int) -> int:
+    """Proportional set size (shared pages split between their users, so the fork server's pages
+    count once) of pid and every process below it, in bytes (Linux /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError):
+            continue
+    tree = {pid}
+    while grown := {p for p, parent in parents.items() if parent in tree} - tree:
+        tree |= grown
+    total = 0
+    for p in tree:
+        try:
+            rollup = Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) * 1024 for line in rollup if line.startswith("Pss:")), 0)
+    return total
+
+
+class Stores:
+    """Fresh tracking stores: SQLite files, or databases of one private PostgreSQL server."""
+
+    def __init__(self, root: Path, postgres: bool):
+        self.root = root
+        self.server = None
+        if postgres:
+            from tests.conftest import Postgres
+
+            self.server = Postgres(Path(tempfile.mkdtemp(prefix="nws-postgres-")))
+
+    def fresh(self) -> tuple[str, Path]:
+        """A new store's URI, and the directory its artifacts go to (a working directory)."""
+        where = Path(tempfile.mkdtemp(prefix="store-", dir=self.root))
+        uri = self.server.database() if self.server is not None else f"sqlite:///{where}/mlflow.db"
+        create = "import mlflow; mlflow.MlflowClient().search_experiments()"
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+        subprocess.run([sys.executable, "-c", create], env=env, cwd=where, check=True, capture_output=True)
+        return uri, where
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            shutil.rmtree(self.server.root, ignore_errors=True)
+
+
+def import_once(csv: Path, workers: int, store: tuple[str, Path]) -> dict[str, float]:
+    """One `nws import_nws` process: seconds end to end, first and last net done, peak RSS."""
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nws.cli", "import_nws", "--csv", str(csv), "--workers", str(workers)],
+        env={**os.environ, "MLFLOW_TRACKING_URI": store[0]}, cwd=store[1],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    done: list[float] = []
+    tail: list[str] = []
+
+    def read() -> None:
+        for line in process.stderr:
+            if line.startswith("net "):
+                done.append(time.perf_counter() - started)
+            tail[:] = [*tail[-20:], line]
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    peak = 0
+    while process.poll() is None:
+        peak = max(peak, tree_memory(process.pid))
+        time.sleep(0.05)
+    reader.join()
+    seconds = time.perf_counter() - started
+    if process.returncode or not done:
+        raise SystemExit("".join(tail))
+    return {"seconds": seconds, "first": done[0], "last": done[-1], "nets": len(done), "peak": peak}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nets", type=int, default=100)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", default="1,2", help="comma list of worker counts")
     parser.add_argument("--memory-nets", default="25,100")
+    parser.add_argument("--postgres", action="store_true", help="a PostgreSQL store instead of SQLite")
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="nws-import-bench-"))
-    csv = write_published(root, args.nets)
-    snapshots = 20 * args.nets
-    print(
-        f"{args.nets} published nets, {snapshots} snapshots of 92,868 float64 weights, {args.workers} workers"
-    )
-    for mode in ("warm", "cold"):
-        if mode == "cold" and not drop_page_cache():
-            print("cold: cannot drop the page cache here; skipped")
-            continue
-        seconds_numpy = numpy_read(root)
-        if mode == "cold":
-            drop_page_cache()
-        seconds_import, _ = import_once(csv, args.workers)
-        rate_numpy, rate_import = snapshots / seconds_numpy, snapshots / seconds_import
-        print(f"{mode}: numpy.fromfile {rate_numpy:9.0f} snapshots/s; import {rate_import:7.0f} snapshots/s "
-              f"= {rate_import / rate_numpy:.3f}x numpy (target >= 0.5x)")  # fmt: skip
-    for count in (int(c) for c in args.memory_nets.split(",")):
-        seconds, peak = import_once(csv, args.workers, limit_nets=count)
-        print(f"importing {count * 20:5d} snapshots: peak RSS {peak / 1e3:6.0f} MB, {seconds:.1f} s")
-    print("target: peak memory flat in the number of snapshots")
+    data = Path(tempfile.mkdtemp(prefix="nws-import-bench-"))
+    atexit.register(shutil.rmtree, data, True)  # gigabytes: never left behind
+    csv = write_published(data, args.nets)
+    snapshots = PRINTS * args.nets
+    stores = Stores(data, args.postgres)
+    counts = [int(w) for w in args.workers.split(",")]
+    print(f"{args.nets} published nets, {snapshots} snapshots of 92,868 float64 weights; "
+          f"store: {'PostgreSQL' if args.postgres else 'SQLite'}")  # fmt: skip
+    try:
+        for mode in ("warm", "cold"):
+            if mode == "cold" and not drop_page_cache():
+                print("cold: cannot drop the page cache here; skipped")
+                continue
+            rate_numpy = snapshots / numpy_read(data)
+            print(f"{mode}: numpy.fromfile {rate_numpy:6.0f} snapshots/s")
+            for workers in counts:
+                store = stores.fresh()
+                if mode == "cold":
+                    drop_page_cache()
+                run = import_once(csv, workers, store)
+                total = snapshots / run["seconds"]
+                steady = PRINTS * (run["nets"] - 1) / (run["last"] - run["first"])
+                per_net = 1e3 * PRINTS / steady
+                print(f"  {workers} workers: end to end {total:4.0f} snapshots/s = {total / rate_numpy:.3f}x "
+                      f"numpy ({run['seconds']:.1f} s, first net after {run['first']:.1f} s); steady "
+                      f"{steady:4.0f} snapshots/s = {steady / rate_numpy:.3f}x numpy ({per_net:.0f} ms/net); "
+                      f"peak PSS {run['peak'] / 1e6:.0f} MB (target >= 0.5x)")  # fmt: skip
+        for count in (int(c) for c in args.memory_nets.split(",")):
+            lines = csv.read_text().splitlines()
+            part = csv.with_name(f"nws_fixed_train_{count}.csv")
+            part.write_text("\n".join(lines[: count + 1]) + "\n")
+            run = import_once(part, max(counts), stores.fresh())
+            print(f"importing {count * PRINTS:5d} snapshots with {max(counts)} workers: peak PSS "
+                  f"{run['peak'] / 1e6:5.0f} MB (all processes), {run['seconds']:.1f} s")  # fmt: skip
+        print("target: peak memory flat in the number of snapshots")
+    finally:
+        stores.close()
 
 
 if __name__ == "__main__":

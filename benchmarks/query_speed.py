@@ -10,7 +10,9 @@ Run: python benchmarks/query_speed.py [--runs 10000]
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import tempfile
 import time
 
@@ -57,6 +59,7 @@ def main() -> None:
     from nws.zoo import Selection, query_nets
 
     root = tempfile.mkdtemp(prefix="nws-query-bench-")
+    atexit.register(shutil.rmtree, root, True)  # gigabytes: never left behind
     os.chdir(root)
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     started = time.perf_counter()

@@ -14,8 +14,10 @@ Run: python benchmarks/training_overhead.py [--dataset shapes] [--epochs 8] [--r
 from __future__ import annotations
 
 import argparse
+import atexit
 import itertools
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -110,6 +112,7 @@ def main() -> None:
 
     configure_tensorflow()
     tmp = tempfile.mkdtemp(prefix="nws-bench-")
+    atexit.register(shutil.rmtree, tmp, True)  # gigabytes: never left behind
     os.chdir(tmp)  # MLflow's artifact root (./mlruns) goes there too
     mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
     config = NetConfig.parse(FIXED.format(d=args.dataset))

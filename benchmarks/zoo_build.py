@@ -16,7 +16,9 @@ Run: python benchmarks/zoo_build.py [--nets 200] [--prints 20] [--workers 8]
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import tempfile
 import time
 
@@ -62,6 +64,7 @@ def main() -> None:
     from nws.zoo import ArtifactCache, Selection, _local_path, build_zoo, query_nets
 
     root = tempfile.mkdtemp(prefix="nws-zoo-bench-")
+    atexit.register(shutil.rmtree, root, True)  # gigabytes: never left behind
     os.chdir(root)
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     started = time.perf_counter()

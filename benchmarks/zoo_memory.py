@@ -9,8 +9,10 @@ Run: python benchmarks/zoo_memory.py [--sizes-gb 0.6,6] [--slice-length 5000] [-
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -59,6 +61,7 @@ def main() -> None:
     from synthetic import N_WEIGHTS, PRINTS, store_bytes, synthetic_store
 
     root = Path(tempfile.mkdtemp(prefix="nws-mem-bench-"))
+    atexit.register(shutil.rmtree, root, True)  # gigabytes: never left behind
     per_net = PRINTS * N_WEIGHTS * 4
     for size in (float(s) for s in args.sizes_gb.split(",")):
         nets = max(1, round(size * 1e9 / per_net))

@@ -3,7 +3,8 @@
 Import turns every net of the published dataset's index CSVs into an MLflow run exactly like a
 sampled one (same params, tags, per-epoch metrics and snapshot artifacts), so `train` and
 `predict` work on published data unchanged. It streams (a few nets in memory at a time), runs in
-parallel, shows progress and resumes: a net already imported (same source path and content
+parallel worker processes (MLflow's bookkeeping per run is Python work, so threads would share
+one core), shows progress and resumes: a net already imported (same source path and content
 checksum) is skipped, and an interrupted one is imported again. A net that fails a check is
 refused with its reason; the others go on.
 
@@ -13,11 +14,21 @@ single-architecture selection in the Small CNN Zoo layout.
 
 from __future__ import annotations
 
+import functools
+import os
+import signal
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,14 +37,14 @@ import numpy as np
 import pandas as pd
 
 from nws import nws_format, tracking
-from nws.errors import ParameterError
+from nws.errors import NWSError, ParameterError
 from nws.params import at_least, param
 from nws.space import PROPERTY_NAMES, NetConfig
 from nws.zoo import Selection
 
 TAG_SOURCE = "nws.source"  # "nws-import" on imported nets
 TAG_SOURCE_PATH = "nws.source_path"
-TAG_SOURCE_SHA256 = "nws.source_sha256"
+TAG_SOURCE_CHECKSUM = "nws.source_checksum"  # xxh3-128 of the net's published files
 TAG_SOURCE_CSV = "nws.source_csv"
 IMPORT_SOURCE = "nws-import"
 FORMATS = ("nws", "cnn_zoo")
@@ -48,7 +59,7 @@ class ImportOptions:
     subset: str = param("", "fixed or main (default: from the CSV name, else main)")
     campaign: str = param("", "the nws.campaign tag of the imported nets (default: nws-<subset>)")
     prints: int = param(nws_format.PUBLISHED_PRINTS, "snapshots per net (weights/001.bin ...)")
-    workers: int = param(2, "nets imported in parallel")
+    workers: int = param(2, "worker processes importing nets in parallel (1: in this process)")
     allow_refused: bool = param(False, "exit 0 even when some nets were refused")
 
     def csv_paths(self) -> list[Path]:
@@ -77,6 +88,25 @@ class ImportJob:
     campaign: str
 
 
+@dataclass(frozen=True)
+class EarlierRun:
+    """What resuming needs to know of an earlier import of the same source directory."""
+
+    run_id: str
+    status: str
+    complete: bool
+    checksum: str
+
+
+@dataclass(frozen=True)
+class NetTask:
+    """One net for a worker: the row, its checked directory and its earlier imports."""
+
+    job: ImportJob
+    directory: Path
+    earlier: tuple[EarlierRun, ...]
+
+
 @dataclass
 class ImportSummary:
     imported: list[str] = field(default_factory=list)
@@ -101,7 +131,7 @@ def _jobs(options: ImportOptions) -> Iterator[ImportJob]:
             yield ImportJob(csv, row, root, subset, nws_format.split_of(csv), campaign)
 
 
-def _imported(experiment_id: str) -> dict[str, list[Any]]:
+def _imported(experiment_id: str) -> dict[str, list[EarlierRun]]:
     """Earlier imports in this experiment, by source path."""
     import mlflow
 
@@ -110,54 +140,60 @@ def _imported(experiment_id: str) -> dict[str, list[Any]]:
         filter_string=f"tags.`{TAG_SOURCE}` = '{IMPORT_SOURCE}'",
         output_format="list",
     )
-    found: dict[str, list[Any]] = {}
+    found: dict[str, list[EarlierRun]] = {}
     for run in runs:
-        found.setdefault(run.data.tags.get(TAG_SOURCE_PATH, ""), []).append(run)
+        tags = run.data.tags
+        found.setdefault(tags.get(TAG_SOURCE_PATH, ""), []).append(
+            EarlierRun(
+                run.info.run_id,
+                run.info.status,
+                tags.get(tracking.TAG_SNAPSHOTS) == tracking.SNAPSHOTS_COMPLETE,
+                tags.get(TAG_SOURCE_CHECKSUM, ""),
+            )
+        )
     return found
 
 
-class _Importer:
-    """Imports one net at a time per worker thread, through the thread-safe client API."""
+@dataclass(frozen=True)
+class ImportTarget:
+    """Where the nets go: all a worker process needs besides the net itself."""
 
-    def __init__(self, experiment_id: str, parent_id: str, earlier: dict[str, list[Any]], prints: int):
+    tracking_uri: str
+    experiment_id: str
+    parent_id: str
+    prints: int
+
+
+class _Importer:
+    """Imports one net at a time, through MLflow's client API (one per worker)."""
+
+    def __init__(self, target: ImportTarget):
         from mlflow import MlflowClient
 
-        self.client = MlflowClient()
-        self.experiment_id = experiment_id
-        self.parent_id = parent_id
-        self.earlier = earlier
-        self.prints = prints
-        self.claimed: set[tuple[str, str]] = set()
-        self.lock = threading.Lock()
+        self.client = MlflowClient(tracking_uri=target.tracking_uri)
+        self.experiment_id = target.experiment_id
+        self.parent_id = target.parent_id
+        self.prints = target.prints
 
-    def run(self, job: ImportJob) -> tuple[str, str]:
-        """("imported" | "skipped", run id or reason) or ("refused", reason)."""
+    def run(self, task: NetTask) -> tuple[str, str]:
+        """("imported" | "skipped", run id) or ("refused", reason)."""
         try:
-            directory = nws_format.resolve_inside(job.root, str(job.row["path"]))
-            net = nws_format.read_net(directory, job.row, self.prints)
+            net = nws_format.read_net(task.directory, task.job.row, self.prints)
         except nws_format.Refused as reason:
             return "refused", str(reason)
-        key = (str(directory), net.checksum)
-        with self.lock:
-            if key in self.claimed:
-                return "skipped", "listed twice"
-            self.claimed.add(key)
-        runs = self.earlier.get(str(directory), [])
-        for run in runs:
-            done = run.info.status == "FINISHED" and run.data.tags.get(tracking.TAG_SNAPSHOTS) == "complete"
-            if done and run.data.tags.get(TAG_SOURCE_SHA256) == net.checksum:
-                return "skipped", run.info.run_id
-        run_id = self._write(job, directory, net)
-        for run in runs:  # an interrupted earlier attempt: mark it as replaced
-            if run.info.status == "RUNNING":
+        for run in task.earlier:
+            if run.status == "FINISHED" and run.complete and run.checksum == net.checksum:
+                return "skipped", run.run_id
+        run_id = self._write(task.job, task.directory, net)
+        for run in task.earlier:  # an interrupted earlier attempt: mark it as replaced
+            if run.status == "RUNNING":
                 self.client.set_tag(
-                    run.info.run_id, tracking.TAG_FAILURE, f"interrupted; imported again as {run_id}"
+                    run.run_id, tracking.TAG_FAILURE, f"interrupted; imported again as {run_id}"
                 )
-                self.client.set_terminated(run.info.run_id, "FAILED")
+                self.client.set_terminated(run.run_id, "FAILED")
         return "imported", run_id
 
     def _write(self, job: ImportJob, directory: Path, net: nws_format.PublishedNet) -> str:
-        from mlflow.entities import Param
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         from nws.snapshots import layout_document, weight_layout
@@ -171,7 +207,7 @@ class _Importer:
             tracking.TAG_CAMPAIGN: job.campaign,
             TAG_SOURCE: IMPORT_SOURCE,
             TAG_SOURCE_PATH: str(directory),
-            TAG_SOURCE_SHA256: net.checksum,
+            TAG_SOURCE_CHECKSUM: net.checksum,
             TAG_SOURCE_CSV: job.csv.name,
         }
         if job.split:
@@ -182,9 +218,6 @@ class _Importer:
             history = nws_format.history_from_errors(net.errors)
             rows = nws_format.snapshot_rows(len(history), self.prints)
             snapshots = [{"snapshot": k + 1, **history[i]} for k, i in enumerate(rows)]
-            params = {**net.config.as_params(), "prints": self.prints, "source": source}
-            self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-            tracking.log_history(self.client, run_id, history)
             tracking.write_net_result(
                 self.client,
                 run_id,
@@ -200,6 +233,8 @@ class _Importer:
                 },
                 {},
                 curve=False,
+                params={**net.config.as_params(), "prints": self.prints, "source": source},
+                epoch_metrics=True,
             )
         except BaseException as error:
             self.client.set_tag(run_id, tracking.TAG_FAILURE, f"{type(error).__name__}: {error}"[:500])
@@ -209,63 +244,150 @@ class _Importer:
         return run_id
 
 
-def _bounded(
-    pool: ThreadPoolExecutor, work: Any, jobs: Iterator[ImportJob], limit: int
-) -> Iterator[tuple[ImportJob, Future]]:
-    """Submit jobs as earlier ones finish, so only `limit` nets are ever in memory."""
-    pending: dict[Future, ImportJob] = {}
+_IMPORTERS: dict[ImportTarget, _Importer] = {}  # per process: its importer, made on first use
+
+
+def _import_net(target: ImportTarget, task: NetTask) -> tuple[str, str]:
+    importer = _IMPORTERS.get(target)
+    if importer is None:
+        importer = _IMPORTERS[target] = _Importer(target)
+    return importer.run(task)
+
+
+def _start_worker() -> None:
+    """A worker process leaves Ctrl-C to the parent (which stops handing out nets while each
+    worker finishes the one it is writing), and ends the moment the parent dies, even by
+    SIGKILL: no orphan finishes a net after its import was killed; that net's run stays RUNNING
+    and a resumed import replaces it."""
+    import multiprocessing
+    import threading
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), name="nws-exit-with-parent", daemon=True).start()
+
+
+def _exit_with(parent: Any) -> None:
+    from multiprocessing.connection import wait as wait_for
+
+    wait_for([parent.sentinel])  # ready when the parent's end of the pipe closes: it is gone
+    os._exit(1)
+
+
+def _worker_pool(workers: int) -> Executor:
+    """One worker: a thread of this process (nothing to start). More: worker processes, since
+    MLflow's bookkeeping of a run is Python work that threads would run on one core. They fork
+    from a server that imports MLflow once, and it starts now, while this process queries MLflow.
+    """
+    import multiprocessing
+    import multiprocessing.forkserver
+
+    if workers == 1:
+        return ThreadPoolExecutor(max_workers=1)
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["mlflow", "nws.interop"])
+        multiprocessing.forkserver.ensure_running()
+    else:  # plain fork would share this process's MLflow database connections
+        context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_start_worker)
+
+
+def _tasks(
+    jobs: list[ImportJob], earlier: dict[str, list[EarlierRun]]
+) -> Iterator[tuple[ImportJob, NetTask | str]]:
+    """Each job with its task, or with the reason it is refused or skipped before any reading."""
+    seen: set[Path] = set()
     for job in jobs:
-        pending[pool.submit(work, job)] = job
+        try:
+            directory = nws_format.resolve_inside(job.root, str(job.row["path"]))
+        except nws_format.Refused as reason:
+            yield job, f"refused: {reason}"
+            continue
+        if directory in seen:
+            yield job, "skipped: listed twice"
+            continue
+        seen.add(directory)
+        yield job, NetTask(job, directory, tuple(earlier.get(str(directory), ())))
+
+
+def _bounded(
+    pool: Executor, work: Any, tasks: Iterator[tuple[ImportJob, NetTask | str]], limit: int
+) -> Iterator[tuple[ImportJob, tuple[str, str]]]:
+    """Each job's outcome, submitting nets as earlier ones finish, so only `limit` are ever in
+    flight (in memory)."""
+    pending: dict[Future, ImportJob] = {}
+
+    def finished(futures: Any) -> Iterator[tuple[ImportJob, tuple[str, str]]]:
+        for future in futures:
+            yield pending.pop(future), future.result()
+
+    for job, task in tasks:
+        if isinstance(task, str):
+            outcome, _, detail = task.partition(": ")
+            yield job, (outcome, detail)
+            continue
+        pending[pool.submit(work, task)] = job
         if len(pending) >= limit:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                yield pending.pop(future), future
-    for future in list(pending):
-        yield pending.pop(future), future
+            yield from finished(done)
+    while pending:
+        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        yield from finished(done)
 
 
 def run_import(options: ImportOptions) -> ImportSummary:
     import mlflow
 
-    from nws.progress import Progress
-
     jobs = list(_jobs(options))
+    pool = _worker_pool(options.workers)
     owns_run = mlflow.active_run() is None
-    parent = mlflow.active_run() or mlflow.start_run(run_name="import-nws")
-    mlflow.set_tags({tracking.TAG_ROLE: "import"})
-    existing = mlflow.get_run(parent.info.run_id).data.params
-    mlflow.log_params({k: v for k, v in asdict(options).items() if k not in existing})
-    importer = _Importer(parent.info.experiment_id, parent.info.run_id,
-                         _imported(parent.info.experiment_id), options.prints)  # fmt: skip
-    summary = ImportSummary(run_id=parent.info.run_id)
-    progress = Progress(len(jobs))
     try:
-        with ThreadPoolExecutor(max_workers=options.workers) as pool:
-            for index, (job, future) in enumerate(
-                _bounded(pool, importer.run, iter(jobs), 2 * options.workers), 1
-            ):
-                outcome, detail = future.result()
-                where = f"{job.csv.name}: {job.row.get('path')}"
-                if outcome == "refused":
-                    summary.refused.append(
-                        {"csv": str(job.csv), "path": str(job.row.get("path")), "reason": detail}
-                    )
-                    progress.end_net(f"net {index}/{len(jobs)} refused: {where}: {detail}")
-                else:
-                    getattr(summary, outcome).append(detail)
-                    progress.end_net(f"net {index}/{len(jobs)} {outcome}: {where} ({detail})")
+        parent = mlflow.active_run() or mlflow.start_run(run_name="import-nws")
+        mlflow.set_tags({tracking.TAG_ROLE: "import"})
+        existing = mlflow.get_run(parent.info.run_id).data.params
+        mlflow.log_params({k: v for k, v in asdict(options).items() if k not in existing})
+        target = ImportTarget(mlflow.get_tracking_uri(), parent.info.experiment_id, parent.info.run_id,
+                              options.prints)  # fmt: skip
+        summary = _import_all(pool, target, jobs, 2 * options.workers)
         mlflow.log_metrics({"imported": len(summary.imported), "skipped": len(summary.skipped),
                             "refused": len(summary.refused)})  # fmt: skip
         refusals = pd.DataFrame(summary.refused, columns=["csv", "path", "reason"])
         mlflow.log_text(refusals.to_csv(index=False), "refusals.csv")
     except BaseException as error:
-        progress.close()
-        if owns_run:
+        pool.shutdown(wait=True, cancel_futures=True)  # the nets being written are finished
+        if owns_run and mlflow.active_run():
             mlflow.end_run("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        if isinstance(error, BrokenProcessPool):
+            raise NWSError(f"an import worker process died ({error}); import again to resume") from None
         raise
-    progress.close()
+    pool.shutdown()
     if owns_run:
         mlflow.end_run()
+    return summary
+
+
+def _import_all(pool: Executor, target: ImportTarget, jobs: list[ImportJob], in_flight: int) -> ImportSummary:
+    from nws.progress import Progress
+
+    summary = ImportSummary(run_id=target.parent_id)
+    progress = Progress(len(jobs))
+    tasks = _tasks(jobs, _imported(target.experiment_id))
+    work = functools.partial(_import_net, target)
+    try:
+        for index, (job, (outcome, detail)) in enumerate(_bounded(pool, work, tasks, in_flight), 1):
+            where = f"{job.csv.name}: {job.row.get('path')}"
+            if outcome == "refused":
+                summary.refused.append(
+                    {"csv": str(job.csv), "path": str(job.row.get("path")), "reason": detail}
+                )
+                progress.end_net(f"net {index}/{len(jobs)} refused: {where}: {detail}")
+            else:
+                getattr(summary, outcome).append(detail)
+                progress.end_net(f"net {index}/{len(jobs)} {outcome}: {where} ({detail})")
+    finally:
+        progress.close()
     return summary
 
 

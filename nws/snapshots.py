@@ -207,19 +207,30 @@ class SnapshotRecorder:
     evaluations: list[dict[str, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        fd, self.path = tempfile.mkstemp(prefix="nws-snapshots-", suffix=".f32", dir=self.directory)
-        self._file = os.fdopen(fd, "wb")
+        fd, path = tempfile.mkstemp(prefix="nws-snapshots-", suffix=".f32", dir=self.directory)
+        self._file = os.fdopen(fd, "w+b")
+        try:  # POSIX: the open file outlives its name, and vanishes even if the process is killed
+            os.unlink(path)
+            self._path: str | None = None
+        except OSError:  # Windows: removed in close()
+            self._path = path
 
     def record(self, model: Any, epoch: int, metrics: Mapping[str, float]) -> None:
         self._file.write(flatten(model, self.layout).tobytes())
         self.evaluations.append({"epoch": epoch, **{k: float(v) for k, v in metrics.items()}})
+
+    @property
+    def size(self) -> int:
+        """Bytes recorded so far."""
+        self._file.flush()
+        return os.fstat(self._file.fileno()).st_size
 
     def select(self, prints: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """The [prints, n_weights] float32 array and, per row, its evaluation's record."""
         self._file.flush()
         n = len(self.evaluations)
         picks = select_prints(n, prints)
-        stored = np.memmap(self.path, dtype=np.float32, mode="r", shape=(n, self.layout.n_weights))
+        stored = np.memmap(self._file, dtype=np.float32, mode="r", shape=(n, self.layout.n_weights))
         weights = np.array(stored[picks - 1])
         del stored
         rows = [{"snapshot": k + 1, **self.evaluations[i - 1]} for k, i in enumerate(picks)]
@@ -228,8 +239,8 @@ class SnapshotRecorder:
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
-        if os.path.exists(self.path):
-            os.unlink(self.path)
+        if self._path is not None and os.path.exists(self._path):
+            os.unlink(self._path)
 
     def __enter__(self) -> SnapshotRecorder:
         return self

@@ -12,7 +12,7 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -147,15 +147,19 @@ def write_net_result(
     final_metrics: Mapping[str, float],
     tags: Mapping[str, str],
     curve: bool = True,
+    params: Mapping[str, Any] | None = None,
+    epoch_metrics: bool = False,
 ) -> None:
-    """Upload a finished net's artifacts, then, in one batch, its final metrics, tags and the
-    completion tag.
+    """Upload a finished net's artifacts, then its final metrics, tags and the completion tag
+    (MLflow writes a batch's tags after its params and metrics, so the tag comes last).
 
     Works on any run through the client (thread-safe), so importers can write many at once.
-    `curve=False` leaves out the training-curve picture (the slowest part, for bulk imports).
+    `curve=False` leaves out the training-curve picture; `params` and `epoch_metrics` (the
+    history as per-epoch metrics) ride in the same batches: a bulk import writes a net in as few
+    database round trips as MLflow allows.
     """
     import pandas as pd
-    from mlflow.entities import Metric, RunTag
+    from mlflow.entities import Metric, Param, RunTag
 
     with tempfile.TemporaryDirectory(prefix="nws-artifacts-") as tmp:
         root = Path(tmp)
@@ -172,28 +176,44 @@ def write_net_result(
         **tags,
         TAG_WEIGHTS_DIGEST: weights_digest(weights),
         TAG_WEIGHTS_SHAPE: "x".join(str(n) for n in weights.shape),
-        TAG_SNAPSHOTS: SNAPSHOTS_COMPLETE,  # in the same transaction, after every artifact
+        TAG_SNAPSHOTS: SNAPSHOTS_COMPLETE,
     }
-    client.log_batch(
-        run_id,
-        metrics=[Metric(k, float(v), now, 0) for k, v in final_metrics.items()],
-        tags=[RunTag(k, str(v)) for k, v in all_tags.items()],
-    )
+    metrics = _history_metrics(history, now) if epoch_metrics else []
+    metrics += [Metric(k, float(v), now, 0) for k, v in final_metrics.items()]
+    for batch in _batches(
+        metrics,
+        [Param(k, str(v)) for k, v in (params or {}).items()],
+        [RunTag(k, str(v)) for k, v in all_tags.items()],
+    ):
+        client.log_batch(run_id, **batch)
 
 
-def log_history(client: Any, run_id: str, history: list[dict[str, float]]) -> None:
-    """Per-epoch metrics of a whole history at once (step = epoch), in batches MLflow accepts."""
+def _history_metrics(history: list[dict[str, float]], timestamp: int) -> list[Any]:
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
-    metrics = [
-        Metric(name, float(row[name]), now, int(row["epoch"]))
+    return [
+        Metric(name, float(row[name]), timestamp, int(row["epoch"]))
         for row in history
         for name in EPOCH_METRICS
         if name in row and math.isfinite(float(row[name]))
     ]
-    for start in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+
+def _batches(metrics: list[Any], params: list[Any], tags: list[Any]) -> Iterator[dict[str, list[Any]]]:
+    """MLflow's batch limits, with params and tags (the completion tag) in the last batch."""
+    from mlflow.utils.validation import (
+        MAX_ENTITIES_PER_BATCH,
+        MAX_METRICS_PER_BATCH,
+        MAX_PARAMS_TAGS_PER_BATCH,
+    )
+
+    if len(params) > MAX_PARAMS_TAGS_PER_BATCH or len(tags) > MAX_PARAMS_TAGS_PER_BATCH:
+        raise ValueError("more params or tags than one MLflow batch holds")
+    room = min(MAX_METRICS_PER_BATCH, MAX_ENTITIES_PER_BATCH - len(params) - len(tags))
+    lead = max(0, len(metrics) - room)
+    for start in range(0, lead, MAX_METRICS_PER_BATCH):
+        yield {"metrics": metrics[start : min(start + MAX_METRICS_PER_BATCH, lead)]}
+    yield {"metrics": metrics[lead:], "params": params, "tags": tags}
 
 
 def training_curve_png(history: Any) -> bytes:

@@ -200,20 +200,48 @@ def finished_count(db) -> int:
         return 0
 
 
+def process_state(pid: int) -> tuple[str, int]:
+    """A process's state letter and parent pid (Linux /proc); ("", 0) when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return "", 0
+    return fields[0], int(fields[1])
+
+
+def alive(pid: int) -> bool:
+    return process_state(pid)[0] not in ("", "Z")
+
+
+def descendants(pid: int) -> set[int]:
+    parents = {int(p.name): process_state(int(p.name))[1] for p in Path("/proc").glob("[0-9]*")}
+    found: set[int] = set()
+    while grown := {child for child, parent in parents.items() if parent in found | {pid}} - found:
+        found |= grown
+    return found
+
+
 def test_an_interrupted_import_resumes_and_finishes(tracking_uri, two_inits, tmp_path):
+    """Killed (SIGKILL) mid-import, worker processes included; the next call finishes the job."""
     csvs = f"{two_inits['train']},{two_inits['test']}"
     db = tmp_path / "mlflow.db"
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "entrypoints.import_nws", "--csv", csvs, "--workers", "1"],
+    importer = subprocess.Popen(
+        [sys.executable, "-m", "entrypoints.import_nws", "--csv", csvs, "--workers", "2"],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 120
-    while finished_count(db) < 2 and time.monotonic() < deadline and worker.poll() is None:
+    while finished_count(db) < 2 and time.monotonic() < deadline and importer.poll() is None:
         time.sleep(0.05)
-    worker.send_signal(signal.SIGKILL)
-    worker.wait()
+    workers = descendants(importer.pid)
+    assert len(workers) >= 3, "a fork server and two worker processes"
+    importer.send_signal(signal.SIGKILL)
+    importer.wait()
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in workers), "worker processes outlived the killed import"
     done_before = finished_count(db)
     assert 2 <= done_before < 10, "the kill should land mid-import"
     code, out, _ = run_cli("import_nws", "--csv", csvs)

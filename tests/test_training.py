@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 
 import numpy as np
 import pytest
@@ -87,7 +86,7 @@ def train_tiny(data, seed, config=TINY, epochs=3, observers=(), mixed_precision=
     layout = weight_layout(config)
     with SnapshotRecorder(layout) as recorder:
         result = train_net(config, data, seed, settings, [recorder.record, *observers])
-        size = os.path.getsize(recorder.path)
+        size = recorder.size
         weights, rows = recorder.select(4)
     return result, weights, rows, size
 
@@ -156,3 +155,18 @@ def test_mixed_precision_trains_and_snapshots_stay_float32(tiny_data):
     assert weights.dtype == np.float32 and np.isfinite(weights).all()
     assert weights.shape == (4, weight_layout(TINY).n_weights)
     assert all(np.isfinite(h["loss"]) for h in result.history)
+
+
+def test_the_snapshot_file_has_no_name_so_a_killed_trainer_leaves_nothing(tmp_path):
+    from nws.cnn import build_model
+    from nws.snapshots import flatten
+
+    layout, model = weight_layout(TINY), build_model(TINY)
+    with SnapshotRecorder(layout, directory=str(tmp_path)) as recorder:
+        recorder.record(model, 0, {"valid_accuracy": 0.5})
+        recorder.record(model, 1, {"valid_accuracy": 0.6})
+        assert list(tmp_path.iterdir()) == []
+        assert recorder.size == 2 * 4 * layout.n_weights
+        weights, rows = recorder.select(2)
+    np.testing.assert_array_equal(weights[1], flatten(model, layout))
+    assert [r["valid_accuracy"] for r in rows] == [0.5, 0.6]
