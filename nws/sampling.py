@@ -297,6 +297,30 @@ def trial_counts(study: Any) -> tuple[int, list[int], list[int]]:
     return complete, running, [t.number for t in trials if t.state == states[2]]
 
 
+def trial_failed(study: Any, number: int) -> bool:
+    """Whether trial `number` is FAIL: another worker judged its worker dead (missed heartbeats,
+    e.g. a suspended process) and retried it; a result of its worker must then not count."""
+    failed = study.get_trials(deepcopy=False, states=(optuna_state("FAIL"),))
+    return any(t.number == number for t in failed)
+
+
+def drop_taken_over(run_id: str, summary: CampaignSummary) -> None:
+    """A net whose trial was failed while its result was being written: its run must not be
+    selected as finished, since the retried trial trains the configuration again."""
+    from mlflow import MlflowClient
+
+    from nws import tracking
+
+    client = MlflowClient()
+    client.set_tag(run_id, tracking.TAG_FAILURE, TAKEN_OVER)
+    client.set_terminated(run_id, "FAILED")
+    if run_id in summary.finished:
+        summary.finished.remove(run_id)
+    if run_id not in summary.failed:
+        summary.failed.append(run_id)
+    print(f"run {run_id} {TAKEN_OVER}", file=sys.stderr)
+
+
 def wait_for_work(study: Any, target: int, poll: float, heartbeats: bool = True) -> bool:
     """False once the campaign holds `target` finished nets; True when a net is to be trained.
 
@@ -376,6 +400,7 @@ def _train_nets(
     worker = worker_name()
     poll = min(5.0, options.heartbeat / 2)
     index = 0
+    current: dict[str, Any] = {}  # the trial being trained, and its MLflow run
 
     def objective(trial: Any) -> float:
         trial.set_user_attr("worker", worker)  # first: a retry inherits the dead worker's name
@@ -385,10 +410,17 @@ def _train_nets(
         net = NetJob(options, settings, trial.number, config, datasets, environment)
         progress.start_net(index, net.label, settings.max_epochs)
         trial.set_user_attr("seed", net.seed)
-        outcome = net.run(
-            observers=[progress.epoch], on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id)
-        )
+
+        def on_start(run_id: str) -> None:
+            current["trial"], current["run_id"] = trial.number, run_id
+            trial.set_user_attr("mlflow_run_id", run_id)
+
+        outcome = net.run(observers=[progress.epoch], on_start=on_start,
+                          still_ours=lambda: not trial_failed(study, trial.number))  # fmt: skip
         progress.end_net(outcome.line(index, total))
+        if outcome.failure == TAKEN_OVER or (outcome.finished and trial_failed(study, trial.number)):
+            drop_taken_over(outcome.run_id, summary)
+            raise optuna.TrialPruned(TAKEN_OVER)  # the trial is FAIL already: nothing to tell
         if not outcome.finished:
             trial.set_user_attr("failure", outcome.failure)
             summary.failed.append(outcome.run_id)
@@ -406,8 +438,16 @@ def _train_nets(
             if replay is not None:
                 study.enqueue_trial(replay.as_dict())
             index += 1
-            # One trial per call: Optuna runs the heartbeat thread and fails stale trials first.
-            study.optimize(objective, n_trials=1, gc_after_trial=False)
+            current.clear()
+            try:
+                # One trial per call: Optuna runs the heartbeat thread and fails stale trials first.
+                study.optimize(objective, n_trials=1, gc_after_trial=False)
+            except (ValueError, AssertionError):
+                # What Optuna's optimize raises when it cannot tell a trial that another worker
+                # failed meanwhile (its objective may have checked a moment before).
+                if "trial" not in current or not trial_failed(study, current["trial"]):
+                    raise
+                drop_taken_over(current["run_id"], summary)
     finally:
         progress.close()
 
@@ -416,6 +456,9 @@ def optuna_state(name: str) -> Any:
     import optuna
 
     return getattr(optuna.trial.TrialState, name)
+
+
+TAKEN_OVER = "taken over: judged dead (missed heartbeats), its trial was retried elsewhere"
 
 
 @dataclass
@@ -482,7 +525,14 @@ class NetJob:
             **sizes,
         }
 
-    def run(self, observers: list[Any], on_start: Callable[[str], None] | None = None) -> NetOutcome:
+    def run(
+        self,
+        observers: list[Any],
+        on_start: Callable[[str], None] | None = None,
+        still_ours: Callable[[], bool] | None = None,
+    ) -> NetOutcome:
+        """Train the net in its own MLflow run. `still_ours` is asked before the result is
+        written: False (the trial was given to another worker) ends the run FAILED instead."""
         from nws import tracking
         from nws.data import load_images, split_for_net
         from nws.snapshots import SnapshotRecorder, layout_document, weight_layout
@@ -514,6 +564,9 @@ class NetJob:
                     tracking.end_run("FAILED", {tracking.TAG_FAILURE: f"nan_loss: {diverged}"})
                     return NetOutcome(run_id, False, epochs=diverged.epoch, failure=str(diverged))
                 weights, snapshots = recorder.select(o.prints)
+            if still_ours is not None and not still_ours():
+                tracking.end_run("FAILED", {tracking.TAG_FAILURE: TAKEN_OVER})
+                return NetOutcome(run_id, False, epochs=result.epochs, failure=TAKEN_OVER)
             final = result.history[-1]
             tracking.log_net_result(
                 weights,

@@ -91,6 +91,18 @@ def net_runs(client, campaign: str, status: str = "") -> list:
     return client.search_runs(experiments, condition, max_results=1000)
 
 
+def mid_net(storage: str, campaign: str, pid: int, tracking_uri: str) -> bool:
+    """Whether the worker with this pid has trained an epoch of a net that is not done."""
+    from mlflow import MlflowClient
+
+    for trial in campaign_trials(storage, campaign):
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        mine = trial.user_attrs.get("worker", "").endswith(f":{pid}")
+        if trial.state.name == "RUNNING" and mine and run_id:
+            return bool(MlflowClient(tracking_uri).get_metric_history(run_id, "train_accuracy"))
+    return False
+
+
 @pytest.fixture
 def servers(postgres, mlflow_server, tmp_path):
     """PostgreSQL (the Optuna study's database is made per test) and the session's mlflow server
@@ -146,7 +158,6 @@ def test_three_workers_reach_the_target_exactly_through_a_tracking_server_restar
 
 
 def test_a_worker_killed_mid_net_is_detected_and_its_net_retried(servers, client):
-    from mlflow import MlflowClient
 
     from nws.zoo import Selection, query_nets
 
@@ -158,15 +169,9 @@ def test_a_worker_killed_mid_net_is_detected_and_its_net_retried(servers, client
     doomed = sample(*args, tracking_uri=server.url, cwd=root)
     survivor = sample(*args, tracking_uri=server.url, cwd=root)
 
-    def doomed_is_mid_net() -> bool:  # its net has trained an epoch and is not done
-        for trial in campaign_trials(storage, "kill"):
-            run_id = trial.user_attrs.get("mlflow_run_id")
-            mine = trial.user_attrs.get("worker", "").endswith(f":{doomed.pid}")
-            if trial.state.name == "RUNNING" and mine and run_id:
-                return bool(MlflowClient(server.url).get_metric_history(run_id, "train_accuracy"))
-        return False
-
-    wait_until(doomed_is_mid_net, 180, "the doomed worker to be mid-net", doomed)
+    wait_until(
+        lambda: mid_net(storage, "kill", doomed.pid, server.url), 180, "the doomed to be mid-net", doomed
+    )
     doomed.send_signal(signal.SIGKILL)
     doomed.wait()
     output = finish(survivor)
@@ -192,6 +197,48 @@ def test_a_worker_killed_mid_net_is_detected_and_its_net_retried(servers, client
     selected = query_nets(Selection(filter="tags.`nws.campaign` = 'kill'"))
     assert len(selected) == target
     assert killed_run.info.run_id not in set(selected["run_id"])
+
+
+def test_a_worker_judged_dead_while_suspended_drops_its_net_when_it_wakes(servers, client):
+    """A live worker that missed its heartbeats (suspended) has its trial failed and retried by
+    another; when it wakes and finishes that net, the net is not counted: the campaign still
+    ends with exactly `target` finished nets, and both workers exit cleanly."""
+    postgres, server, root = servers
+    storage = postgres.database("optuna_stop")
+    target = 2
+    args = ["--target", str(target), "--storage", storage, "--campaign", "stop", "--heartbeat", "1",
+            "--max-epochs", "3", "--min-epochs", "3", "--max-train-images", "256"]  # fmt: skip
+    sleeper = sample(*args, tracking_uri=server.url, cwd=root)
+    survivor = sample(*args, tracking_uri=server.url, cwd=root)
+    wait_until(lambda: mid_net(storage, "stop", sleeper.pid, server.url), 180, "the sleeper to be mid-net",
+               sleeper)  # fmt: skip
+    sleeper.send_signal(signal.SIGSTOP)
+
+    def sleepers_trial_failed() -> bool:
+        return any(t.state.name == "FAIL" and t.user_attrs.get("worker", "").endswith(f":{sleeper.pid}")
+                   for t in campaign_trials(storage, "stop"))  # fmt: skip
+
+    try:
+        wait_until(sleepers_trial_failed, 120, "the suspended worker's trial to be failed as stale")
+    finally:
+        sleeper.send_signal(signal.SIGCONT)
+    outputs = finish(sleeper), finish(survivor)
+    assert (sleeper.returncode, survivor.returncode) == (0, 0), "\n".join(o[-2000:] for o in outputs)
+    assert "taken over" in outputs[0]
+
+    trials = load_study(storage, "stop").get_trials(deepcopy=False)
+    stale = [
+        t
+        for t in trials
+        if t.state.name == "FAIL" and t.user_attrs.get("worker", "").endswith(f":{sleeper.pid}")
+    ]
+    run = client.get_run(stale[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["nws.failure"].startswith("taken over")
+    assert sum(t.state.name == "COMPLETE" for t in trials) == target
+    finished = net_runs(client, "stop", "FINISHED")
+    assert len(finished) == target
+    assert run.info.run_id not in {r.info.run_id for r in finished}
 
 
 def test_journal_campaign_stopped_and_resumed_ends_at_the_target(tmp_path, monkeypatch):
