@@ -103,6 +103,22 @@ def mid_net(storage: str, campaign: str, pid: int, tracking_uri: str) -> bool:
     return False
 
 
+def victim_and_survivor(
+    servers, campaign: str, target: int
+) -> tuple[str, subprocess.Popen, subprocess.Popen]:
+    """Two workers on one campaign (heartbeat 1 s, nets of 3 epochs); returns once the first,
+    the victim, is mid-net. The Optuna storage is a new PostgreSQL database."""
+    postgres, server, root = servers
+    storage = postgres.database(f"optuna_{campaign}")
+    args = ["--target", str(target), "--storage", storage, "--campaign", campaign, "--heartbeat", "1",
+            "--max-epochs", "3", "--min-epochs", "3", "--max-train-images", "256"]  # fmt: skip
+    victim = sample(*args, tracking_uri=server.url, cwd=root)
+    survivor = sample(*args, tracking_uri=server.url, cwd=root)
+    wait_until(lambda: mid_net(storage, campaign, victim.pid, server.url), 180, "the victim to be mid-net",
+               victim)  # fmt: skip
+    return storage, victim, survivor
+
+
 @pytest.fixture
 def servers(postgres, mlflow_server, tmp_path):
     """PostgreSQL (the Optuna study's database is made per test) and the session's mlflow server
@@ -161,17 +177,8 @@ def test_a_worker_killed_mid_net_is_detected_and_its_net_retried(servers, client
 
     from nws.zoo import Selection, query_nets
 
-    postgres, server, root = servers
-    storage = postgres.database("optuna_kill")
     target = 2
-    args = ["--target", str(target), "--storage", storage, "--campaign", "kill", "--heartbeat", "1",
-            "--max-epochs", "3", "--min-epochs", "3", "--max-train-images", "256"]  # fmt: skip
-    doomed = sample(*args, tracking_uri=server.url, cwd=root)
-    survivor = sample(*args, tracking_uri=server.url, cwd=root)
-
-    wait_until(
-        lambda: mid_net(storage, "kill", doomed.pid, server.url), 180, "the doomed to be mid-net", doomed
-    )
+    storage, doomed, survivor = victim_and_survivor(servers, "kill", target)
     doomed.send_signal(signal.SIGKILL)
     doomed.wait()
     output = finish(survivor)
@@ -203,15 +210,8 @@ def test_a_worker_judged_dead_while_suspended_drops_its_net_when_it_wakes(server
     """A live worker that missed its heartbeats (suspended) has its trial failed and retried by
     another; when it wakes and finishes that net, the net is not counted: the campaign still
     ends with exactly `target` finished nets, and both workers exit cleanly."""
-    postgres, server, root = servers
-    storage = postgres.database("optuna_stop")
     target = 2
-    args = ["--target", str(target), "--storage", storage, "--campaign", "stop", "--heartbeat", "1",
-            "--max-epochs", "3", "--min-epochs", "3", "--max-train-images", "256"]  # fmt: skip
-    sleeper = sample(*args, tracking_uri=server.url, cwd=root)
-    survivor = sample(*args, tracking_uri=server.url, cwd=root)
-    wait_until(lambda: mid_net(storage, "stop", sleeper.pid, server.url), 180, "the sleeper to be mid-net",
-               sleeper)  # fmt: skip
+    storage, sleeper, survivor = victim_and_survivor(servers, "stop", target)
     sleeper.send_signal(signal.SIGSTOP)
 
     def sleepers_trial_failed() -> bool:
