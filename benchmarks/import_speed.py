@@ -59,17 +59,10 @@ def numpy_read(root: Path) -> float:
 def tree_memory(pid: int) -> int:
     """Proportional set size (shared pages split between their users, so the fork server's pages
     count once) of pid and every process below it, in bytes (Linux /proc)."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError):
-            continue
-    tree = {pid}
-    while grown := {p for p, parent in parents.items() if parent in tree} - tree:
-        tree |= grown
+    from tests.processes import descendants
+
     total = 0
-    for p in tree:
+    for p in {pid} | descendants(pid):
         try:
             rollup = Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()
         except OSError:

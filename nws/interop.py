@@ -171,14 +171,12 @@ class _Importer:
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri=target.tracking_uri)
-        self.experiment_id = target.experiment_id
-        self.parent_id = target.parent_id
-        self.prints = target.prints
+        self.target = target
 
     def run(self, task: NetTask) -> tuple[str, str]:
         """("imported" | "skipped", run id) or ("refused", reason)."""
         try:
-            net = nws_format.read_net(task.directory, task.job.row, self.prints)
+            net = nws_format.read_net(task.directory, task.job.row, self.target.prints)
         except nws_format.Refused as reason:
             return "refused", str(reason)
         for run in task.earlier:
@@ -201,7 +199,7 @@ class _Importer:
         layout = weight_layout(net.config)
         source = nws_format.relative_path(directory, job.root.resolve())
         tags = {
-            MLFLOW_PARENT_RUN_ID: self.parent_id,
+            MLFLOW_PARENT_RUN_ID: self.target.parent_id,
             tracking.TAG_ROLE: "net",
             tracking.TAG_SUBSET: job.subset,
             tracking.TAG_CAMPAIGN: job.campaign,
@@ -212,11 +210,13 @@ class _Importer:
         }
         if job.split:
             tags[tracking.TAG_SPLIT] = job.split
-        run = self.client.create_run(self.experiment_id, run_name=f"nws-{job.subset}-{source}", tags=tags)
+        run = self.client.create_run(
+            self.target.experiment_id, run_name=f"nws-{job.subset}-{source}", tags=tags
+        )
         run_id = run.info.run_id
         try:
             history = nws_format.history_from_errors(net.errors)
-            rows = nws_format.snapshot_rows(len(history), self.prints)
+            rows = nws_format.snapshot_rows(len(history), self.target.prints)
             snapshots = [{"snapshot": k + 1, **history[i]} for k, i in enumerate(rows)]
             tracking.write_net_result(
                 self.client,
@@ -233,7 +233,7 @@ class _Importer:
                 },
                 {},
                 curve=False,
-                params={**net.config.as_params(), "prints": self.prints, "source": source},
+                params={**net.config.as_params(), "prints": self.target.prints, "source": source},
                 epoch_metrics=True,
             )
         except BaseException as error:
@@ -244,14 +244,14 @@ class _Importer:
         return run_id
 
 
-_IMPORTERS: dict[ImportTarget, _Importer] = {}  # per process: its importer, made on first use
+@functools.cache
+def _importer(target: ImportTarget) -> _Importer:
+    """A worker's importer (its MLflow client), made on its first net."""
+    return _Importer(target)
 
 
 def _import_net(target: ImportTarget, task: NetTask) -> tuple[str, str]:
-    importer = _IMPORTERS.get(target)
-    if importer is None:
-        importer = _IMPORTERS[target] = _Importer(target)
-    return importer.run(task)
+    return _importer(target).run(task)
 
 
 def _start_worker() -> None:
@@ -296,24 +296,25 @@ def _worker_pool(workers: int) -> Executor:
 
 def _tasks(
     jobs: list[ImportJob], earlier: dict[str, list[EarlierRun]]
-) -> Iterator[tuple[ImportJob, NetTask | str]]:
-    """Each job with its task, or with the reason it is refused or skipped before any reading."""
+) -> Iterator[tuple[ImportJob, NetTask | tuple[str, str]]]:
+    """Each job with its task, or with its outcome when it is refused or skipped before any
+    reading."""
     seen: set[Path] = set()
     for job in jobs:
         try:
             directory = nws_format.resolve_inside(job.root, str(job.row["path"]))
         except nws_format.Refused as reason:
-            yield job, f"refused: {reason}"
+            yield job, ("refused", str(reason))
             continue
         if directory in seen:
-            yield job, "skipped: listed twice"
+            yield job, ("skipped", "listed twice")
             continue
         seen.add(directory)
         yield job, NetTask(job, directory, tuple(earlier.get(str(directory), ())))
 
 
 def _bounded(
-    pool: Executor, work: Any, tasks: Iterator[tuple[ImportJob, NetTask | str]], limit: int
+    pool: Executor, work: Any, tasks: Iterator[tuple[ImportJob, NetTask | tuple[str, str]]], limit: int
 ) -> Iterator[tuple[ImportJob, tuple[str, str]]]:
     """Each job's outcome, submitting nets as earlier ones finish, so only `limit` are ever in
     flight (in memory)."""
@@ -324,9 +325,8 @@ def _bounded(
             yield pending.pop(future), future.result()
 
     for job, task in tasks:
-        if isinstance(task, str):
-            outcome, _, detail = task.partition(": ")
-            yield job, (outcome, detail)
+        if not isinstance(task, NetTask):  # already decided
+            yield job, task
             continue
         pending[pool.submit(work, task)] = job
         if len(pending) >= limit:

@@ -113,6 +113,11 @@ class TrainResult:
 _configured = False
 
 
+def _interop_threads(threads: int) -> int:
+    """Inter-op threads to go with `threads` intra-op ones: one or two."""
+    return max(1, min(threads, 2))
+
+
 def tensorflow_environment(threads: int = 0) -> None:
     """What TensorFlow reads from the environment when it starts: GPU memory growth (workers
     share a GPU) and CPU thread pools. Set before anything imports TensorFlow, these hold even
@@ -120,7 +125,7 @@ def tensorflow_environment(threads: int = 0) -> None:
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     if threads:
         os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
-        os.environ["TF_NUM_INTEROP_THREADS"] = str(max(1, min(threads, 2)))
+        os.environ["TF_NUM_INTEROP_THREADS"] = str(_interop_threads(threads))
 
 
 def configure_tensorflow(deterministic: bool = True, threads: int = 0) -> None:
@@ -136,7 +141,7 @@ def configure_tensorflow(deterministic: bool = True, threads: int = 0) -> None:
             tf.config.experimental.set_memory_growth(gpu, True)
         if threads:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(max(1, min(threads, 2)))
+            tf.config.threading.set_inter_op_parallelism_threads(_interop_threads(threads))
     except RuntimeError:  # TensorFlow already started: the environment above applied instead
         pass
     if deterministic:

@@ -27,6 +27,7 @@ from nws.snapshots import flatten, load_into, weight_layout
 from nws.space import PROPERTY_NAMES, NetConfig
 from tests import published as pub
 from tests.conftest import ROOT
+from tests.processes import alive, descendants
 
 FIXED = ["mnist", 0.0021, 64, "True", "False", 0, 0, 2, 5, 3, 2, 8, 128]  # the released True/False
 MAIN_1 = ["cifar10", 0.0043, 32, 1, 1, 1, 3, 3, 3, 4, 3, 4, 64]
@@ -198,27 +199,6 @@ def finished_count(db) -> int:
             ).fetchone()[0]
     except sqlite3.Error:
         return 0
-
-
-def process_state(pid: int) -> tuple[str, int]:
-    """A process's state letter and parent pid (Linux /proc); ("", 0) when it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return "", 0
-    return fields[0], int(fields[1])
-
-
-def alive(pid: int) -> bool:
-    return process_state(pid)[0] not in ("", "Z")
-
-
-def descendants(pid: int) -> set[int]:
-    parents = {int(p.name): process_state(int(p.name))[1] for p in Path("/proc").glob("[0-9]*")}
-    found: set[int] = set()
-    while grown := {child for child, parent in parents.items() if parent in found | {pid}} - found:
-        found |= grown
-    return found
 
 
 def test_an_interrupted_import_resumes_and_finishes(tracking_uri, two_inits, tmp_path):
