@@ -163,21 +163,33 @@ def fail_and_retry(study: Any, trial: Any) -> None:
     RetryFailedTrialCallback enqueue its configuration again."""
     import optuna
 
-    from nws import tracking
-
     run_id = trial.user_attrs.get("mlflow_run_id")
     try:
         if run_id:
-            from mlflow import MlflowClient
-
-            client = MlflowClient()
-            if client.get_run(run_id).info.status == "RUNNING":
-                client.set_tag(run_id, tracking.TAG_FAILURE, f"worker {trial.user_attrs.get('worker')} died")
-                client.set_terminated(run_id, "FAILED")
+            fail_net_run(run_id, f"worker {trial.user_attrs.get('worker')} died")
     except Exception as e:  # the retry matters more; the run stays not FINISHED either way
         print(f"could not mark MLflow run {run_id} FAILED: {type(e).__name__}: {e}", file=sys.stderr)
     finally:
         optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRIES)(study, trial)
+
+
+def fail_net_run(run_id: str, reason: str) -> bool:
+    """Mark a net's run FAILED with the reason, unless it already ended FAILED or KILLED.
+
+    For a net whose trial did not complete: a RUNNING run of a dead worker, or a FINISHED one
+    whose worker stopped (or was taken over) before its trial was told. Its configuration is
+    trained again, so the run must not count as finished.
+    """
+    from mlflow import MlflowClient
+
+    from nws import tracking
+
+    client = MlflowClient()
+    if client.get_run(run_id).info.status not in ("RUNNING", "FINISHED"):
+        return False
+    client.set_tag(run_id, tracking.TAG_FAILURE, reason)
+    client.set_terminated(run_id, "FAILED")
+    return True
 
 
 def open_study(options: SampleOptions, datasets: list[str]) -> Any:
@@ -305,19 +317,12 @@ def trial_failed(study: Any, number: int) -> bool:
 
 
 def drop_taken_over(run_id: str, summary: CampaignSummary) -> None:
-    """A net whose trial was failed while its result was being written: its run must not be
-    selected as finished, since the retried trial trains the configuration again."""
-    from mlflow import MlflowClient
-
-    from nws import tracking
-
-    client = MlflowClient()
-    client.set_tag(run_id, tracking.TAG_FAILURE, TAKEN_OVER)
-    client.set_terminated(run_id, "FAILED")
+    """A net whose trial another worker failed: its run must not count as finished (it may have
+    ended FINISHED in the moment after the last check)."""
+    fail_net_run(run_id, TAKEN_OVER)
     if run_id in summary.finished:
         summary.finished.remove(run_id)
-    if run_id not in summary.failed:
-        summary.failed.append(run_id)
+    summary.failed.append(run_id)
     print(f"run {run_id} {TAKEN_OVER}", file=sys.stderr)
 
 
@@ -419,8 +424,8 @@ def _train_nets(
                           still_ours=lambda: not trial_failed(study, trial.number))  # fmt: skip
         progress.end_net(outcome.line(index, total))
         if outcome.failure == TAKEN_OVER or (outcome.finished and trial_failed(study, trial.number)):
-            drop_taken_over(outcome.run_id, summary)
-            raise optuna.TrialPruned(TAKEN_OVER)  # the trial is FAIL already: nothing to tell
+            # The trial is FAIL already, so Optuna cannot tell it: the loop below drops the net.
+            raise optuna.TrialPruned(TAKEN_OVER)
         if not outcome.finished:
             trial.set_user_attr("failure", outcome.failure)
             summary.failed.append(outcome.run_id)
@@ -444,10 +449,14 @@ def _train_nets(
                 study.optimize(objective, n_trials=1, gc_after_trial=False)
             except (ValueError, AssertionError):
                 # What Optuna's optimize raises when it cannot tell a trial that another worker
-                # failed meanwhile (its objective may have checked a moment before).
+                # failed meanwhile: seen by the objective, or in the moment after it checked.
                 if "trial" not in current or not trial_failed(study, current["trial"]):
                     raise
                 drop_taken_over(current["run_id"], summary)
+            except KeyboardInterrupt:  # its net may have ended FINISHED, its trial not COMPLETE
+                if "trial" in current and trial_failed(study, current["trial"]):
+                    fail_net_run(current["run_id"], "interrupted before its trial was told")
+                raise
     finally:
         progress.close()
 

@@ -246,7 +246,7 @@ def test_journal_campaign_stopped_and_resumed_ends_at_the_target(tmp_path, monke
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = str(tmp_path / "journal.log")
-    target = 4
+    target = 8  # nets of one evaluation are quick: room for the stop to land before the target
     args = ["--workers", "2", "--target", str(target), "--storage", storage, "--campaign", "resume",
             "--max-epochs", "0", "--min-epochs", "0"]  # fmt: skip
     first = sample(*args, tracking_uri=uri, cwd=tmp_path)
