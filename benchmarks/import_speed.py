@@ -7,7 +7,9 @@ import: end to end (Python start-up, MLflow import and queries included) and ste
 first net done to the last, what a 16,000-net import runs at). Both with the files in the page
 cache (warm) and, where allowed, after dropping it (cold). Peak memory is the proportional set size
 of the whole import (parent, fork server and workers together), sampled every 50 ms, for imports of
-growing size (target: flat).
+growing size (target: flat). Last, side by side on one store: ending a net's run the way MLflow's
+client does it (`log_batch` then `set_terminated`, what an `mlflow server` gets) against the one
+transaction that database stores get (`nws.sql_tracking`).
 
 The store is SQLite (created before the clock starts, as a user's existing store), or with
 --postgres a private PostgreSQL server (the Debian package's binaries, as the tests use).
@@ -127,6 +129,34 @@ def import_once(csv: Path, workers: int, store: tuple[str, Path]) -> dict[str, f
     return {"seconds": seconds, "first": done[0], "last": done[-1], "nets": len(done), "peak": peak}
 
 
+def finish_cost(data: Path, csv: Path, store: tuple[str, Path], nets: int = 40) -> dict[str, float]:
+    """Milliseconds per net to log an imported net's params, per-epoch metrics and tags and end
+    its run: through MLflow's client, and in one transaction; alternating, on one store."""
+    os.environ["MLFLOW_TRACKING_URI"] = store[0]
+    from mlflow import MlflowClient
+
+    from nws import nws_format, sql_tracking, tracking
+
+    row = nws_format.read_index(csv).to_dict("records")[0]
+    net = nws_format.read_net(data / row["path"], row)
+    history = nws_format.history_from_errors(net.errors)
+    params = {**net.config.as_params(), "prints": PRINTS, "source": row["path"]}
+    final = {"epochs": len(history) - 1}
+    entities = tracking.net_result_entities(net.weights, history, final, {}, params, epoch_metrics=True)
+    client = MlflowClient(store[0])
+    experiment = client.create_experiment("finish", artifact_location=str(store[1] / "artifacts"))
+    seconds = {"client": 0.0, "one transaction": 0.0}
+    for i in range(2 * nets):
+        run_id = client.create_run(experiment).info.run_id
+        started = time.perf_counter()
+        if i % 2:
+            sql_tracking.finish_run(store[0], run_id, *entities)
+        else:
+            tracking.finish_through_client(client, run_id, entities)
+        seconds["one transaction" if i % 2 else "client"] += time.perf_counter() - started
+    return {way: 1e3 * s / nets for way, s in seconds.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nets", type=int, default=100)
@@ -169,6 +199,11 @@ def main() -> None:
             print(f"importing {count * PRINTS:5d} snapshots with {max(counts)} workers: peak PSS "
                   f"{run['peak'] / 1e6:5.0f} MB (all processes), {run['seconds']:.1f} s")  # fmt: skip
         print("target: peak memory flat in the number of snapshots")
+        cost = finish_cost(data, csv, stores.fresh())
+        print(f"ending a net's run (params, per-epoch metrics, tags): MLflow client "
+              f"{cost['client']:.1f} ms/net, "
+              f"one transaction {cost['one transaction']:.1f} ms/net "
+              f"({cost['client'] / cost['one transaction']:.1f}x)")  # fmt: skip
     finally:
         stores.close()
 

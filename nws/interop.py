@@ -218,29 +218,22 @@ class _Importer:
             history = nws_format.history_from_errors(net.errors)
             rows = nws_format.snapshot_rows(len(history), self.target.prints)
             snapshots = [{"snapshot": k + 1, **history[i]} for k, i in enumerate(rows)]
-            tracking.write_net_result(
-                self.client,
-                run_id,
-                net.weights,
-                layout_document(net.config, layout, snapshots),
-                history,
-                {
-                    "epochs": len(history) - 1,
-                    "train_seconds": float(net.stat[3]),
-                    "steps": float(net.stat[1]),
-                    "weightn_conv": layout.weightn_conv,
-                    "weightn_fc": layout.weightn_fc,
-                },
-                {},
-                curve=False,
-                params={**net.config.as_params(), "prints": self.target.prints, "source": source},
-                epoch_metrics=True,
-            )
+            final = {
+                "epochs": len(history) - 1,
+                "train_seconds": float(net.stat[3]),
+                "steps": float(net.stat[1]),
+                "weightn_conv": layout.weightn_conv,
+                "weightn_fc": layout.weightn_fc,
+            }
+            params = {**net.config.as_params(), "prints": self.target.prints, "source": source}
+            document = layout_document(net.config, layout, snapshots)
+            tracking.upload_net_artifacts(self.client, run, net.weights, document, history, curve=False)
+            entities = tracking.net_result_entities(net.weights, history, final, {}, params, True)
+            tracking.finish_net_run(self.client, self.target.tracking_uri, run_id, entities)
         except BaseException as error:
             self.client.set_tag(run_id, tracking.TAG_FAILURE, f"{type(error).__name__}: {error}"[:500])
             self.client.set_terminated(run_id, "FAILED")
             raise
-        self.client.set_terminated(run_id, "FINISHED")
         return run_id
 
 
@@ -287,7 +280,7 @@ def _worker_pool(workers: int) -> Executor:
         return ThreadPoolExecutor(max_workers=1)
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["mlflow", "nws.interop"])
+        context.set_forkserver_preload(["mlflow", "mlflow.store.tracking.sqlalchemy_store", "nws.interop"])
         multiprocessing.forkserver.ensure_running()
     else:  # plain fork would share this process's MLflow database connections
         context = multiprocessing.get_context("spawn")

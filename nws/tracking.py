@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -130,47 +130,73 @@ def log_net_result(
     final_metrics: Mapping[str, float],
     tags: Mapping[str, str],
 ) -> None:
-    """`write_net_result` for the active run."""
+    """Upload the active run's artifacts, then its final metrics, tags and the completion tag
+    (MLflow writes a batch's tags after its params and metrics, so the tag comes last)."""
     from mlflow import MlflowClient
 
-    write_net_result(
-        MlflowClient(), _mlflow().active_run().info.run_id, weights, layout, history, final_metrics, tags
-    )
+    client, run = MlflowClient(), _mlflow().active_run()
+    upload_net_artifacts(client, run, weights, layout, history)
+    for batch in _batches(*net_result_entities(weights, history, final_metrics, tags)):
+        client.log_batch(run.info.run_id, **batch)
 
 
-def write_net_result(
+def upload_net_artifacts(
     client: Any,
-    run_id: str,
+    run: Any,
     weights: np.ndarray,
     layout: Mapping[str, Any],
     history: list[dict[str, float]],
+    curve: bool = True,
+) -> None:
+    """The snapshots (float32), their layout, the history table and (unless `curve=False`) the
+    training-curve picture of `run`. A local artifact store gets them written in place: what
+    `log_artifacts` would copy there, without a temporary copy of a net's megabytes (a third of
+    a bulk import's time); any other store through the client."""
+    from mlflow.utils.file_utils import local_file_uri_to_path
+    from mlflow.utils.uri import is_local_uri
+
+    if is_local_uri(run.info.artifact_uri, is_tracking_or_registry_uri=False):
+        _write_artifacts(Path(local_file_uri_to_path(run.info.artifact_uri)), weights, layout, history, curve)
+        return
+    with tempfile.TemporaryDirectory(prefix="nws-artifacts-") as tmp:
+        _write_artifacts(Path(tmp), weights, layout, history, curve)
+        client.log_artifacts(run.info.run_id, tmp)
+
+
+def _write_artifacts(
+    root: Path, weights: np.ndarray, layout: Mapping[str, Any], history: list[dict[str, float]], curve: bool
+) -> None:
+    import pandas as pd
+
+    (root / "snapshots").mkdir(parents=True, exist_ok=True)
+    np.save(root / WEIGHTS_ARTIFACT, weights.astype(np.float32, copy=False))
+    (root / LAYOUT_ARTIFACT).write_text(json.dumps(layout, indent=1))
+    frame = pd.DataFrame(history)
+    frame.to_csv(root / HISTORY_ARTIFACT, index=False)
+    if curve:
+        (root / CURVE_ARTIFACT).write_bytes(training_curve_png(frame))
+
+
+class NetEntities(NamedTuple):
+    """What a finished net logs besides its artifacts, as MLflow entities."""
+
+    metrics: list[Any]
+    params: list[Any]
+    tags: list[Any]
+
+
+def net_result_entities(
+    weights: np.ndarray,
+    history: list[dict[str, float]],
     final_metrics: Mapping[str, float],
     tags: Mapping[str, str],
-    curve: bool = True,
     params: Mapping[str, Any] | None = None,
     epoch_metrics: bool = False,
-) -> None:
-    """Upload a finished net's artifacts, then its final metrics, tags and the completion tag
-    (MLflow writes a batch's tags after its params and metrics, so the tag comes last).
-
-    Works on any run through the client (thread-safe), so importers can write many at once.
-    `curve=False` leaves out the training-curve picture; `params` and `epoch_metrics` (the
-    history as per-epoch metrics) ride in the same batches: a bulk import writes a net in as few
-    database round trips as MLflow allows.
-    """
-    import pandas as pd
+) -> NetEntities:
+    """Final metrics, tags with the weights' digest and the completion tag; with `params`, and
+    with `epoch_metrics` the history as per-epoch metrics, for a net logged all at once (import)."""
     from mlflow.entities import Metric, Param, RunTag
 
-    with tempfile.TemporaryDirectory(prefix="nws-artifacts-") as tmp:
-        root = Path(tmp)
-        (root / "snapshots").mkdir()
-        np.save(root / WEIGHTS_ARTIFACT, weights.astype(np.float32, copy=False))
-        (root / LAYOUT_ARTIFACT).write_text(json.dumps(layout, indent=1))
-        frame = pd.DataFrame(history)
-        frame.to_csv(root / HISTORY_ARTIFACT, index=False)
-        if curve:
-            (root / CURVE_ARTIFACT).write_bytes(training_curve_png(frame))
-        client.log_artifacts(run_id, str(root))
     now = int(time.time() * 1000)
     all_tags = {
         **tags,
@@ -180,12 +206,30 @@ def write_net_result(
     }
     metrics = _history_metrics(history, now) if epoch_metrics else []
     metrics += [Metric(k, float(v), now, 0) for k, v in final_metrics.items()]
-    for batch in _batches(
+    return NetEntities(
         metrics,
         [Param(k, str(v)) for k, v in (params or {}).items()],
         [RunTag(k, str(v)) for k, v in all_tags.items()],
-    ):
+    )
+
+
+def finish_net_run(client: Any, tracking_uri: str, run_id: str, entities: NetEntities) -> None:
+    """Log a net's entities and end its run FINISHED. On a database store: in one transaction
+    (`sql_tracking`, ~10x faster than MLflow's `log_batch`, and never half-written); elsewhere
+    (an `mlflow server`): `log_batch` with the completion tag in the last batch, then the end."""
+    from nws import sql_tracking
+
+    if sql_tracking.is_database_uri(tracking_uri):
+        sql_tracking.finish_run(tracking_uri, run_id, *entities)
+    else:
+        finish_through_client(client, run_id, entities)
+
+
+def finish_through_client(client: Any, run_id: str, entities: NetEntities) -> None:
+    """`finish_net_run` on any store: MLflow's batches, the completion tag in the last one."""
+    for batch in _batches(*entities):
         client.log_batch(run_id, **batch)
+    client.set_terminated(run_id, "FINISHED")
 
 
 def _history_metrics(history: list[dict[str, float]], timestamp: int) -> list[Any]:

@@ -174,6 +174,41 @@ def test_a_second_import_skips_what_is_there(imported, published):
     assert len(imported_runs()) == 3
 
 
+def test_an_import_into_an_mlflow_server_matches_one_into_a_database(
+    imported, published, mlflow_server, monkeypatch, tmp_path
+):
+    """A database store gets each net in one transaction (nws.sql_tracking); a server gets it
+    through MLflow's client: the runs read back the same."""
+    local, local_client = imported[3], MlflowClient()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "served-import")
+    mlflow.set_tracking_uri(mlflow_server.url)
+    csvs = f"{published['fixed']},{published['main']}"
+    root = str(published["root"])
+    code, out, err = run_cli(
+        "import_nws", "--csv", csvs, "--root", root, "--allow-refused", "true", "--workers", "1"
+    )
+    assert code == 0, err
+    assert "imported 3 nets, skipped 0 already imported, refused 6" in out
+    served = {r.data.tags[TAG_SOURCE_PATH].split("/")[-1]: r for r in imported_runs()}
+    assert sorted(served) == ["A", "B", "C"]
+    curves = []
+    for name, run in served.items():
+        twin = local[name]
+        assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:")
+        assert run.data.params == twin.data.params and run.data.metrics == twin.data.metrics
+        ids = {"mlflow.parentRunId"}
+        assert {k: v for k, v in run.data.tags.items() if k not in ids} == {
+            k: v for k, v in twin.data.tags.items() if k not in ids
+        }
+        for client, run_id in ((MlflowClient(), run.info.run_id), (local_client, twin.info.run_id)):
+            curves.append([(m.step, m.value) for m in client.get_metric_history(run_id, "test_accuracy")])
+        assert curves[-1] == curves[-2] and len(curves[-1]) == 30
+        path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / name),
+                                                   artifact_path=tracking.WEIGHTS_ARTIFACT)  # fmt: skip
+        np.testing.assert_array_equal(np.load(path), published["weights"][name].astype(np.float32))
+
+
 @pytest.fixture(scope="module")
 def two_inits(tmp_path_factory):
     """Ten fixed-architecture nets, constant vs normal initialisation, six train and four test."""
