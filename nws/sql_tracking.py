@@ -19,9 +19,10 @@ from __future__ import annotations
 import functools
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlflow.entities import Metric, Param, RunTag
+if TYPE_CHECKING:
+    from mlflow.entities import Metric, Param, RunTag
 
 _MAX_FLOAT = 1.7976931348623157e308  # how MLflow stores an infinite metric (SQL has no inf)
 

@@ -159,6 +159,27 @@ def test_the_published_vector_round_trips_through_our_keras_model(published):
         np.testing.assert_array_equal(row[: k * k], kernel[:, :, 0, 0].ravel())
 
 
+def test_read_ahead_keeps_the_order_and_loads_the_next_nets_files(published):
+    from nws.interop import ImportJob, NetTask, _read_ahead, nws_format
+
+    job = ImportJob(published["fixed"], {}, published["root"], "fixed", "train", "c")
+    tasks = [(job, NetTask(job, published["root"] / "nets" / n, ())) for n in "ABGX"]  # G, X: files missing
+    tasks.insert(2, (job, ("refused", "outside the root")))
+    taken = []
+
+    def source():
+        for task in tasks:
+            taken.append(task)
+            yield task
+
+    ahead = _read_ahead(source(), prints=20, depth=2)
+    assert next(ahead) is tasks[0] and taken == tasks[:3]  # two more taken, their files loading
+    assert [*ahead] == tasks[1:] and taken == tasks
+    files = nws_format.net_files(published["root"] / "nets" / "A")
+    assert len(files) == 23 and files[1].name == "001.bin" and files[20].name == "020.bin"
+    assert all(f.is_file() for f in files)
+
+
 def test_a_second_import_skips_what_is_there(imported, published):
     code, out, _ = run_cli(
         "import_nws",
