@@ -1,8 +1,9 @@
 """`import_nws` throughput against plain numpy.fromfile of the same files, and its peak memory.
 
 Writes N nets of the fixed architecture in the published layout (20 float64 snapshots each),
-then measures side by side: np.fromfile of every snapshot file, and `nws import_nws` into a fresh
-store (snapshots per second; target at least 0.5x numpy), for each worker count. Two rates per
+then measures back to back: np.fromfile of every snapshot file, then `nws import_nws` into a
+fresh store (snapshots per second; target at least 0.5x numpy), for each worker count, `--repeat`
+times (median; a shared machine's disk speed drifts between minutes). Two rates per
 import: end to end (Python start-up, MLflow import and queries included) and steady (from the
 first net done to the last, what a 16,000-net import runs at). Both with the files in the page
 cache (warm) and, where allowed, after dropping it (cold). Peak memory is the proportional set size
@@ -15,6 +16,7 @@ The store is SQLite (created before the clock starts, as a user's existing store
 --postgres a private PostgreSQL server (the Debian package's binaries, as the tests use).
 
 Run: python benchmarks/import_speed.py [--nets 100] [--workers 1,2] [--memory-nets 25,100] [--postgres]
+     [--repeat 3]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import atexit
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -157,12 +160,35 @@ def finish_cost(data: Path, csv: Path, store: tuple[str, Path], nets: int = 40) 
     return {way: 1e3 * s / nets for way, s in seconds.items()}
 
 
+def measure(csv: Path, data: Path, workers: int, stores: Stores, cold: bool) -> float:
+    """numpy.fromfile of every snapshot, then the import, back to back (the disk's speed drifts
+    between minutes on a shared machine); prints both, returns the steady ratio."""
+    snapshots = PRINTS * (len(csv.read_text().splitlines()) - 1)
+    store = stores.fresh()
+    if cold:
+        drop_page_cache()
+    rate_numpy = snapshots / numpy_read(data)
+    if cold:
+        drop_page_cache()
+    run = import_once(csv, workers, store)
+    shutil.rmtree(store[1], ignore_errors=True)  # the imported artifacts: gigabytes
+    total = snapshots / run["seconds"]
+    steady = PRINTS * (run["nets"] - 1) / (run["last"] - run["first"])
+    print(f"  {workers} workers: numpy.fromfile {rate_numpy:5.0f} snapshots/s; import end to end "
+          f"{total:4.0f}/s = {total / rate_numpy:.3f}x ({run['seconds']:.1f} s, first net after "
+          f"{run['first']:.1f} s), steady {steady:4.0f}/s = {steady / rate_numpy:.3f}x "
+          f"({1e3 * PRINTS / steady:.0f} ms/net); peak PSS {run['peak'] / 1e6:.0f} MB "
+          "(target >= 0.5x)")  # fmt: skip
+    return steady / rate_numpy
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nets", type=int, default=100)
     parser.add_argument("--workers", default="1,2", help="comma list of worker counts")
     parser.add_argument("--memory-nets", default="25,100")
     parser.add_argument("--postgres", action="store_true", help="a PostgreSQL store instead of SQLite")
+    parser.add_argument("--repeat", type=int, default=1, help="measurements per worker count (median)")
     args = parser.parse_args()
     data = Path(tempfile.mkdtemp(prefix="nws-import-bench-"))
     atexit.register(shutil.rmtree, data, True)  # gigabytes: never left behind
@@ -177,20 +203,14 @@ def main() -> None:
             if mode == "cold" and not drop_page_cache():
                 print("cold: cannot drop the page cache here; skipped")
                 continue
-            rate_numpy = snapshots / numpy_read(data)
-            print(f"{mode}: numpy.fromfile {rate_numpy:6.0f} snapshots/s")
-            for workers in counts:
-                store = stores.fresh()
-                if mode == "cold":
-                    drop_page_cache()
-                run = import_once(csv, workers, store)
-                total = snapshots / run["seconds"]
-                steady = PRINTS * (run["nets"] - 1) / (run["last"] - run["first"])
-                per_net = 1e3 * PRINTS / steady
-                print(f"  {workers} workers: end to end {total:4.0f} snapshots/s = {total / rate_numpy:.3f}x "
-                      f"numpy ({run['seconds']:.1f} s, first net after {run['first']:.1f} s); steady "
-                      f"{steady:4.0f} snapshots/s = {steady / rate_numpy:.3f}x numpy ({per_net:.0f} ms/net); "
-                      f"peak PSS {run['peak'] / 1e6:.0f} MB (target >= 0.5x)")  # fmt: skip
+            print(f"{mode}:")
+            ratios: dict[int, list[float]] = {workers: [] for workers in counts}
+            for _ in range(args.repeat):
+                for workers in counts:
+                    ratios[workers].append(measure(csv, data, workers, stores, cold=mode == "cold"))
+            if args.repeat > 1:
+                print("  median steady ratio: " + ", ".join(
+                    f"{w} workers {statistics.median(r):.3f}x" for w, r in ratios.items()))  # fmt: skip
         for count in (int(c) for c in args.memory_nets.split(",")):
             lines = csv.read_text().splitlines()
             part = csv.with_name(f"nws_fixed_train_{count}.csv")

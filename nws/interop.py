@@ -215,10 +215,13 @@ class _Importer:
         }
         if job.split:
             tags[tracking.TAG_SPLIT] = job.split
-        run = self.client.create_run(
-            self.target.experiment_id, run_name=f"nws-{job.subset}-{source}", tags=tags
+        run_id, artifact_uri = tracking.create_net_run(
+            self.client,
+            self.target.tracking_uri,
+            self.target.experiment_id,
+            f"nws-{job.subset}-{source}",
+            tags,
         )
-        run_id = run.info.run_id
         try:
             history = nws_format.history_from_errors(net.errors)
             rows = nws_format.snapshot_rows(len(history), self.target.prints)
@@ -232,7 +235,9 @@ class _Importer:
             }
             params = {**net.config.as_params(), "prints": self.target.prints, "source": source}
             document = layout_document(net.config, layout, snapshots)
-            tracking.upload_net_artifacts(self.client, run, net.weights, document, history, curve=False)
+            tracking.upload_net_artifacts(
+                self.client, run_id, artifact_uri, net.weights, document, history, False
+            )
             entities = tracking.net_result_entities(net.weights, history, final, {}, params, True)
             tracking.finish_net_run(self.client, self.target.tracking_uri, run_id, entities)
         except BaseException as error:

@@ -135,32 +135,33 @@ def log_net_result(
     from mlflow import MlflowClient
 
     client, run = MlflowClient(), _mlflow().active_run()
-    upload_net_artifacts(client, run, weights, layout, history)
+    upload_net_artifacts(client, run.info.run_id, run.info.artifact_uri, weights, layout, history)
     for batch in _batches(*net_result_entities(weights, history, final_metrics, tags)):
         client.log_batch(run.info.run_id, **batch)
 
 
 def upload_net_artifacts(
     client: Any,
-    run: Any,
+    run_id: str,
+    artifact_uri: str,
     weights: np.ndarray,
     layout: Mapping[str, Any],
     history: list[dict[str, float]],
     curve: bool = True,
 ) -> None:
     """The snapshots (float32), their layout, the history table and (unless `curve=False`) the
-    training-curve picture of `run`. A local artifact store gets them written in place: what
+    training-curve picture of a run. A local artifact store gets them written in place: what
     `log_artifacts` would copy there, without a temporary copy of a net's megabytes (a third of
     a bulk import's time); any other store through the client."""
     from mlflow.utils.file_utils import local_file_uri_to_path
     from mlflow.utils.uri import is_local_uri
 
-    if is_local_uri(run.info.artifact_uri, is_tracking_or_registry_uri=False):
-        _write_artifacts(Path(local_file_uri_to_path(run.info.artifact_uri)), weights, layout, history, curve)
+    if is_local_uri(artifact_uri, is_tracking_or_registry_uri=False):
+        _write_artifacts(Path(local_file_uri_to_path(artifact_uri)), weights, layout, history, curve)
         return
     with tempfile.TemporaryDirectory(prefix="nws-artifacts-") as tmp:
         _write_artifacts(Path(tmp), weights, layout, history, curve)
-        client.log_artifacts(run.info.run_id, tmp)
+        client.log_artifacts(run_id, tmp)
 
 
 def _write_artifacts(
@@ -213,9 +214,22 @@ def net_result_entities(
     )
 
 
+def create_net_run(
+    client: Any, tracking_uri: str, experiment_id: str, run_name: str, tags: Mapping[str, str]
+) -> tuple[str, str]:
+    """A RUNNING run for a net written all at once (import): (run id, artifact URI). On a
+    database store in one transaction (`sql_tracking`); elsewhere through the client."""
+    from nws import sql_tracking
+
+    if sql_tracking.is_database_uri(tracking_uri):
+        return sql_tracking.create_run(tracking_uri, experiment_id, run_name, tags)
+    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+    return run.info.run_id, run.info.artifact_uri
+
+
 def finish_net_run(client: Any, tracking_uri: str, run_id: str, entities: NetEntities) -> None:
     """Log a net's entities and end its run FINISHED. On a database store: in one transaction
-    (`sql_tracking`, ~10x faster than MLflow's `log_batch`, and never half-written); elsewhere
+    (`sql_tracking`, 3-4x faster than MLflow's `log_batch`, and never half-written); elsewhere
     (an `mlflow server`): `log_batch` with the completion tag in the last batch, then the end."""
     from nws import sql_tracking
 

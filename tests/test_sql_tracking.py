@@ -1,6 +1,6 @@
-"""Finishing a run in one transaction writes exactly what MLflow's client writes (log_batch then
-set_terminated), read back through the client, on SQLite and PostgreSQL; a run that is not
-running gets nothing."""
+"""Creating and finishing a run in one transaction each writes exactly what MLflow's client
+writes (create_run; log_batch then set_terminated), read back through the client, on SQLite and
+PostgreSQL; a run that is not running, or an experiment that is not active, gets nothing."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from nws import sql_tracking
-from nws.sql_tracking import RunNotActive, finish_run, is_database_uri
+from nws.sql_tracking import RunNotActive, create_run, finish_run, is_database_uri
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -103,6 +103,31 @@ def test_a_refused_finish_writes_nothing(store, params, error):
     assert run.info.status == ("FAILED" if error is RunNotActive else "RUNNING")
     assert run.data.metrics == {"seen": 2.0} and run.data.params == {}
     assert run.data.tags["kept"] == "old" and "added" not in run.data.tags
+
+
+def test_creating_in_one_transaction_makes_the_run_the_client_makes(store, tmp_path):
+    uri, client, experiment = store
+    tags = {"nws.role": "net", "mlflow.user": "ana", "mlflow.parentRunId": "p" * 32}
+    by_client = client.create_run(experiment, run_name="net-7", tags=tags).info.run_id
+    by_sql, artifact_uri = create_run(uri, experiment, "net-7", tags)
+    a, b = client.get_run(by_client), client.get_run(by_sql)
+    assert b.info.artifact_uri == artifact_uri == a.info.artifact_uri.replace(by_client, by_sql)
+    assert artifact_uri.endswith(f"/{by_sql}/artifacts") and len(by_sql) == 32
+    for field in ("run_name", "status", "lifecycle_stage", "user_id", "experiment_id", "end_time"):
+        assert getattr(a.info, field) == getattr(b.info, field), field
+    assert (b.info.status, b.info.user_id, b.info.run_name) == ("RUNNING", "ana", "net-7")
+    assert abs(a.info.start_time - b.info.start_time) < 60_000
+    assert a.data.tags == b.data.tags and b.data.tags["mlflow.runName"] == "net-7"
+    found = client.search_runs([experiment], "tags.`mlflow.parentRunId` = '" + "p" * 32 + "'")
+    assert {by_client, by_sql} <= {r.info.run_id for r in found}
+    finish_run(uri, by_sql, METRICS, PARAMS, [])
+    assert client.get_run(by_sql).info.status == "FINISHED"
+
+    gone = client.create_experiment(f"gone-{tmp_path.name}")
+    client.delete_experiment(gone)
+    with pytest.raises(MlflowException, match="not active"):
+        create_run(uri, gone, "net-8", {})
+    assert not client.search_runs([gone], run_view_type=3)  # ViewType.ALL
 
 
 def test_which_uris_are_databases():
