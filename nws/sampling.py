@@ -592,7 +592,6 @@ class NetJob:
             )
             tracking.end_run("FINISHED")
         except BaseException as error:
-            status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-            tracking.end_run(status, {tracking.TAG_FAILURE: f"{type(error).__name__}: {error}"[:500]})
+            tracking.abort_net_run(run_id, error)
             raise
         return NetOutcome(run_id, True, final["test_accuracy"], result.epochs)

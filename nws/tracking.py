@@ -101,7 +101,11 @@ def start_net_run(
         run = mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id, tags=dict(tags))
     else:
         run = mlflow.start_run(run_name=run_name, nested=True, tags=dict(tags))
-    mlflow.log_params(dict(params))
+    try:
+        mlflow.log_params(dict(params))
+    except BaseException as error:  # Ctrl-C included: the run is not left RUNNING
+        abort_net_run(run.info.run_id, error)
+        raise
     return run
 
 
@@ -315,3 +319,22 @@ def end_run(status: str = "FINISHED", tags: Mapping[str, str] | None = None) -> 
     if tags:
         mlflow.set_tags(dict(tags))
     mlflow.end_run(status=status)
+
+
+def abort_net_run(run_id: str, error: BaseException) -> None:
+    """End a net's run KILLED (Ctrl-C) or FAILED, with the error as `nws.failure`, by its id.
+
+    `mlflow.end_run` takes the run off the active-run stack before it writes the end: a Ctrl-C in
+    that write left the net RUNNING, and ending "the active run" again would then have ended the
+    campaign's run instead. So the end is written by id, and the stack is popped only while the
+    net's run is still on top.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    client.set_tag(run_id, TAG_FAILURE, f"{type(error).__name__}: {error}"[:500])
+    client.set_terminated(run_id, status)
+    active = _mlflow().active_run()
+    if active is not None and active.info.run_id == run_id:
+        _mlflow().end_run(status)
