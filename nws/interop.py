@@ -190,10 +190,9 @@ class _Importer:
             return "refused", f"{error}: ended by another import of the same data"
         for run in task.earlier:  # an interrupted earlier attempt: mark it as replaced
             if run.status == "RUNNING":
-                self.client.set_tag(
-                    run.run_id, tracking.TAG_FAILURE, f"interrupted; imported again as {run_id}"
+                tracking.end_failed_run(
+                    self.client, run.run_id, "FAILED", f"interrupted; imported again as {run_id}"
                 )
-                self.client.set_terminated(run.run_id, "FAILED")
         return "imported", run_id
 
     def _write(self, job: ImportJob, directory: Path, net: nws_format.PublishedNet) -> str:
@@ -241,8 +240,7 @@ class _Importer:
             entities = tracking.net_result_entities(net.weights, history, final, {}, params, True)
             tracking.finish_net_run(self.client, self.target.tracking_uri, run_id, entities)
         except BaseException as error:
-            self.client.set_tag(run_id, tracking.TAG_FAILURE, f"{type(error).__name__}: {error}"[:500])
-            self.client.set_terminated(run_id, "FAILED")
+            tracking.end_failed_run(self.client, run_id, "FAILED", tracking.error_text(error))
             raise
         return run_id
 

@@ -187,8 +187,7 @@ def fail_net_run(run_id: str, reason: str) -> bool:
     client = MlflowClient()
     if client.get_run(run_id).info.status not in ("RUNNING", "FINISHED"):
         return False
-    client.set_tag(run_id, tracking.TAG_FAILURE, reason)
-    client.set_terminated(run_id, "FAILED")
+    tracking.end_failed_run(client, run_id, "FAILED", reason)
     return True
 
 

@@ -331,10 +331,20 @@ def abort_net_run(run_id: str, error: BaseException) -> None:
     """
     from mlflow import MlflowClient
 
-    client = MlflowClient()
     status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-    client.set_tag(run_id, TAG_FAILURE, f"{type(error).__name__}: {error}"[:500])
-    client.set_terminated(run_id, status)
+    end_failed_run(MlflowClient(), run_id, status, error_text(error))
     active = _mlflow().active_run()
     if active is not None and active.info.run_id == run_id:
         _mlflow().end_run(status)
+
+
+def end_failed_run(client: Any, run_id: str, status: str, failure: str) -> None:
+    """End a run by id as FAILED or KILLED, its reason in `nws.failure` first (a run never ends
+    failed without its reason)."""
+    client.set_tag(run_id, TAG_FAILURE, failure[:500])
+    client.set_terminated(run_id, status)
+
+
+def error_text(error: BaseException) -> str:
+    """An error as `nws.failure` holds it."""
+    return f"{type(error).__name__}: {error}"
