@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from nws import interrupts
 from nws.errors import NWSError, ParameterError
 from nws.params import parse_bool
 
@@ -135,28 +135,13 @@ def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
     return parser
 
 
-def _sigterm_as_interrupt() -> Any:
-    """SIGTERM (a scheduler's time limit, `scancel`, `kill`) ends like Ctrl-C: unfinished runs
-    end KILLED, a parent stops its workers. Returns the handler it replaced (None off the main
-    thread, where signals cannot be handled)."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    return signal.signal(signal.SIGTERM, interrupt)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     commands = _commands()
     args = build_parser(commands).parse_args(argv)
     command = commands[args.command]
     prog = f"nws {command.name}"
     values = {k: v for k, v in vars(args).items() if k != "command"}
-    previous = _sigterm_as_interrupt()
+    restore_signals = interrupts.install()
     try:
         return command.run(command.options(**values))
     except NWSError as e:
@@ -170,8 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
         return 1
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        restore_signals()
 
 
 def mlproject_text() -> str:

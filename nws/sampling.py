@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nws import __version__, space
+from nws import __version__, interrupts, space
 from nws.errors import ParameterError
 from nws.params import at_least, param
 from nws.space import NetConfig
@@ -336,6 +336,7 @@ def wait_for_work(study: Any, target: int, poll: float, heartbeats: bool = True)
     import optuna
 
     while True:
+        interrupts.check()
         with warnings.catch_warnings():  # fail_stale_trials is marked experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
@@ -419,7 +420,7 @@ def _train_nets(
             current["trial"], current["run_id"] = trial.number, run_id
             trial.set_user_attr("mlflow_run_id", run_id)
 
-        outcome = net.run(observers=[progress.epoch], on_start=on_start,
+        outcome = net.run(observers=[progress.epoch, _stop_if_asked], on_start=on_start,
                           still_ours=lambda: not trial_failed(study, trial.number))  # fmt: skip
         progress.end_net(outcome.line(index, total))
         if outcome.failure == TAKEN_OVER or (outcome.finished and trial_failed(study, trial.number)):
@@ -434,6 +435,7 @@ def _train_nets(
 
     try:
         while True:
+            interrupts.check()
             if options.target:
                 if not wait_for_work(study, options.target, poll, options.heartbeat_enabled):
                     break
@@ -458,6 +460,11 @@ def _train_nets(
                 raise
     finally:
         progress.close()
+
+
+def _stop_if_asked(_model: Any, _epoch: int, _metrics: Any) -> None:
+    """After each evaluation: stop the net if a stop signal's KeyboardInterrupt was lost."""
+    interrupts.check()
 
 
 def optuna_state(name: str) -> Any:
@@ -550,14 +557,13 @@ class NetJob:
         images = load_images(self.config.dataset, o.data_dir or None, o.download)
         data = split_for_net(images, self.seed, o.max_train_images, o.max_eval_images)
         layout = weight_layout(self.config)
-        run = tracking.start_net_run(
+        run_id = tracking.start_net_run(
             f"net-{o.campaign}-{self.trial_number:05d}",
             self.tags(),
             self.params(data.sizes()),
             parent_run_id=o.parent_run_id or None,
         )
-        run_id = run.info.run_id
-        try:
+        try:  # straight after: nothing between that a stop signal could cut
             if on_start is not None:
                 on_start(run_id)
             with SnapshotRecorder(layout) as recorder:

@@ -18,6 +18,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from nws import interrupts
+
 # Tags a query can select on.
 TAG_ROLE = "nws.role"  # "net" or "campaign"
 TAG_SUBSET = "nws.subset"
@@ -93,20 +95,25 @@ def start_campaign_run(tags: Mapping[str, str], params: Mapping[str, Any]) -> An
 
 def start_net_run(
     run_name: str, tags: Mapping[str, str], params: Mapping[str, Any], parent_run_id: str | None = None
-) -> Any:
+) -> str:
     """A run for one net, nested under the active campaign run (or the given parent run, for the
-    worker processes of a campaign whose run lives in another process)."""
+    worker processes of a campaign whose run lives in another process); returns its id. A stop
+    signal while it is being made ends it KILLED, never leaves it RUNNING."""
     mlflow = _mlflow()
-    if parent_run_id:
-        run = mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id, tags=dict(tags))
-    else:
-        run = mlflow.start_run(run_name=run_name, nested=True, tags=dict(tags))
+    run_id = ""
     try:
+        with interrupts.deferred():  # until its id is known here
+            if parent_run_id:
+                run = mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id, tags=dict(tags))
+            else:
+                run = mlflow.start_run(run_name=run_name, nested=True, tags=dict(tags))
+            run_id = run.info.run_id
         mlflow.log_params(dict(params))
-    except BaseException as error:  # Ctrl-C included: the run is not left RUNNING
-        abort_net_run(run.info.run_id, error)
+    except BaseException as error:  # Ctrl-C included
+        if run_id:
+            abort_net_run(run_id, error)
         raise
-    return run
+    return run_id
 
 
 def log_epoch(epoch: int, metrics: Mapping[str, float]) -> None:

@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any
 
+from nws import interrupts
 from nws.sampling import CampaignSummary, SampleOptions, fail_orphaned_trials, optuna_state
 
 POLL_SECONDS = 1.0
@@ -43,6 +44,23 @@ def _quotas(options: SampleOptions) -> list[int]:
     return [base + (i < extra) for i in range(options.workers)]
 
 
+def _stop(workers: list[subprocess.Popen]) -> None:
+    """Stop the workers as Ctrl-C would stop one (SIGTERM: a SIGINT that a process was started
+    ignoring stays ignored), and wait for them to end their nets' runs. Asked again meanwhile
+    (a second Ctrl-C), kill them instead of leaving them running in their own sessions."""
+    for process in workers:
+        process.send_signal(signal.SIGTERM)
+    try:
+        for process in workers:
+            process.wait()
+    except KeyboardInterrupt:
+        print("stopping the workers now (killed)", file=sys.stderr)
+        for process in workers:
+            process.kill()
+        for process in workers:
+            process.wait()
+
+
 def run_workers(options: SampleOptions, study: Any) -> CampaignSummary:
     import mlflow
 
@@ -67,6 +85,7 @@ def run_workers(options: SampleOptions, study: Any) -> CampaignSummary:
     try:
         while workers:
             time.sleep(POLL_SECONDS)
+            interrupts.check()
             for process in [p for p in workers if p.poll() is not None]:
                 quota = workers.pop(process)
                 if process.returncode == 0:
@@ -81,10 +100,7 @@ def run_workers(options: SampleOptions, study: Any) -> CampaignSummary:
                 else:
                     status = "FAILED"
     except BaseException:
-        for process in workers:
-            process.send_signal(signal.SIGINT)
-        for process in workers:
-            process.wait()
+        _stop(list(workers))
         if not options.heartbeat_enabled:  # trials an interrupted worker could not tell
             fail_orphaned_trials(study, [p.pid for p in workers])
         if owns_run:

@@ -1,0 +1,78 @@
+"""Stopping on Ctrl-C and SIGTERM, reliably.
+
+Python turns a signal into KeyboardInterrupt at whatever line happens to run, and a library that
+swallows every exception there (Keras' layer building has bare `except:` clauses; an exception
+raised in a `__del__` is only printed) loses it: a `sample` worker told to stop would go on to
+its campaign's target. So the handler also records the request, and long loops ask `check()` at
+their safe points (before each net, after each evaluation), which raises again until they stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_requested = ""  # the name of the signal that asked this process to stop, once one has
+_deferring = 0  # inside `deferred()`: a stop signal is only recorded
+
+
+def install() -> Callable[[], None]:
+    """Make SIGINT and SIGTERM (a scheduler's time limit, `scancel`, `kill`) stop this process
+    like Ctrl-C: unfinished runs end KILLED, a parent stops its workers. A SIGINT that this
+    process was started ignoring stays ignored. Returns what puts the earlier handlers back (a
+    no-op off the main thread, where signals cannot be handled) and forgets the request."""
+    global _requested
+    _requested = ""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        global _requested
+        _requested = signal.Signals(signum).name
+        if not _deferring:
+            raise KeyboardInterrupt
+
+    previous = {number: signal.getsignal(number) for number in _STOP_SIGNALS}
+    for number, handler in previous.items():
+        if not (number == signal.SIGINT and handler is signal.SIG_IGN):
+            signal.signal(number, interrupt)
+
+    def restore() -> None:
+        global _requested
+        _requested = ""
+        for number, handler in previous.items():
+            if handler is not None:  # None: set outside Python, cannot be put back from here
+                signal.signal(number, handler)
+
+    return restore
+
+
+def requested() -> str:
+    """The signal that asked this process to stop ("" while none has)."""
+    return _requested
+
+
+def check() -> None:
+    """Raise KeyboardInterrupt if this process was asked to stop: the one its signal raised may
+    have been swallowed on the way."""
+    if _requested:
+        raise KeyboardInterrupt(f"{_requested} received")
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Hold a stop signal's KeyboardInterrupt until the block is over: for a step that must not
+    be cut in two, such as creating an MLflow run and learning its id (cut after the commit, the
+    run would stay RUNNING with nobody left who knows it)."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if not _deferring:
+        check()
