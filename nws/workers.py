@@ -73,16 +73,23 @@ def run_workers(options: SampleOptions, study: Any) -> CampaignSummary:
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
     before, _, _ = trial_counts(study)
 
-    def start(quota: int) -> subprocess.Popen:
+    workers: dict[subprocess.Popen, int] = {}  # each worker started, and its n_nets
+
+    def start(quota: int) -> None:
         command = worker_command(options, workers=1, n_nets=max(1, quota), threads=threads,
                                  parent_run_id=run.info.run_id)  # fmt: skip
-        # Their own session: a terminal's Ctrl-C reaches the parent only, which passes it on once.
-        return subprocess.Popen(command, env=env, start_new_session=True)
+        # A stop while Popen runs is held until the worker is in `workers`, where `_stop` finds
+        # it: the worker has its own session (a terminal's Ctrl-C reaches the parent only, which
+        # passes it on once), so one left out would run on alone.
+        with interrupts.deferred():
+            workers[subprocess.Popen(command, env=env, start_new_session=True)] = quota
 
-    workers = {start(q): q for q in _quotas(options) if q > 0}
     restarts = options.workers
     status = "FINISHED"
     try:
+        for quota in _quotas(options):
+            if quota > 0:
+                start(quota)
         while workers:
             time.sleep(POLL_SECONDS)
             interrupts.check()
@@ -96,7 +103,7 @@ def run_workers(options: SampleOptions, study: Any) -> CampaignSummary:
                 complete, _, _ = trial_counts(study)
                 if options.target and complete < options.target and restarts > 0:
                     restarts -= 1
-                    workers[start(quota)] = quota
+                    start(quota)
                 else:
                     status = "FAILED"
     except BaseException:
