@@ -280,12 +280,12 @@ def run_campaign(options: SampleOptions) -> CampaignSummary:
         _train_nets(options, settings, study, datasets, replay, summary)
         return summary
     owns_run = mlflow.active_run() is None
-    run = tracking.start_campaign_run(_campaign_tags(options), asdict(options))
-    summary = CampaignSummary(options.campaign, campaign_run_id=run.info.run_id)
     try:
+        run = tracking.start_campaign_run(_campaign_tags(options), asdict(options))
+        summary = CampaignSummary(options.campaign, campaign_run_id=run.info.run_id)
         _train_nets(options, settings, study, datasets, replay, summary)
     except BaseException as error:
-        if owns_run:
+        if owns_run and mlflow.active_run():
             mlflow.end_run("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
     mlflow.set_tags({"nws.finished_nets": str(len(summary.finished))})

@@ -83,10 +83,13 @@ def check_tracking_server(timeout: float = 5.0) -> None:
 def start_campaign_run(tags: Mapping[str, str], params: Mapping[str, Any]) -> Any:
     """Start (or, inside `mlflow run`, continue) the campaign's run.
 
-    Params that the project run already holds (MLproject parameters) are not logged again.
+    Params that the project run already holds (MLproject parameters) are not logged again. A
+    stop while the run is made is held until it is the active run, which the caller's `except`
+    ends KILLED (left to MLflow's exit hook, it would end FINISHED).
     """
     mlflow = _mlflow()
-    run = mlflow.active_run() or mlflow.start_run()
+    with interrupts.deferred():
+        run = mlflow.active_run() or mlflow.start_run()
     mlflow.set_tags(dict(tags))
     existing = mlflow.get_run(run.info.run_id).data.params
     mlflow.log_params({k: v for k, v in params.items() if k not in existing})

@@ -68,10 +68,8 @@ def run_workers(options: SampleOptions, study: Any) -> CampaignSummary:
     from nws.sampling import _campaign_tags, trial_counts
 
     owns_run = mlflow.active_run() is None
-    run = tracking.start_campaign_run(_campaign_tags(options), dataclasses.asdict(options))
     threads = options.threads or max(1, (os.cpu_count() or 1) // options.workers)
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
-    before, _, _ = trial_counts(study)
 
     workers: dict[subprocess.Popen, int] = {}  # each worker started, and its n_nets
 
@@ -87,6 +85,8 @@ def run_workers(options: SampleOptions, study: Any) -> CampaignSummary:
     restarts = options.workers
     status = "FINISHED"
     try:
+        run = tracking.start_campaign_run(_campaign_tags(options), dataclasses.asdict(options))
+        before, _, _ = trial_counts(study)
         for quota in _quotas(options):
             if quota > 0:
                 start(quota)
@@ -110,7 +110,7 @@ def run_workers(options: SampleOptions, study: Any) -> CampaignSummary:
         _stop(list(workers))
         if not options.heartbeat_enabled:  # trials an interrupted worker could not tell
             fail_orphaned_trials(study, [p.pid for p in workers])
-        if owns_run:
+        if owns_run and mlflow.active_run():
             mlflow.end_run("KILLED")
         raise
     complete, _, _ = trial_counts(study)
