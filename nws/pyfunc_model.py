@@ -1,5 +1,12 @@
 """The MLflow pyfunc model of a registered meta-classifier, logged as code (MLflow's
-"models from code"), so loading it never unpickles anything.
+"models from code") with the `nws` package beside it.
+
+MLflow runs this file when it loads the model, with the model's `code/` folder first on
+`sys.path` (so `nws` modules not yet imported come from there): like any models-from-code model,
+it is code, and whoever may write the artifact store can change what runs. Its data
+(`meta_classifier`) is read without running code from it: JSON, skops with a trusted-type list,
+a checked `.keras` archive in safe mode; a tampered data file is refused with one line
+(`nws.errors.DataError`). Nothing is unpickled.
 
 `predict` takes flat weight vectors (the layout contract, one per row; nets of different
 architectures in separate calls) and returns the property's readable value per row, or the

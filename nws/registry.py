@@ -2,8 +2,16 @@
 a name that says what it predicts (`nws-meta-<property>`), and move the alias `champion` to a new
 version only when its held-out score beats the current champion's.
 
-The model itself is `nws/pyfunc_model.py`, logged as code with the `nws` package beside it: its
-`predict` takes flat weight vectors and returns the property's readable value per row.
+The model itself is `nws/pyfunc_model.py`, logged as code ("models from code") with the `nws`
+package beside it (`code_paths`): its `predict` takes flat weight vectors and returns the
+property's readable value per row.
+
+Trust: MLflow runs the logged code files when it loads the model, as for any models-from-code
+pyfunc model, so whoever may write the artifact store or the registry can run code on the machines
+that load a model. The data files (`artifacts/meta/`) are loaded without running code from them
+(`nws.meta.models`), and a tampered one is refused with one line: `load_champion` raises a
+DataError. The MLmodel names its code file and artifacts by their paths inside the model, not by
+paths of the machine that logged it (`_PortablePyfunc`).
 """
 
 from __future__ import annotations
@@ -41,8 +49,27 @@ def _signature(regression: bool) -> Any:
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    names = ("mlflow", "tensorflow", "keras", "scikit-learn", "numpy", "pandas", "joblib")
+    names = ("mlflow", "tensorflow", "keras", "scikit-learn", "skops", "numpy", "pandas")
     return [f"{name}=={version(name)}" for name in names]
+
+
+class _PortablePyfunc:
+    """`mlflow.pyfunc` as the flavor of `mlflow.models.Model.log`, with an MLmodel that names no
+    path of the logging machine. MLflow records the absolute path of the code file
+    (`model_code_path`; at load only its file name is used, inside the model) and the local source
+    of each artifact (`uri`; never read at load): both become paths inside the model."""
+
+    @staticmethod
+    def save_model(path: str, mlflow_model: Any, **kwargs: Any) -> None:
+        import mlflow
+        from mlflow.models.model import MLMODEL_FILE_NAME
+
+        mlflow.pyfunc.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
+        flavor = mlflow_model.flavors[mlflow.pyfunc.FLAVOR_NAME]
+        flavor["model_code_path"] = Path(flavor["model_code_path"]).name
+        for artifact in flavor.get("artifacts", {}).values():
+            artifact["uri"] = artifact["path"]
+        mlflow_model.save(str(Path(path) / MLMODEL_FILE_NAME))
 
 
 @dataclass(frozen=True)
@@ -67,8 +94,11 @@ def log_meta_classifier(
         warnings.filterwarnings("ignore", message=".*input_example.*")
         directory = Path(tmp) / "meta"
         model.save(directory)
-        info = mlflow.pyfunc.log_model(
+        info = mlflow.models.Model.log(
+            artifact_path=None,
             name="model",
+            flavor=_PortablePyfunc,
+            flavor_name="pyfunc.ModelFromCode",  # as mlflow.pyfunc.log_model names a model from code
             python_model=str(Path(__file__).with_name("pyfunc_model.py")),
             artifacts={"meta_classifier": str(directory)},
             code_paths=[str(Path(nws.__file__).parent)],
@@ -122,6 +152,7 @@ def load_champion(prop: str, alias: str = CHAMPION) -> Any | None:
     from mlflow.exceptions import MlflowException
 
     from nws.errors import DataError
+    from nws.meta.models import one_line
 
     uri = f"models:/{registered_name(prop)}@{alias}"
     try:
@@ -130,5 +161,7 @@ def load_champion(prop: str, alias: str = CHAMPION) -> Any | None:
         return None
     try:
         return mlflow.pyfunc.load_model(uri)
+    except DataError as e:  # a data file that is not what nws saved
+        raise DataError(f"cannot load {uri}: {e}") from None
     except Exception as e:  # a model logged by another version of nws, a missing artifact, ...
-        raise DataError(f"cannot load {uri}: {type(e).__name__}: {e}") from None
+        raise DataError(f"cannot load {uri}: {one_line(e)}") from None

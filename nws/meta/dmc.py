@@ -5,16 +5,24 @@ with 2x max-pooling in between, then further 256-channel layers (pooling only wh
 above 50) until about 20 positions remain: at a slice length of 5,000 the flattened size is
 19 x 256, and longer slices get more layers. Head: dense 1024 x 4 and 64, each ReLU -> batch norm
 -> dropout 0.5, then the output.
+
+Saved as a `.keras` archive. Loading checks every object its config names against those a DMC is
+made of (`KERAS_OBJECTS`) before Keras reads it, then loads it in Keras' safe mode, so a crafted
+archive (a Lambda layer's code, a function of another module) is refused rather than run.
 """
 
 from __future__ import annotations
 
+import json
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from nws.meta.models import MetaClassifier
+from nws.errors import DataError
+from nws.meta.models import MetaClassifier, one_line
 from nws.meta.samples import Samples
 
 KERNEL = 5
@@ -26,6 +34,16 @@ near their initial values for the first hundreds of steps."""
 RECALIBRATION_BATCHES = 10
 MIN_EXTRA_LAYERS = 6
 POOL_WHILE_ABOVE = 50
+MODEL_FILE = "dmc.keras"
+KERAS_OBJECTS = frozenset({
+    "keras.src.models.functional.Functional", "keras.layers.InputLayer", "keras.layers.Reshape",
+    "keras.layers.Conv1D", "keras.layers.Activation", "keras.layers.BatchNormalization",
+    "keras.layers.MaxPooling1D", "keras.layers.Flatten", "keras.layers.Dense", "keras.layers.Dropout",
+    "keras.DTypePolicy", "keras.initializers.GlorotUniform", "keras.initializers.Zeros",
+    "keras.initializers.Ones", "keras.optimizers.Adam", "keras.losses.SparseCategoricalCrossentropy",
+    "keras.losses.MeanAbsoluteError", "__keras_tensor__",
+})  # fmt: skip
+"""Every object (module.class) the config of a saved DMC names (Keras 3.15)."""
 
 
 def conv_plan(length: int) -> list[tuple[int, bool]]:
@@ -184,9 +202,34 @@ class DMC(MetaClassifier):
         return keras.ops.convert_to_numpy(keras.ops.softmax(out, axis=-1))
 
     def _save_model(self, directory: Path) -> None:
-        self.model.save(directory / "dmc.keras")
+        self.model.save(directory / MODEL_FILE)
 
     def _load_model(self, directory: Path) -> None:
         import keras
 
-        self.model = keras.models.load_model(directory / "dmc.keras")
+        path = directory / MODEL_FILE
+        try:
+            with zipfile.ZipFile(path) as archive:
+                strangers = sorted(
+                    set(_named_objects(json.loads(archive.read("config.json")))) - KERAS_OBJECTS
+                )
+        except (OSError, zipfile.BadZipFile, KeyError, ValueError, RecursionError) as e:
+            raise DataError(f"{MODEL_FILE}: not a Keras archive ({one_line(e)})") from None
+        if strangers:
+            raise DataError(f"{MODEL_FILE}: names objects a DMC is not made of: {', '.join(strangers)}")
+        try:
+            # Explicit safe mode, and no compile: prediction needs neither optimizer nor loss.
+            self.model = keras.models.load_model(path, compile=False, safe_mode=True)
+        except Exception as e:  # Keras' reader of untrusted input: any failure means a bad file
+            raise DataError(f"{MODEL_FILE}: cannot be loaded ({one_line(e)})") from None
+
+
+def _named_objects(node: Any) -> Iterator[str]:
+    """`module.class` of every object a Keras config names, however deeply nested."""
+    if isinstance(node, dict):
+        if "class_name" in node:
+            yield ".".join(str(part) for part in (node.get("module"), node["class_name"]) if part is not None)
+        node = list(node.values())
+    if isinstance(node, list):
+        for value in node:
+            yield from _named_objects(value)

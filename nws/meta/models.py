@@ -4,6 +4,11 @@ snapshots + gradient boosting, for selections that share one architecture).
 
 Each predicts a property from weights: class probabilities, or the learning rate (regressed with
 an L1 loss on the rate scaled to [0, 1] by the space's range, reported in the original units).
+
+A saved model is data only: `meta.json` and the estimator's file, in formats whose loading runs no
+code from the file (skops with a trusted-type list, a `.keras` archive checked against the
+objects a DMC holds and read in Keras' safe mode). A registered model's data can be replaced by
+whoever may write the artifact store, so loading refuses anything else with one line.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from nws.errors import DataError
 from nws.meta.features import layer_statistics
 from nws.meta.samples import Samples
 from nws.snapshots import WeightLayout, conv_size_for_length
@@ -110,7 +116,7 @@ class MetaClassifier(ABC):
 
     @abstractmethod
     def _load_model(self, directory: Path) -> None:
-        """Read what `_save_model` wrote."""
+        """Read what `_save_model` wrote, running no code from it; DataError otherwise."""
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -125,11 +131,16 @@ class MetaClassifier(ABC):
 
     @staticmethod
     def load(directory: Path) -> MetaClassifier:
-        meta = json.loads((Path(directory) / "meta.json").read_text())
-        task = Task(meta["task"]["prop"], tuple(meta["task"]["classes"]))
-        layout = WeightLayout.from_records(meta["layout"]) if meta["layout"] else None
-        model = create(meta["model"], task, MetaSettings(**meta["settings"]), layout)
-        model._load_model(Path(directory))
+        """Read what `save` wrote; a file that is not what it wrote is a DataError (one line)."""
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+            task = Task(meta["task"]["prop"], tuple(meta["task"]["classes"]))
+            layout = WeightLayout.from_records(meta["layout"]) if meta["layout"] else None
+            model = create(meta["model"], task, MetaSettings(**meta["settings"]), layout)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # incl. UnicodeDecodeError, bad JSON
+            raise DataError(f"meta.json: not a saved meta-classifier's description ({one_line(e)})") from None
+        model._load_model(directory)
         return model
 
 
@@ -145,6 +156,11 @@ def create(
         "layer_stats": LayerStatsModel,
     }
     return kinds[name](task, settings, layout)
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one line of text (messages of file parsers may span several)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
 def to_probabilities(model: Any, features: np.ndarray, n_classes: int) -> np.ndarray:
