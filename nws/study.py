@@ -76,12 +76,17 @@ def smallest_region(subset: str, region: str) -> int:
 
 def check_before_sampling(options: Any, sample: SampleOptions) -> None:
     """Everything that would fail the training part after the whole zoo is sampled: the sample
-    and train parameters, K against `prints`, the slice length against the subset's
-    architectures, properties that cannot vary in this campaign and models that cannot run."""
+    and train parameters, a campaign name that cannot be quoted in the selection's filter, K
+    against `prints`, the slice length against the subset's architectures, properties that
+    cannot vary in this campaign and models that cannot run."""
     from nws.zoo import parse_k
 
     datasets, replay = sample.validate()
     props, models = _part(options, TrainOptions).validate()
+    if "'" in options.campaign:  # the training selects the nets by a filter quoting the name
+        raise ParameterError(
+            "campaign", f"{options.campaign!r}: main's campaign name must not hold a quote (')"
+        )
     try:
         parse_k(options.K, options.prints)
     except ParameterError:

@@ -244,8 +244,12 @@ FIXED_CONV = weight_layout(NetConfig.from_values(FIXED)).weightn_conv
             ["--models", "layer_stats", "--subset", "main"],
             "models: layer_stats needs nets of one architecture; the main subset draws it",
         ),
+        (  # it would widen the filter that selects the campaign's nets to every net
+            ["--campaign", "x' and tags.`nws.role` = 'net"],
+            "campaign: \"x' and tags.`nws.role` = 'net\": main's campaign name must not hold a quote (')",
+        ),
     ],
-    ids=["K", "slice_length", "props", "one-dataset", "layer_stats"],
+    ids=["K", "slice_length", "props", "one-dataset", "layer_stats", "campaign"],
 )
 def test_main_refuses_bad_input_before_the_first_net(tracking_uri, tmp_path, args, message):
     started = time.monotonic()
