@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import functools
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -38,11 +39,11 @@ import numpy as np
 import pandas as pd
 
 from nws import nws_format, tracking
-from nws.errors import NWSError, ParameterError
-from nws.params import at_least, param
-from nws.space import PROPERTY_NAMES, NetConfig
+from nws.errors import DataError, NWSError, ParameterError
+from nws.params import at_least, param, writable_directory
+from nws.space import PROPERTY_NAMES, SUBSETS, NetConfig
 from nws.sql_tracking import RunNotActive
-from nws.zoo import Selection
+from nws.zoo import Selection, default_cache_dir
 
 TAG_SOURCE = "nws.source"  # "nws-import" on imported nets
 TAG_SOURCE_PATH = "nws.source_path"
@@ -50,6 +51,8 @@ TAG_SOURCE_CHECKSUM = "nws.source_checksum"  # xxh3-128 of the net's published f
 TAG_SOURCE_CSV = "nws.source_csv"
 IMPORT_SOURCE = "nws-import"
 FORMATS = ("nws", "cnn_zoo")
+PLAIN_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,255}")
+"""What a run id may look like before it becomes a file name (MLflow's are 32 hex digits)."""
 
 
 @dataclass(frozen=True)
@@ -303,7 +306,7 @@ def _tasks(
     seen: set[Path] = set()
     for job in jobs:
         try:
-            directory = nws_format.resolve_inside(job.root, str(job.row["path"]))
+            directory = nws_format.net_directory(job.root, str(job.row["path"]))
         except nws_format.Refused as reason:
             yield job, ("refused", str(reason))
             continue
@@ -422,10 +425,38 @@ class ExportOptions(Selection):
             raise ParameterError("format", f"{self.format!r} is not one of {', '.join(FORMATS)}")
         if not 0.0 <= self.test_fraction < 1.0:
             raise ParameterError("test_fraction", f"{self.test_fraction} is not in [0, 1)")
-        out = Path(self.out).expanduser()
+        out = writable_directory("out", self.out)
         if out.exists() and any(out.iterdir()):
             raise ParameterError("out", f"{out} exists and is not empty")
+        writable_directory("cache_dir", self.cache_dir or default_cache_dir())
         return out
+
+
+def _plain_run_id(run_id: str) -> str:
+    if not PLAIN_RUN_ID.fullmatch(str(run_id)):
+        raise DataError(f"run {run_id!r}: not a plain MLflow run id; nothing was exported")
+    return run_id
+
+
+def export_directories(nets: pd.DataFrame, out: Path) -> list[Path]:
+    """Each net's directory in the published layout, `out/<subset>/<run id>`, checked before
+    anything is written: the subset comes from a run's tag and must be one of the subsets, the
+    run id must be a plain id, and the path must resolve inside `out`; so no tag or id can lead
+    the export elsewhere."""
+    directories = []
+    for run_id, tag in zip(nets["run_id"], nets["subset"], strict=True):
+        _plain_run_id(run_id)
+        subset = tag or "main"
+        if subset not in SUBSETS:
+            raise DataError(
+                f"run {run_id}: its {tracking.TAG_SUBSET} tag {subset!r} is not one of {', '.join(SUBSETS)}; "
+                "nothing was exported"
+            )
+        try:
+            directories.append(nws_format.resolve_inside(out, f"{subset}/{run_id}"))
+        except nws_format.Refused as reason:
+            raise DataError(f"run {run_id}: {reason}; nothing was exported") from None
+    return directories
 
 
 def _artifact(nets: pd.DataFrame, i: int, name: str, tmp: Path) -> Path:
@@ -454,12 +485,15 @@ def run_export(options: ExportOptions) -> Path:
         raise ParameterError(
             "format", "cnn_zoo needs nets of one architecture (select e.g. the fixed subset)"
         )
-    zoo = build_zoo(nets, ArtifactCache(Path(options.cache_dir) if options.cache_dir else None))
+    for run_id in nets["run_id"]:  # run ids name the download directories of either format
+        _plain_run_id(run_id)
+    directories = export_directories(nets, out) if options.format == "nws" else []
+    zoo = build_zoo(nets, ArtifactCache(Path(options.cache_dir).expanduser() if options.cache_dir else None))
     nets = zoo.nets.assign(artifact_uri=nets["artifact_uri"].to_numpy())
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="nws-export-") as tmp:
         if options.format == "nws":
-            _export_nws(nets, zoo, out, Path(tmp), options)
+            _export_nws(nets, zoo, out.resolve(), directories, Path(tmp), options)
         else:
             _export_cnn_zoo(nets, zoo, out, Path(tmp))
     print(f"exported {len(nets)} nets to {out} ({options.format} layout)")
@@ -471,7 +505,10 @@ def _net_weights(zoo: Any, i: int) -> np.ndarray:
     return np.stack([zoo.snapshot(i, k) for k in range(1, prints + 1)])
 
 
-def _export_nws(nets: pd.DataFrame, zoo: Any, out: Path, tmp: Path, options: ExportOptions) -> None:
+def _export_nws(
+    nets: pd.DataFrame, zoo: Any, out: Path, directories: list[Path], tmp: Path, options: ExportOptions
+) -> None:
+    """The published layout into `out` (resolved), each net into its checked directory."""
     import mlflow
 
     parts = _splits(nets, options.test_fraction, options.seed)
@@ -483,8 +520,7 @@ def _export_nws(nets: pd.DataFrame, zoo: Any, out: Path, tmp: Path, options: Exp
         errors = nws_format.errors_from_history(history, int(metrics.get("steps_per_epoch", 1)))
         stat = np.array([len(errors), errors[-1, 0], float(history["epoch"].iloc[-1]),
                          float(metrics.get("train_seconds", 0.0))])  # fmt: skip
-        subset = net.subset or "main"
-        directory = out / subset / net.run_id
+        subset, directory = net.subset or "main", directories[i]
         nws_format.write_net(directory, config, _net_weights(zoo, i), errors, stat)
         path = str(directory) if options.absolute_paths else nws_format.relative_path(directory, out)
         row = nws_format.index_row(config, int(net.weightn_conv), int(net.weightn_fc), path)

@@ -79,10 +79,11 @@ def subset_of(csv_path: Path) -> str:
     return "fixed" if "fixed" in stem else "main" if "main" in stem else ""
 
 
-def resolve_inside(root: Path, path: str) -> Path:
-    """The net directory `path` (relative to root, or absolute inside it); links and `..` that
-    lead out of the root are refused."""
-    if not path or not str(path).strip():
+def resolve_inside(root: Path, path: str | Path) -> Path:
+    """`path` (relative to root, or absolute inside it) with links and `..` resolved; refused
+    unless it stays inside the root. Every path that a CSV cell, a run's tag or a user string
+    helps to build goes through here, on reading and on writing."""
+    if not str(path).strip():
         raise Refused("empty path")
     root = root.resolve()
     candidate = Path(path)
@@ -90,9 +91,15 @@ def resolve_inside(root: Path, path: str) -> Path:
     try:
         resolved = joined.resolve(strict=False)
     except (OSError, RuntimeError) as e:
-        raise Refused(f"path {path!r} cannot be resolved ({e})") from None
+        raise Refused(f"path {str(path)!r} cannot be resolved ({e})") from None
     if resolved != root and root not in resolved.parents:
-        raise Refused(f"path {path!r} leads outside the root {root}")
+        raise Refused(f"path {str(path)!r} leads outside the root {root}")
+    return resolved
+
+
+def net_directory(root: Path, path: str) -> Path:
+    """A published net's directory: `path` inside the root (see `resolve_inside`), a directory."""
+    resolved = resolve_inside(root, path)
     if not resolved.is_dir():
         raise Refused(f"path {path!r} is not a directory")
     return resolved

@@ -42,17 +42,40 @@ class PredictOptions:
         return names
 
 
-def _pick(array: np.ndarray, k: int, where: str) -> np.ndarray:
+def _pick(array: np.ndarray, k: int, name: str, where: str) -> np.ndarray:
+    """Row `k` of the snapshots (the last for 0) as float32, refused (naming the parameter
+    `name`) unless it is a finite weight vector of an architecture of the space: anything else
+    would give confident predictions from weights no net has, or a traceback."""
+    from nws.snapshots import conv_size_for_length
+
     array = np.asarray(array)
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise ParameterError(name, f"{where} holds {array.dtype} values, not numbers")
     if array.ndim == 1:
         if k > 1:
             raise ParameterError("k", f"{where} holds one snapshot")
-        return array.astype(np.float32)
-    if array.ndim != 2:
-        raise DataError(f"{where}: expected a vector or a [prints, n_weights] array, got {array.shape}")
-    if k > len(array):
-        raise ParameterError("k", f"{k} is beyond the {len(array)} snapshots of {where}")
-    return array[(k or len(array)) - 1].astype(np.float32)
+        vector, which = array, where
+    elif array.ndim == 2:
+        if len(array) == 0:
+            raise ParameterError(name, f"{where} holds no snapshot")
+        if k > len(array):
+            raise ParameterError("k", f"{k} is beyond the {len(array)} snapshots of {where}")
+        vector, which = array[(k or len(array)) - 1], f"{where}: snapshot {k or len(array)}"
+    else:
+        raise ParameterError(
+            name, f"{where}: expected a vector or a [prints, n_weights] array, got {array.shape}"
+        )
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf, refused below
+        vector = vector.astype(np.float32)
+    try:
+        conv_size_for_length(len(vector))
+    except ValueError:
+        raise ParameterError(
+            name, f"{where}: {len(vector)} weights fit no architecture of the NWS space"
+        ) from None
+    if not np.isfinite(vector).all():
+        raise ParameterError(name, f"{which} holds NaN or infinite weights")
+    return vector
 
 
 def load_vector(options: PredictOptions) -> tuple[np.ndarray, dict[str, str], str]:
@@ -66,7 +89,7 @@ def load_vector(options: PredictOptions) -> tuple[np.ndarray, dict[str, str], st
             array = np.load(path)
         except (OSError, ValueError) as e:
             raise DataError(f"snapshot: cannot read {path} as .npy ({e})") from None
-        return _pick(array, options.k, str(path)), {}, str(path)
+        return _pick(array, options.k, "snapshot", str(path)), {}, str(path)
     try:
         run = mlflow.get_run(options.run_id.strip())
     except MlflowException:
@@ -79,7 +102,8 @@ def load_vector(options: PredictOptions) -> tuple[np.ndarray, dict[str, str], st
         run.info.run_id, run.info.artifact_uri, run.data.tags[tracking.TAG_WEIGHTS_DIGEST]
     )
     truth = {name: run.data.params.get(name, "") for name in PROPERTY_NAMES}
-    return _pick(np.load(path, mmap_mode="r"), options.k, f"run {run.info.run_id}"), truth, run.info.run_id
+    vector = _pick(np.load(path, mmap_mode="r"), options.k, "run_id", f"run {run.info.run_id}")
+    return vector, truth, run.info.run_id
 
 
 def run_predict(options: PredictOptions) -> pd.DataFrame:

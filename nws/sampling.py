@@ -24,7 +24,7 @@ from typing import Any
 
 from nws import __version__, interrupts, space
 from nws.errors import ParameterError
-from nws.params import at_least, param
+from nws.params import at_least, param, writable_directory
 from nws.space import NetConfig
 
 DEFAULT_STORAGE = "optuna-journal.log"
@@ -94,6 +94,7 @@ class SampleOptions:
         at_least("workers", self.workers, 1)
         at_least("threads", self.threads, 0)
         at_least("heartbeat", self.heartbeat, 1)
+        check_storage(self.storage)
         datasets = resolve_datasets(self.datasets)
         replay = None
         if self.config.strip():
@@ -128,13 +129,8 @@ def open_storage(url: str, heartbeat: int | None = None) -> Any:
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-    url = url.strip() or DEFAULT_STORAGE
+    url = check_storage(url)
     if "://" in url:
-        tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
-        if tracking and tracking.rstrip("/") == url.rstrip("/"):
-            raise ParameterError(
-                "storage", "must not be MLflow's database (both keep an alembic_version table)"
-            )
         connect = {"connect_timeout": 5} if url.startswith("postgresql") else {}
         try:
             with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
@@ -149,10 +145,94 @@ def open_storage(url: str, heartbeat: int | None = None) -> Any:
         except Exception as e:  # SQLAlchemy raises many types for bad URLs or servers
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ParameterError("storage", f"cannot open {url}: {reason}") from None
+    return JournalStorage(JournalFileBackend(str(_journal_path(url))))
+
+
+SERVER_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433, "oracle": 1521}
+"""Default ports, so that a URL with the port and one without name the same server."""
+
+
+def check_storage(url: str) -> str:
+    """The storage URL (the default if empty), refused with one line when Optuna could not or
+    must not write there: MLflow's own tracking database, however it is spelled (relative, with
+    `..`, through a link, MLflow's default `mlflow.db`; both keep an `alembic_version` table, so
+    Optuna would write its tables into MLflow's), or a journal file that cannot be written."""
+    import mlflow
+
+    url = url.strip() or DEFAULT_STORAGE
+    tracking = mlflow.get_tracking_uri()
+    if "://" in url:
+        same = _same_database(url, tracking)
+    else:
+        mlflow_file = _sqlite_file(tracking)
+        same = mlflow_file is not None and _same_file(_journal_path(url), mlflow_file)
+    if same:
+        raise ParameterError(
+            "storage",
+            f"{url} is MLflow's tracking database ({tracking}); give Optuna a storage of its own "
+            "(both keep an alembic_version table)",
+        )
+    return url
+
+
+def _journal_path(url: str) -> Path:
+    """A journal file's path, checked: its directory exists and can be written, and it is a
+    file that can be written if it exists."""
     path = Path(url.removeprefix("journal:")).expanduser()
-    if not path.parent.is_dir():
+    if path.is_dir():
+        raise ParameterError("storage", f"{path} is a directory, not a journal file")
+    if not os.path.lexists(path.parent):
         raise ParameterError("storage", f"directory {path.parent} does not exist")
-    return JournalStorage(JournalFileBackend(str(path)))
+    writable_directory("storage", path.parent)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ParameterError("storage", f"{path} is not writable")
+    return path
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL; None for anything else (a server, memory, a file store)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # not a SQLAlchemy URL: an http(s) tracking server, a file store, ...
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database.removeprefix("file:")).expanduser()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same inode when both exist (links, hard links),
+    else the same path once links and `..` are resolved."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _same_database(url: str, other: str) -> bool:
+    """Whether two SQLAlchemy URLs name one database: one SQLite file, or one database of one
+    server (user, password, driver and options aside)."""
+    from sqlalchemy.engine import make_url
+
+    files = _sqlite_file(url), _sqlite_file(other)
+    if files[0] is not None and files[1] is not None:
+        return _same_file(*files)
+    try:
+        a, b = make_url(url), make_url(other)
+    except Exception:
+        return False
+    backend = a.get_backend_name()
+    if backend == "sqlite" or backend != b.get_backend_name():
+        return False
+    return ((a.host or "").lower(), a.port or SERVER_PORTS.get(backend), a.database) == (
+        (b.host or "").lower(),
+        b.port or SERVER_PORTS.get(backend),
+        b.database,
+    )
 
 
 MAX_RETRIES = 2

@@ -9,9 +9,12 @@ enough for a 2-core CPU; the nets are selected by the campaign's tag.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import field
 from typing import Any
 
+from nws import space
+from nws.errors import ParameterError
 from nws.meta.campaign import TrainOptions
 from nws.sampling import SampleOptions
 
@@ -55,6 +58,63 @@ def _part(options: Any, target: type, **overrides: Any) -> Any:
     return target(**{**values, **overrides})
 
 
+def smallest_region(subset: str, region: str) -> int:
+    """The fewest weights that `region` spans in any architecture the subset draws (the fixed
+    subset has one): a longer slice fails `train` as soon as a net that small is selected."""
+    from nws.snapshots import weight_layout
+
+    base = {p.name: p.choices(subset)[0] if p.is_categorical else p.low for p in space.PROPERTIES}
+    choices = [space.BY_NAME[name].choices(subset) for name in space.ARCHITECTURE]
+    spans = []
+    for architecture in itertools.product(*choices):
+        values = {**base, **dict(zip(space.ARCHITECTURE, architecture, strict=True))}
+        layout = weight_layout(space.NetConfig(**values))
+        conv, fc = layout.weightn_conv, layout.weightn_fc
+        spans.append({"all": conv + fc, "conv": conv, "fc": fc}[region])
+    return min(spans)
+
+
+def check_before_sampling(options: Any, sample: SampleOptions) -> None:
+    """Everything that would fail the training part after the whole zoo is sampled: the sample
+    and train parameters, a campaign name that cannot be quoted in the selection's filter, K
+    against `prints`, the slice length against the subset's architectures, properties that
+    cannot vary in this campaign and models that cannot run."""
+    from nws.zoo import parse_k
+
+    datasets, replay = sample.validate()
+    props, models = _part(options, TrainOptions).validate()
+    if "'" in options.campaign:  # the training selects the nets by a filter quoting the name
+        raise ParameterError(
+            "campaign", f"{options.campaign!r}: main's campaign name must not hold a quote (')"
+        )
+    try:
+        parse_k(options.K, options.prints)
+    except ParameterError:
+        raise ParameterError(
+            "K",
+            f"{options.K!r} is not a range a,b within 1..{options.prints} "
+            "(prints: the snapshots each net keeps)",
+        ) from None
+    if options.props.strip() not in ("", "all") and replay is None:
+        drawn = {name: space.BY_NAME[name].choices(options.subset, datasets) for name in props}
+        constant = [f"{name} (always {choices[0]})" for name, choices in drawn.items() if len(choices) == 1]
+        if constant:
+            raise ParameterError("props", f"does not vary in this campaign: {', '.join(constant)}")
+    if options.subset != "fixed" and models == ["layer_stats"]:
+        raise ParameterError(
+            "models", f"layer_stats needs nets of one architecture; the {options.subset} subset draws it"
+        )
+    if any(m != "layer_stats" for m in models):
+        span = smallest_region(options.subset, options.region)
+        if options.slice_length > span:
+            which = "architecture" if options.subset == "fixed" else "smallest architecture"
+            raise ParameterError(
+                "slice_length",
+                f"{options.slice_length} is longer than the {options.region} part of the {options.subset} "
+                f"subset's {which} ({span} weights)",
+            )
+
+
 def run_main(options: Any) -> Any:
     """Sample, then train on the campaign's nets; return the results table."""
     import mlflow
@@ -64,8 +124,7 @@ def run_main(options: Any) -> Any:
     from nws.sampling import run_campaign
 
     sample = _part(options, SampleOptions)
-    sample.validate()
-    _part(options, TrainOptions).validate()
+    check_before_sampling(options, sample)
     owns_run = mlflow.active_run() is None
     parent = mlflow.active_run() or mlflow.start_run(run_name=f"nws-main-{options.campaign}")
     try:

@@ -261,6 +261,7 @@ def test_an_interrupted_import_resumes_and_finishes(tracking_uri, two_inits, tmp
     """Killed (SIGKILL) mid-import, worker processes included; the next call finishes the job."""
     csvs = f"{two_inits['train']},{two_inits['test']}"
     db = tmp_path / "mlflow.db"
+    mlflow.search_experiments()  # the store is made here: its artifact root is tmp_path, not the project
     importer = subprocess.Popen(
         [sys.executable, "-m", "entrypoints.import_nws", "--csv", csvs, "--workers", "2"],
         cwd=ROOT,

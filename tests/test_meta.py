@@ -143,3 +143,42 @@ def test_predict_prints_and_logs_each_property_beside_the_truth(learned, capsys)
                                 filter_string="tags.`nws.role` = 'prediction'")  # fmt: skip
     assert logged[0].data.params["predicted_initialization"] == "normal"
     assert logged[0].data.metrics["correct_properties"] == 1
+
+
+@pytest.mark.parametrize("case", ["nan", "inf", "length", "strings", "empty"])
+def test_predict_refuses_a_snapshot_it_cannot_read_as_weights(learned, tmp_path, capsys, case):
+    from nws.cli import main
+
+    n_weights = 92868  # the fixed architecture of the zoo the champions learned from
+    weights = np.random.default_rng(0).standard_normal((2, n_weights)).astype(np.float32)
+    if case == "nan":
+        weights[1, 7] = np.nan
+    elif case == "inf":
+        weights[1, 7] = np.inf
+    elif case == "length":
+        weights = weights[:, :-1]
+    elif case == "strings":
+        weights = weights.astype(str)
+    elif case == "empty":
+        weights = weights[:0]
+    path = tmp_path / "weights.npy"
+    np.save(path, weights)
+    before = len(mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                    filter_string="tags.`nws.role` = 'prediction'"))  # fmt: skip
+    capsys.readouterr()
+    assert main(["predict", "--snapshot", str(path)]) == 2
+    captured = capsys.readouterr()
+    expected = {
+        "nan": "holds NaN or infinite weights",
+        "inf": "holds NaN or infinite weights",
+        "length": f"{n_weights - 1} weights fit no architecture of the NWS space",
+        "strings": "holds <U",
+        "empty": "holds no snapshot",
+    }[case]
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"nws predict: error: snapshot: {path}"), lines
+    assert expected in lines[0], lines
+    assert captured.out == ""  # no prediction printed
+    after = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                               filter_string="tags.`nws.role` = 'prediction'")  # fmt: skip
+    assert len(after) == before

@@ -239,13 +239,19 @@ def test_bad_input_from_the_entry_point_process_is_one_line_on_stderr(tracking_u
     assert net_runs(status="FINISHED") == []
 
 
-def test_bad_input_through_mlflow_run_marks_the_project_run_failed(tracking_uri, tmp_path):
-    import mlflow.projects
-
-    with pytest.raises(mlflow.exceptions.ExecutionException):
-        mlflow.projects.run(
-            str(ROOT), entry_point="sample", env_manager="local",
-            parameters={"n_nets": "0", "storage": str(tmp_path / "o.log")},
-        )  # fmt: skip
+def test_bad_input_through_mlflow_run_is_our_line_then_mlflows_own_report(tracking_uri, tmp_path):
+    """`mlflow run` reports the failure itself: after our one line (the last thing nws prints, no
+    traceback) comes MLflow's line, the exit code is MLflow's 1, and the project run is FAILED."""
+    done = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "sample", "--env-manager", "local",
+         "-P", "n_nets=0", "-P", f"storage={tmp_path / 'o.log'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr + done.stdout
+    lines = done.stderr.strip().splitlines()
+    ours = lines.index("nws sample: error: n_nets: 0 is below 1")
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert [r.info.status for r in runs] == ["FAILED"]
+    after = [line.split(" ", 2)[-1] for line in lines[ours + 1 :]]
+    assert after == [f"ERROR mlflow.cli: === Run (ID '{runs[0].info.run_id}') failed ==="]

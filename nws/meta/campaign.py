@@ -23,9 +23,9 @@ import pandas as pd
 from nws import tracking
 from nws.errors import ParameterError
 from nws.meta.models import MODEL_NAMES, MetaSettings, Task
-from nws.params import at_least, param
+from nws.params import at_least, param, writable_directory
 from nws.space import PROPERTY_NAMES, get_property
-from nws.zoo import REGIONS, SPLITS, Selection, Split
+from nws.zoo import REGIONS, SPLITS, Selection, Split, default_cache_dir
 
 TAG_META_ROLE = "meta"
 
@@ -57,6 +57,8 @@ class TrainOptions(Selection):
             raise ParameterError("test_fraction", f"{self.test_fraction} is not in (0, 1)")
         if not self.learning_rate > 0:
             raise ParameterError("learning_rate", f"{self.learning_rate} is not positive")
+        if not 0.0 <= self.min_test_accuracy <= 1.0:
+            raise ParameterError("min_test_accuracy", f"{self.min_test_accuracy} is not in [0, 1]")
         if self.split not in SPLITS:
             raise ParameterError("split", f"{self.split!r} is not one of {', '.join(SPLITS)}")
         if self.region not in REGIONS:
@@ -76,6 +78,7 @@ class TrainOptions(Selection):
                 raise ParameterError(
                     "props", f"unknown property {name!r} (known: {', '.join(PROPERTY_NAMES)}, all)"
                 ) from None
+        writable_directory("cache_dir", self.cache_dir or default_cache_dir())
         return props, models
 
     def settings(self) -> MetaSettings:
@@ -155,7 +158,7 @@ def plan(options: TrainOptions) -> Plan:
             models = [m for m in models if m != "layer_stats"]
             if not models:
                 raise ParameterError("models", "layer_stats needs nets of one architecture")
-    cache = ArtifactCache(Path(options.cache_dir) if options.cache_dir else None)
+    cache = ArtifactCache(Path(options.cache_dir).expanduser() if options.cache_dir else None)
     used = np.unique(np.concatenate([np.concatenate([s.train, s.valid, s.test]) for s in splits.values()]))
     if any(m != "layer_stats" for m in models):
         check_slice_length(nets, used, options.region, options.slice_length)
