@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -167,10 +168,12 @@ _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.form
 
 
 class _MappedArray:
-    """The data of an .npy file, mapped and pre-faulted (MAP_POPULATE): hashing it reads the page
-    cache directly, in one pass, without a copy through Python memory."""
+    """The data of an .npy file, mapped: hashing it reads the page cache directly, in one pass,
+    without a copy through Python memory. The kernel is asked to read the whole file ahead
+    (MADV_WILLNEED) while the hash runs; pre-faulting it instead (MAP_POPULATE) measured slower,
+    both from disk and from the page cache (benchmarks/zoo_build.py)."""
 
-    def __init__(self, path: Path, populate: bool = True) -> None:
+    def __init__(self, path: Path) -> None:
         import mmap
 
         self._map = None
@@ -191,8 +194,10 @@ class _MappedArray:
                 raise _Unreadable(
                     f"truncated .npy file: {size} bytes, its header needs {self.offset + self.nbytes}"
                 )
-            flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
-            self._map = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ) if self.nbytes else None
+            if self.nbytes:
+                self._map = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+                if hasattr(mmap, "MADV_WILLNEED"):
+                    self._map.madvise(mmap.MADV_WILLNEED)
         self.data = memoryview(self._map)[self.offset : self.offset + self.nbytes] if self._map else b""
 
     def close(self) -> None:
@@ -330,8 +335,6 @@ class Zoo:
     MAX_OPEN_FILES = 256
 
     def __init__(self, directory: Path, index: str | None = None) -> None:
-        self._files: OrderedDict[int, int] = OrderedDict()
-        self._lock = threading.Lock()
         self.directory = directory
         self.nets = read_index(io.StringIO(index) if index is not None else directory / "nets.csv", directory)
         self.offsets = self.nets["offset"].to_numpy(np.int64)
@@ -340,6 +343,11 @@ class Zoo:
         self.ends = self.offsets + self.nets["prints"].to_numpy(np.int64) * self.lengths
         self.data_offsets = self.nets["data_offset"].to_numpy(np.int64)
         self.size_bytes = int(self.ends[-1]) * 4 if len(self.ends) else 0
+        self._files: OrderedDict[int, int] = OrderedDict()
+        self._lock = threading.Lock()
+        # Not __del__: a finalizer runs before the interpreter tears its modules down, and only
+        # for a Zoo whose __init__ got this far.
+        weakref.finalize(self, _close_files, self._files)
 
     def __len__(self) -> int:
         return len(self.nets)
@@ -356,12 +364,7 @@ class Zoo:
 
     def close(self) -> None:
         with self._lock:
-            while self._files:
-                os.close(self._files.popitem()[1])
-
-    def __del__(self) -> None:
-        if hasattr(self, "_lock"):  # __init__ may have failed before (a damaged index)
-            self.close()
+            _close_files(self._files)
 
     def row_start(self, net: np.ndarray | int, k: np.ndarray | int) -> np.ndarray:
         """Start (in values) of snapshot k (1-based) of net `net` in the flat address space."""
@@ -387,6 +390,11 @@ class Zoo:
     def snapshot(self, net: int, k: int) -> np.ndarray:
         """The whole flat vector of one snapshot."""
         return self.gather([int(self.row_start(net, k))], int(self.lengths[net]))[0]
+
+
+def _close_files(files: OrderedDict[int, int]) -> None:
+    while files:
+        os.close(files.popitem()[1])
 
 
 def read_index(source: Any, directory: Path) -> pd.DataFrame:
@@ -510,8 +518,13 @@ def build_zoo(
             progress()
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for future in [pool.submit(locate, i, row) for i, row in enumerate(nets.itertuples())]:
-            future.result()
+        futures = [pool.submit(locate, i, row) for i, row in enumerate(nets.itertuples())]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # the first bad artifact ends the build: hash no more
+            raise
     table = nets.drop(columns=["artifact_uri"]).assign(
         offset=np.concatenate([[0], np.cumsum(sizes)[:-1]]), **pd.DataFrame(located).to_dict("series")
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import multiprocessing
 import os
 import re
@@ -21,6 +22,7 @@ from nws.sampling import SampleOptions, run_campaign
 from nws.zoo import (
     ArtifactCache,
     Selection,
+    Zoo,
     build_zoo,
     check_slice_length,
     parse_k,
@@ -271,6 +273,10 @@ def test_a_damaged_store_is_reported_in_one_line_and_rebuilt(in_meta_zoo, capfd)
         "marker of another store": lambda: (store / "complete").write_text('{"format": 2, "nets": 99}'),
     }
     capfd.readouterr()
+    (store / "nets.csv").write_bytes(b"\xff" * 100)
+    with pytest.raises(DataError, match=f"^{re.escape(str(store))}: not a zoo store \\(UnicodeDecodeError"):
+        Zoo(store)  # opened directly (as the benchmarks do): refused in one line, nothing left to fail later
+    gc.collect()
     for name, damage in damages.items():
         damage()
         again = ArtifactCache(cache.root)
