@@ -4,7 +4,6 @@ fixed architecture, for benchmarks that need gigabytes of snapshots without trai
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ N_WEIGHTS, CONV, PRINTS = 92868, 16880, 20  # the fixed architecture (see tests/
 
 def synthetic_store(directory: Path, nets: int) -> Path:
     from nws.space import PROPERTY_NAMES
+    from nws.zoo import STORE_FORMAT
 
     (directory / "files").mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -23,16 +23,14 @@ def synthetic_store(directory: Path, nets: int) -> Path:
     for i in range(nets):
         path = directory / "files" / f"net{i}.npy"
         np.save(path, block if i % 2 else rng.standard_normal((PRINTS, N_WEIGHTS), dtype=np.float32))
-        stat = os.stat(path)
         rows.append({"run_id": f"run{i}", "prints": PRINTS, "n_weights": N_WEIGHTS, "weightn_conv": CONV,
                      "weightn_fc": N_WEIGHTS - CONV, "test_accuracy": 0.5, "offset": i * PRINTS * N_WEIGHTS,
-                     "path": str(path), "data_offset": 128, "file_size": stat.st_size,
-                     "mtime_ns": stat.st_mtime_ns})  # fmt: skip
+                     "path": str(path), "data_offset": 128})  # fmt: skip
     table = pd.DataFrame(rows)
     for name in PROPERTY_NAMES:
         table[name] = "x"
     table.to_csv(directory / "nets.csv", index=False)
-    (directory / "complete").write_text(json.dumps({"format": 2, "nets": nets}))
+    (directory / "complete").write_text(json.dumps({"format": STORE_FORMAT, "nets": nets}))
     return directory
 
 

@@ -3,8 +3,10 @@
 Creates N net runs of the fixed architecture in a fresh SQLite store (random float32 snapshots,
 the tags and metrics a sampled net carries), then measures side by side:
   numpy        np.load of every run's snapshots/weights.npy from the artifact store;
-  first        query + fetch + verify (xxh3 digest) + index, with an empty cache;
-  cached       query + open the store again (the files are checked unchanged, nothing read);
+  verify       the verification alone: every file mapped and hashed (xxh3-128) against its run's
+               digest tag, in parallel, as every build_zoo call does before anything is read;
+  first        query + fetch + verify + index, with an empty cache;
+  cached       query + verify + the store found intact (what a second `train` call costs);
   cached+read  the same, then every snapshot read once from the store.
 Targets: first <= 2x numpy, cached <= 1.2x numpy. Measured twice: with the files in the page
 cache (warm), and with the page cache dropped before every variant (cold; needs root). Written
@@ -21,6 +23,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from pagecache import drop_page_cache
@@ -82,6 +85,15 @@ def main() -> None:
             checksum += float(np.load(path)[0, 0])
         return time.perf_counter() - t
 
+    def verify() -> float:
+        t = time.perf_counter()
+        checker = ArtifactCache(tempfile.mkdtemp(dir=root))
+        rows = list(nets.itertuples())
+        with ThreadPoolExecutor(max_workers=args.workers) as pool:
+            list(pool.map(lambda r: checker.verify(r.run_id, r.artifact_uri, r.digest), rows))
+        assert checker.stats.verified == len(rows)
+        return time.perf_counter() - t
+
     def first() -> float:
         t = time.perf_counter()
         build_zoo(query_nets(Selection()), ArtifactCache(tempfile.mkdtemp(dir=root)), workers=args.workers)
@@ -99,7 +111,7 @@ def main() -> None:
                            int(zoo.lengths[i]))  # fmt: skip
         return time.perf_counter() - t
 
-    variants = {"numpy": numpy_read, "first": first, "cached": lambda: cached(False),
+    variants = {"numpy": numpy_read, "verify": verify, "first": first, "cached": lambda: cached(False),
                 "cached+read": lambda: cached(True)}  # fmt: skip
     print(f"{args.nets} nets x {args.prints} snapshots, {total / 1e9:.2f} GB, {args.workers} workers")
     for mode in ("warm", "cold"):

@@ -11,13 +11,19 @@ crash never leaves a half-written store that a later call would pick up.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
+import sys
+import tempfile
 import threading
+import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +42,7 @@ BUILTIN_FILTER = (
     f"tags.`{tracking.TAG_ROLE}` = 'net' and attributes.status = 'FINISHED' "
     f"and tags.`{tracking.TAG_SNAPSHOTS}` = '{tracking.SNAPSHOTS_COMPLETE}'"
 )
-STORE_FORMAT = 2
+STORE_FORMAT = 3  # 3: the index is verified against the artifacts on every build
 
 
 def default_cache_dir() -> Path:
@@ -137,26 +143,61 @@ def _digest_bytes(data: memoryview | bytes) -> str:
     return xxhash.xxh3_128(data).hexdigest()
 
 
-class _MappedArray:
-    """The data of an .npy file, mapped and pre-faulted (MAP_POPULATE): hashing it and writing it
-    out both read the page cache directly, in one pass, without a copy through Python memory."""
+def _report(line: str) -> None:
+    """A repair of the cache, in one line: the cache is disposable, so damage there is not an error."""
+    print(line, file=sys.stderr, flush=True)
 
-    def __init__(self, path: Path, populate: bool = True) -> None:
+
+# MLflow's own rule for a run id (mlflow.utils.validation), restricted to ASCII: anything else is
+# refused before it becomes part of a cache path, so a run id such as `../../x` cannot leave it.
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,255}")
+
+
+def check_run_id(run_id: str) -> str:
+    """The run id, if it is a plain MLflow run id (letters, digits, `_` and `-`)."""
+    if not isinstance(run_id, str) or _RUN_ID.fullmatch(run_id) is None:
+        raise DataError(f"run {run_id!r}: not a plain MLflow run id; refused as a cache path")
+    return run_id
+
+
+class _Unreadable(Exception):
+    """An .npy file that cannot be used; the caller names the run and where the file is."""
+
+
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+class _MappedArray:
+    """The data of an .npy file, mapped: hashing it reads the page cache directly, in one pass,
+    without a copy through Python memory. The kernel is asked to read the whole file ahead
+    (MADV_WILLNEED) while the hash runs; pre-faulting it instead (MAP_POPULATE) measured slower,
+    both from disk and from the page cache (benchmarks/zoo_build.py)."""
+
+    def __init__(self, path: Path) -> None:
         import mmap
 
-        try:
-            header = np.load(path, mmap_mode="r")  # parses the header; maps nothing we keep
-        except ValueError as e:
-            raise DataError(f"{path}: not a readable .npy file ({e})") from None
-        self.offset, self.shape, self.dtype = header.offset, header.shape, header.dtype
-        self.fortran = not header.flags.c_contiguous
-        self.nbytes = int(header.nbytes)
-        del header
+        self._map = None
         with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size < self.offset + self.nbytes:
-                raise DataError(f"{path}: truncated .npy file")
-            flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
-            self._map = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ) if self.nbytes else None
+            try:
+                version = np.lib.format.read_magic(f)
+                if version not in _NPY_HEADERS:
+                    raise ValueError(f".npy format version {version} is not supported")
+                self.shape, self.fortran, self.dtype = _NPY_HEADERS[version](f)
+            except ValueError as e:  # short file, wrong magic string or malformed header
+                raise _Unreadable(f"not a readable .npy file: {e}") from None
+            if self.dtype.hasobject:
+                raise _Unreadable("an .npy file of Python objects")
+            self.offset = f.tell()
+            self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+            size = os.fstat(f.fileno()).st_size
+            if size < self.offset + self.nbytes:
+                raise _Unreadable(
+                    f"truncated .npy file: {size} bytes, its header needs {self.offset + self.nbytes}"
+                )
+            if self.nbytes:
+                self._map = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+                if hasattr(mmap, "MADV_WILLNEED"):
+                    self._map.madvise(mmap.MADV_WILLNEED)
         self.data = memoryview(self._map)[self.offset : self.offset + self.nbytes] if self._map else b""
 
     def close(self) -> None:
@@ -172,12 +213,32 @@ class _MappedArray:
         self.close()
 
 
+DIGEST_MISMATCH = f"its digest does not match the run's {tracking.TAG_WEIGHTS_DIGEST} tag"
+
+
+def _check_file(path: Path, digest: str, shape: tuple[int, int] | None) -> tuple[int, str, str]:
+    """Hash the array data of `path` against `digest`: its data offset, and what is wrong with it
+    ("is corrupted" or "unreadable", and why) or ("", "")."""
+    try:
+        with _MappedArray(path) as array:
+            if shape is not None and (array.shape, array.dtype, array.fortran) != (shape, np.float32, False):
+                return 0, "unreadable", f"an array of {array.shape}, {array.dtype}, not {shape}, float32"
+            if _digest_bytes(array.data) != digest:
+                return 0, "is corrupted", DIGEST_MISMATCH
+            return array.offset, "", ""
+    except _Unreadable as e:
+        return 0, "unreadable", str(e)
+    except OSError as e:
+        return 0, "unreadable", str(e.strerror or e)
+
+
 @dataclass
 class FetchStats:
-    downloaded: int = 0
-    verified: int = 0
-    reused: int = 0
-    store_reused: bool = False
+    downloaded: int = 0  # artifacts fetched from an `mlflow server` into the cache
+    verified: int = 0  # artifacts hashed against their run's digest tag (all of them, every call)
+    reused: int = 0  # copies downloaded earlier, found intact and used again
+    repaired: int = 0  # damaged cache entries (downloaded copies, stores) reported and rebuilt
+    store_reused: bool = False  # the store's index on disk was intact and up to date
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, name: str) -> None:
@@ -186,112 +247,96 @@ class FetchStats:
 
 
 class ArtifactCache:
-    """Snapshot artifacts by run id, verified once against the run's digest tag.
+    """Snapshot artifacts by run id, hashed against the run's digest tag whenever they are used.
 
     A local artifact store is read in place (nothing copied); a remote one (an `mlflow server`)
-    is downloaded into `<cache>/runs/<run_id>/`. A verified file is recorded with its size and
-    modification time, so later calls neither download nor hash it again; a truncated or changed
-    file fails that record and is fetched (or, in a local store, verified) again.
+    is downloaded into `<cache>/runs/<run_id>/`, and a copy there is downloaded again when it fails
+    its digest. Nothing is trusted from an earlier call: a file changed in place keeps its size and
+    can be given back its modification time, so only its hash tells.
     """
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = Path(root or default_cache_dir())
         self.stats = FetchStats()
 
-    def _record_path(self, run_id: str) -> Path:
-        return self.root / "runs" / run_id / "verified.json"
-
-    def _is_verified(self, run_id: str, path: Path, digest: str) -> bool:
-        try:
-            record = json.loads(self._record_path(run_id).read_text())
-            stat = path.stat()
-        except (OSError, ValueError):
-            return False
-        return record == {"digest": digest, "path": str(path), "size": stat.st_size,
-                          "mtime_ns": stat.st_mtime_ns}  # fmt: skip
-
-    def _remember(self, run_id: str, path: Path, digest: str) -> None:
-        record = self._record_path(run_id)
-        record.parent.mkdir(parents=True, exist_ok=True)
-        stat = path.stat()
-        tmp = record.with_suffix(f".tmp-{os.getpid()}-{threading.get_ident()}")
-        tmp.write_text(json.dumps({"digest": digest, "path": str(path), "size": stat.st_size,
-                                   "mtime_ns": stat.st_mtime_ns}))  # fmt: skip
-        tmp.replace(record)
-
-    def locate(self, run_id: str, artifact_uri: str, digest: str) -> tuple[Path, bool]:
-        """The local path of `snapshots/weights.npy` (downloaded if the store is remote and the
-        cached copy is not verified), and whether it is verified already."""
-        if _is_local(artifact_uri):
-            path = _local_path(artifact_uri) / tracking.WEIGHTS_ARTIFACT
-        else:
-            path = self.root / "runs" / run_id / tracking.WEIGHTS_ARTIFACT
-        if self._is_verified(run_id, path, digest):
-            self.stats.add("reused")
-            return path, True
-        if not _is_local(artifact_uri):
-            self._download(artifact_uri, path.parent.parent)
-        return path, False
+    def run_dir(self, run_id: str) -> Path:
+        """`<cache>/runs/<run_id>`, for a plain MLflow run id only."""
+        return self.root / "runs" / check_run_id(run_id)
 
     def fetch(self, run_id: str, artifact_uri: str, digest: str) -> Path:
-        """The local path of a verified `snapshots/weights.npy`."""
-        path, verified = self.locate(run_id, artifact_uri, digest)
-        if not verified:
-            self.verified_copy(run_id, artifact_uri, digest, path, lambda data: None)
-        return path
+        """The local path of `snapshots/weights.npy`, hashed against the digest now."""
+        return self.verify(run_id, artifact_uri, digest)[0]
 
-    def verified_copy(self, run_id: str, artifact_uri: str, digest: str, path: Path, use: Any) -> None:
-        """Map the file, check its digest, hand its data to `use`; a remote artifact that fails is
-        downloaded once more before it is reported."""
-        where = "in the artifact store" if _is_local(artifact_uri) else "after download"
-        for attempt in (1, 2):
-            try:
-                with _MappedArray(path) as array:
-                    if _digest_bytes(array.data) != digest:
-                        raise DataError(
-                            f"run {run_id}: snapshot artifact is corrupted {where} (its digest does not "
-                            f"match the run's {tracking.TAG_WEIGHTS_DIGEST} tag)"
-                        )
-                    use(array)
-            except (DataError, OSError) as error:
-                if attempt == 2 or _is_local(artifact_uri):
-                    if isinstance(error, OSError):
-                        raise DataError(
-                            f"run {run_id}: snapshot artifact unreadable {where} ({error})"
-                        ) from None
-                    raise
-                self._download(artifact_uri, path.parent.parent)
-                continue
+    def verify(
+        self, run_id: str, artifact_uri: str, digest: str, shape: tuple[int, int] | None = None
+    ) -> tuple[Path, int]:
+        """The local path of the run's `snapshots/weights.npy` and the offset of its data, after
+        checking its shape (if given) and its digest. A damaged copy in the cache is reported and
+        downloaded again; a damaged artifact in the artifact store is a DataError naming the run."""
+        cached = self.run_dir(run_id) / tracking.WEIGHTS_ARTIFACT
+        if _is_local(artifact_uri):
+            path = _local_path(artifact_uri) / tracking.WEIGHTS_ARTIFACT
+            offset, problem, why = _check_file(path, digest, shape)
+            if problem:
+                raise DataError(f"run {run_id}: snapshot artifact {problem} in the artifact store ({why})")
             self.stats.add("verified")
-            self._remember(run_id, path, digest)
-            return
+            return path, offset
+        if cached.exists():
+            offset, problem, why = _check_file(cached, digest, shape)
+            if not problem:
+                self.stats.add("reused")
+                self.stats.add("verified")
+                return cached, offset
+            _report(f"zoo cache: run {run_id}: the cached copy of its snapshots is damaged ({why}); "
+                    "downloading it again")  # fmt: skip
+            self.stats.add("repaired")
+        self._download(run_id, artifact_uri, cached)
+        offset, problem, why = _check_file(cached, digest, shape)
+        if problem:
+            raise DataError(f"run {run_id}: snapshot artifact {problem} after download ({why})")
+        self.stats.add("verified")
+        return cached, offset
 
-    def _download(self, artifact_uri: str, target: Path) -> None:
+    def _download(self, run_id: str, artifact_uri: str, path: Path) -> None:
+        """Download into a private directory, then rename over the cached copy: a process that
+        reads the old copy keeps it whole, and none ever sees a half-written one."""
         import mlflow
+        from mlflow.exceptions import MlflowException
 
-        (target / "snapshots").mkdir(parents=True, exist_ok=True)
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{artifact_uri}/{tracking.WEIGHTS_ARTIFACT}", dst_path=str(target / "snapshots")
-        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with tempfile.TemporaryDirectory(prefix=".download-", dir=path.parent) as private:
+                got = mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{artifact_uri}/{tracking.WEIGHTS_ARTIFACT}", dst_path=private
+                )
+                os.replace(got, path)
+        except (MlflowException, OSError) as e:
+            reason = (str(getattr(e, "message", "") or e) or type(e).__name__).splitlines()[0]
+            raise DataError(f"run {run_id}: cannot download its snapshots ({reason})") from None
         self.stats.add("downloaded")
+
+
+# The columns a store's nets.csv needs, besides the nets' properties and tags.
+INDEX_COLUMNS = ("run_id", "offset", "n_weights", "weightn_conv", "prints", "data_offset", "path",
+                 "test_accuracy")  # fmt: skip
+_CACHE_COLUMNS = ("offset", "data_offset", "path")  # what the cache, not the tracking store, gives a row
 
 
 class Zoo:
     """Every selected net's snapshots behind one flat float32 address space, and a table of nets.
 
     Row (net i, snapshot k) starts at `offset[i] + (k - 1) * n_weights[i]`. The values are read in
-    place from the verified `weights.npy` files (the local artifact store, or the copies an
-    `mlflow server` sent into the cache) with positioned reads, so a zoo never has to fit in RAM
-    and is never copied a second time on disk.
+    place from the `weights.npy` files (the local artifact store, or the copies an `mlflow server`
+    sent into the cache) with positioned reads, so a zoo never has to fit in RAM and is never
+    copied a second time on disk. `build_zoo` hands over the index it has just verified; opening a
+    store's directory alone reads its `nets.csv` as it is.
     """
 
     MAX_OPEN_FILES = 256
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, index: str | None = None) -> None:
         self.directory = directory
-        text = {name: str for name in (*PROPERTY_NAMES, "subset", "campaign", "split", "path")}
-        self.nets = pd.read_csv(directory / "nets.csv", dtype=text, keep_default_na=False, na_values={})
-        self.nets["test_accuracy"] = pd.to_numeric(self.nets["test_accuracy"], errors="coerce")
+        self.nets = read_index(io.StringIO(index) if index is not None else directory / "nets.csv", directory)
         self.offsets = self.nets["offset"].to_numpy(np.int64)
         self.lengths = self.nets["n_weights"].to_numpy(np.int64)
         self.conv = self.nets["weightn_conv"].to_numpy(np.int64)
@@ -300,20 +345,12 @@ class Zoo:
         self.size_bytes = int(self.ends[-1]) * 4 if len(self.ends) else 0
         self._files: OrderedDict[int, int] = OrderedDict()
         self._lock = threading.Lock()
+        # Not __del__: a finalizer runs before the interpreter tears its modules down, and only
+        # for a Zoo whose __init__ got this far.
+        weakref.finalize(self, _close_files, self._files)
 
     def __len__(self) -> int:
         return len(self.nets)
-
-    def is_current(self) -> bool:
-        """Every file is still the one verified (same size and modification time)."""
-        for row in self.nets.itertuples():
-            try:
-                stat = os.stat(row.path)
-            except OSError:
-                return False
-            if (stat.st_size, stat.st_mtime_ns) != (row.file_size, row.mtime_ns):
-                return False
-        return True
 
     def _fd(self, net: int) -> int:
         fd = self._files.get(net)
@@ -327,11 +364,7 @@ class Zoo:
 
     def close(self) -> None:
         with self._lock:
-            while self._files:
-                os.close(self._files.popitem()[1])
-
-    def __del__(self) -> None:
-        self.close()
+            _close_files(self._files)
 
     def row_start(self, net: np.ndarray | int, k: np.ndarray | int) -> np.ndarray:
         """Start (in values) of snapshot k (1-based) of net `net` in the flat address space."""
@@ -359,59 +392,155 @@ class Zoo:
         return self.gather([int(self.row_start(net, k))], int(self.lengths[net]))[0]
 
 
+def _close_files(files: OrderedDict[int, int]) -> None:
+    while files:
+        os.close(files.popitem()[1])
+
+
+def read_index(source: Any, directory: Path) -> pd.DataFrame:
+    """A store's table of nets (`nets.csv`), its text columns kept as text; a DataError naming
+    the store if it is not one."""
+    text = {
+        name: str for name in (*PROPERTY_NAMES, "subset", "campaign", "split", "path", "run_id", "digest")
+    }
+    try:
+        nets = pd.read_csv(source, dtype=text, keep_default_na=False, na_values={})
+        missing = [c for c in INDEX_COLUMNS if c not in nets.columns]
+        if missing:
+            raise ValueError(f"no column {', '.join(missing)}")
+        for column in ("offset", "n_weights", "weightn_conv", "prints", "data_offset"):
+            nets[column] = nets[column].astype(np.int64)
+    except (OSError, ValueError) as e:  # includes UnicodeDecodeError and pandas' parser errors
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{directory}: not a zoo store ({type(e).__name__}: {reason})") from None
+    nets["test_accuracy"] = pd.to_numeric(nets["test_accuracy"], errors="coerce")
+    return nets
+
+
 def _store_key(nets: pd.DataFrame) -> str:
     text = "\n".join(f"{r.run_id} {r.digest}" for r in nets.sort_values("run_id").itertuples())
     return hashlib.sha256(f"v{STORE_FORMAT}\n{text}".encode()).hexdigest()[:24]
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An exclusive lock between processes (`flock`, released by the kernel if the holder dies)."""
+    import fcntl
+
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _store_problem(directory: Path, index: str, n_nets: int) -> tuple[str, str]:
+    """How the store on disk falls short of the index just verified: ("", "") when it does not,
+    else ("damaged" or "out of date", the reason)."""
+    if not directory.exists():
+        return "missing", ""
+    try:
+        marker = json.loads((directory / "complete").read_bytes())
+    except FileNotFoundError:
+        return "damaged", "no complete marker"
+    except (OSError, ValueError) as e:
+        return "damaged", f"complete marker unreadable: {type(e).__name__}"
+    if marker != {"format": STORE_FORMAT, "nets": n_nets}:
+        return (
+            "damaged",
+            f"complete marker {json.dumps(marker)[:60]} is not format {STORE_FORMAT}, {n_nets} nets",
+        )
+    try:
+        stored = (directory / "nets.csv").read_bytes()
+    except OSError as e:
+        return "damaged", f"nets.csv {e.strerror or e}".lower()
+    if stored == index.encode():
+        return "", ""
+    try:
+        old = pd.read_csv(io.BytesIO(stored), dtype=str, keep_default_na=False)
+    except ValueError as e:  # includes UnicodeDecodeError and pandas' parser errors
+        return "damaged", f"nets.csv unreadable: {type(e).__name__}"
+    new = pd.read_csv(io.StringIO(index), dtype=str, keep_default_na=False)
+    if list(old.columns) != list(new.columns) or len(old) != len(new):
+        shape, wanted = (len(old), len(old.columns)), (len(new), len(new.columns))
+        return (
+            "damaged",
+            f"nets.csv has {shape[0]} rows of {shape[1]} columns, not {wanted[0]} of {wanted[1]}",
+        )
+    for column in new.columns:
+        differs = np.flatnonzero(old[column].to_numpy() != new[column].to_numpy())
+        if len(differs):
+            i = int(differs[0])
+            state = "damaged" if column in (*_CACHE_COLUMNS, "run_id") else "out of date"
+            was, now = old[column][i][:40], new[column][i][:40]
+            return state, f"nets.csv gives run {new['run_id'][i]} {column} {was!r}, not {now!r}"
+    return "damaged", "nets.csv differs in its bytes"
+
+
+def _write_store(directory: Path, index: str, n_nets: int) -> None:
+    """Write the store under a private name, then swap it in by renames; called with the store's
+    lock held, so no other process reads or writes it meanwhile, and a crash leaves either the
+    old store, the new one, or none (rebuilt next time): never a partial one."""
+    for leftover in (*directory.parent.glob(f"{directory.name}.tmp-*"),
+                     *directory.parent.glob(f"{directory.name}.old-*")):  # fmt: skip
+        shutil.rmtree(leftover, ignore_errors=True)  # of a build that crashed
+    tag = f"{os.getpid()}-{threading.get_ident()}"
+    staging = directory.with_name(f"{directory.name}.tmp-{tag}")
+    staging.mkdir()
+    (staging / "nets.csv").write_text(index)
+    (staging / "complete").write_text(json.dumps({"format": STORE_FORMAT, "nets": n_nets}))
+    old = directory.with_name(f"{directory.name}.old-{tag}")
+    if directory.exists():
+        directory.rename(old)
+    staging.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def build_zoo(
     nets: pd.DataFrame, cache: ArtifactCache | None = None, workers: int = 8, progress: Any = None
 ) -> Zoo:
-    """The zoo of these nets: every artifact fetched and verified once, then indexed; the index
-    is reused while every file it points to is unchanged."""
+    """The zoo of these nets. Every artifact is hashed against its run's digest tag on every call
+    (in parallel), before anything reads from the zoo, so no net is ever read from a file that
+    changed since it was sampled. The index that verification gives is compared with the store on
+    disk, which is rebuilt (with a one-line report) if it is damaged or out of date."""
     cache = cache or ArtifactCache()
     nets = nets.reset_index(drop=True)
-    directory = cache.root / "stores" / _store_key(nets)
-    if (directory / "complete").is_file():
-        zoo = Zoo(directory)
-        if zoo.nets["run_id"].tolist() == nets["run_id"].tolist() and zoo.is_current():
-            cache.stats.store_reused = True
-            return zoo
-        zoo.close()
+    for run_id in nets["run_id"]:
+        check_run_id(run_id)
     sizes = (nets["prints"] * nets["n_weights"]).to_numpy(np.int64)
     located: list[dict[str, Any]] = [{} for _ in range(len(nets))]
 
-    def index(i: int, row: Any) -> None:
-        def check(array: _MappedArray) -> None:
-            if array.shape != (row.prints, row.n_weights) or array.dtype != np.float32 or array.fortran:
-                raise DataError(f"run {row.run_id}: weights.npy has shape {array.shape}, {array.dtype}")
-            located[i]["data_offset"] = array.offset
-
-        path, verified = cache.locate(row.run_id, row.artifact_uri, row.digest)
-        if verified:
-            with _MappedArray(path, populate=False) as array:
-                check(array)
-        else:
-            cache.verified_copy(row.run_id, row.artifact_uri, row.digest, path, check)
-        stat = os.stat(path)
-        located[i].update(path=str(path), file_size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+    def locate(i: int, row: Any) -> None:
+        path, offset = cache.verify(row.run_id, row.artifact_uri, row.digest, (row.prints, row.n_weights))
+        located[i] = {"path": str(path), "data_offset": offset}
         if progress is not None:
             progress()
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for future in [pool.submit(index, i, row) for i, row in enumerate(nets.itertuples())]:
-            future.result()
+        futures = [pool.submit(locate, i, row) for i, row in enumerate(nets.itertuples())]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # the first bad artifact ends the build: hash no more
+            raise
     table = nets.drop(columns=["artifact_uri"]).assign(
         offset=np.concatenate([[0], np.cumsum(sizes)[:-1]]), **pd.DataFrame(located).to_dict("series")
     )
-    staging = directory.with_name(f"{directory.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    table.to_csv(staging / "nets.csv", index=False)
-    (staging / "complete").write_text(json.dumps({"format": STORE_FORMAT, "nets": len(nets)}))
-    shutil.rmtree(directory, ignore_errors=True)
-    staging.rename(directory)
-    return Zoo(directory)
+    index = table.to_csv(index=False)
+    directory = cache.root / "stores" / _store_key(nets)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(directory.with_name(f"{directory.name}.lock")):
+        state, reason = _store_problem(directory, index, len(nets))
+        if not state:
+            cache.stats.store_reused = True
+        else:
+            if state != "missing":
+                _report(f"zoo cache: store {directory} is {state} ({reason}); rebuilt")
+                cache.stats.add("repaired")
+            _write_store(directory, index, len(nets))
+    return Zoo(directory, index)
 
 
 def region_bounds(lengths: np.ndarray, conv: np.ndarray, region: str) -> tuple[np.ndarray, np.ndarray]:

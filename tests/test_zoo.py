@@ -3,11 +3,16 @@ snapshot cache and the consolidated store, against SQLite and an `mlflow server`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
+import multiprocessing
 import os
+import re
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 
 from nws import tracking
@@ -17,12 +22,14 @@ from nws.sampling import SampleOptions, run_campaign
 from nws.zoo import (
     ArtifactCache,
     Selection,
+    Zoo,
     build_zoo,
     check_slice_length,
     parse_k,
     query_nets,
     split_nets,
 )
+from tests import zoo_race
 from tests.conftest import META_ZOO
 
 FIXED_CONV, FIXED_TOTAL = 16880, 92868  # hand-computed in test_layout.py
@@ -111,24 +118,25 @@ def test_slices_come_from_the_hand_computed_offsets(in_meta_zoo, tmp_path):
         check_slice_length(nets, np.arange(len(nets)), "conv", 20000)
 
 
-def test_second_build_reuses_the_store_and_a_changed_file_is_verified_again(in_meta_zoo):
+def test_every_build_verifies_every_artifact_and_reuses_an_intact_store(in_meta_zoo):
     nets = query_nets(Selection())
     first = ArtifactCache()
     zoo = build_zoo(nets, first)
     assert first.stats.verified == 30 and first.stats.downloaded == 0  # local store: read in place
+    assert not first.stats.store_reused
     assert zoo.size_bytes == 30 * 3 * FIXED_TOTAL * 4
     stored = sum(p.stat().st_size for p in first.root.rglob("*") if p.is_file())
-    assert stored < 1_000_000  # an index and verification records: no second copy of the weights
+    assert stored < 1_000_000  # an index and a lock: no second copy of the weights
     second = ArtifactCache()
     again = build_zoo(nets, second)
-    assert second.stats.store_reused and second.stats.verified == 0
+    assert second.stats.store_reused and second.stats.verified == 30  # hashed again, nothing rebuilt
     expected = zoo.snapshot(7, 3)
     np.testing.assert_array_equal(again.snapshot(7, 3), expected)
-    os.utime(tracking_path(nets.iloc[7]))  # the file changed after it was verified
+    os.utime(tracking_path(nets.iloc[7]))  # touched, not changed: its bytes are what counts
     third = ArtifactCache()
-    rebuilt = build_zoo(nets, third)
-    assert not third.stats.store_reused and third.stats.verified == 1 and third.stats.reused == 29
-    np.testing.assert_array_equal(rebuilt.snapshot(7, 3), expected)
+    touched = build_zoo(nets, third)
+    assert third.stats.store_reused and third.stats.verified == 30 and third.stats.repaired == 0
+    np.testing.assert_array_equal(touched.snapshot(7, 3), expected)
 
 
 def test_a_corrupted_artifact_is_reported_with_its_run(in_meta_zoo, tmp_path):
@@ -152,7 +160,7 @@ def tracking_path(net):
     return _local_path(net.artifact_uri) / tracking.WEIGHTS_ARTIFACT
 
 
-def test_the_zoo_works_the_same_against_an_mlflow_server(mlflow_server, monkeypatch, tmp_path):
+def test_the_zoo_works_the_same_against_an_mlflow_server(mlflow_server, monkeypatch, tmp_path, capfd):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(mlflow_server.url)
@@ -178,5 +186,147 @@ def test_the_zoo_works_the_same_against_an_mlflow_server(mlflow_server, monkeypa
         third = ArtifactCache(tmp_path / "cache")
         build_zoo(nets, third)
         assert third.stats.downloaded == 1 and third.stats.reused == 2
+        # An empty copy, and one overwritten in place behind its old size and times, are each
+        # reported in one line with the run id and fetched again.
+        capfd.readouterr()
+        stat = cached.stat()
+        for damage in (b"", b"\x93NUMPY" + bytes(stat.st_size - 6)):
+            cached.write_bytes(damage)
+            os.utime(cached, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+            fourth = ArtifactCache(tmp_path / "cache")
+            zoo = build_zoo(nets, fourth)
+            assert fourth.stats.downloaded == 1 and fourth.stats.reused == 2
+            np.testing.assert_array_equal(
+                zoo.snapshot(1, 3), artifact_weights(nets["run_id"][1], tmp_path)[2]
+            )
+            lines = [line for line in capfd.readouterr().err.splitlines() if "zoo cache" in line]
+            assert len(lines) == 1 and lines[0].startswith(
+                f"zoo cache: run {nets['run_id'][1]}: the cached copy of its snapshots is damaged ("
+            ), lines
     finally:
         mlflow.set_tracking_uri(None)
+
+
+@contextlib.contextmanager
+def restored(path):
+    """The artifact's bytes and times are put back however the test ends."""
+    original, stat = path.read_bytes(), path.stat()
+    try:
+        yield original
+    finally:
+        path.write_bytes(original)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+SHAPES = Selection(filter="params.dataset = 'shapes'")
+
+
+def test_an_artifact_changed_in_place_behind_its_old_size_and_mtime_is_caught(in_meta_zoo):
+    nets = query_nets(SHAPES)
+    victim = nets.iloc[1]
+    cache = ArtifactCache()
+    build_zoo(nets, cache)
+    path = tracking_path(victim)
+    with restored(path) as original:
+        stat = path.stat()
+        with open(path, "r+b") as f:
+            f.seek(len(original) - 8)
+            f.write(b"\x01" * 8)  # same size, different weights (the output biases are 0)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        with pytest.raises(
+            DataError, match=f"^run {victim.run_id}: snapshot artifact is corrupted in the artifact store"
+        ):
+            build_zoo(nets, ArtifactCache(cache.root))
+
+
+def test_a_damaged_artifact_in_the_artifact_store_is_a_data_error_naming_its_run(in_meta_zoo, tmp_path):
+    nets = query_nets(SHAPES)
+    victim = nets.iloc[0]
+    path = tracking_path(victim)
+    with restored(path) as original:
+        for damage in (b"", original[:60], original[:-100], b"\x93NUMPY garbage" * 20):
+            path.write_bytes(damage)
+            with pytest.raises(
+                DataError, match=f"^run {victim.run_id}: snapshot artifact unreadable in the artifact store"
+            ):
+                build_zoo(nets, ArtifactCache(tmp_path / "cache"))
+
+
+def rewrite_offsets(store) -> None:
+    table = pd.read_csv(store / "nets.csv", keep_default_na=False)
+    table["data_offset"] += 4  # one value later: every slice would be shifted
+    table.to_csv(store / "nets.csv", index=False)
+
+
+def test_a_damaged_store_is_reported_in_one_line_and_rebuilt(in_meta_zoo, capfd):
+    nets = query_nets(SHAPES)
+    cache = ArtifactCache()
+    zoo = build_zoo(nets, cache)
+    expected = [zoo.snapshot(i, 3) for i in range(len(nets))]
+    store = zoo.directory
+    damages = {
+        "garbage index": lambda: (store / "nets.csv").write_bytes(bytes(range(256)) * 16),
+        "shifted data_offset": lambda: rewrite_offsets(store),
+        "half an index": lambda: (store / "nets.csv").write_text((store / "nets.csv").read_text()[:3000]),
+        "index missing": lambda: (store / "nets.csv").unlink(),
+        "garbage marker": lambda: (store / "complete").write_bytes(b"\xff\x00{"),
+        "marker of another store": lambda: (store / "complete").write_text('{"format": 2, "nets": 99}'),
+    }
+    capfd.readouterr()
+    (store / "nets.csv").write_bytes(b"\xff" * 100)
+    with pytest.raises(DataError, match=f"^{re.escape(str(store))}: not a zoo store \\(UnicodeDecodeError"):
+        Zoo(store)  # opened directly (as the benchmarks do): refused in one line, nothing left to fail later
+    gc.collect()
+    for name, damage in damages.items():
+        damage()
+        again = ArtifactCache(cache.root)
+        rebuilt = build_zoo(nets, again)
+        assert not again.stats.store_reused, name
+        for i, values in enumerate(expected):
+            np.testing.assert_array_equal(rebuilt.snapshot(i, 3), values, err_msg=name)
+        lines = capfd.readouterr().err.splitlines()
+        assert len(lines) == 1 and re.match(
+            f"^zoo cache: store {store} is damaged \\(.+\\); rebuilt$", lines[0]
+        ), (
+            name,
+            lines,
+        )
+        third = ArtifactCache(cache.root)
+        build_zoo(nets, third)
+        assert third.stats.store_reused, name  # the repaired store is whole again
+    assert capfd.readouterr().err == ""
+
+
+def test_a_run_id_that_is_not_a_plain_mlflow_id_never_becomes_a_cache_path(in_meta_zoo, tmp_path):
+    net = query_nets(SHAPES).iloc[0]
+    cache = ArtifactCache(tmp_path / "a" / "b" / "cache")
+    for bad in ("../../../x", "..", "a/b", "", "-x", "x\n", "x y"):
+        with pytest.raises(DataError, match=f"^run {re.escape(repr(bad))}: not a plain MLflow run id"):
+            cache.fetch(bad, net.artifact_uri, net.digest)
+    assert [p.name for p in tmp_path.rglob("*")] in ([], ["a", "b", "cache"], ["a", "b"], ["a"])
+    cache.fetch(net.run_id, net.artifact_uri, net.digest)  # a real id is fine
+
+
+def test_concurrent_builds_of_one_store_never_fail(in_meta_zoo, tmp_path, capfd):
+    processes, builds = 4, 10
+    nets = query_nets(SHAPES)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no Keras, no forked locks
+    barrier, results = context.Barrier(processes), context.Queue()
+    workers = [
+        context.Process(
+            target=zoo_race.build_repeatedly,
+            args=(rank, nets, str(tmp_path / "cache"), builds, barrier, results),
+        )
+        for rank in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    reports = dict(results.get(timeout=300) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=60)
+    assert sorted(reports) == list(range(processes))
+    assert [failure for rank in sorted(reports) for failure in reports[rank]] == []
+    assert [worker.exitcode for worker in workers] == [0] * processes
+    # Each damaged index was found by exactly one process, which rebuilt it under the lock.
+    repairs = [line for line in capfd.readouterr().err.splitlines() if line.startswith("zoo cache: store")]
+    assert len(repairs) == builds // 2, repairs

@@ -164,11 +164,9 @@ def plan(options: TrainOptions) -> Plan:
         check_slice_length(nets, used, options.region, options.slice_length)
     zoo = build_zoo(nets, cache)
     stats = cache.stats
-    how = (
-        "consolidated store reused from the cache"
-        if stats.store_reused
-        else f"{stats.downloaded} downloaded, {stats.verified} verified, {stats.reused} already verified"
-    )
+    how = f"{stats.verified} verified against their digests, {stats.downloaded} downloaded"
+    if stats.repaired:
+        how += f", {stats.repaired} damaged cache entries rebuilt"
     say(f"zoo: {len(zoo)} nets, {zoo.size_bytes / 1e6:.1f} MB ({how})")
     return Plan(zoo, k_range, splits, models, layout)
 
