@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from nws.fidelity import DEFAULT_FIDELITY, PAPER, check_fidelity
 from nws.space import NetConfig
 
 IMAGE_SHAPE = (32, 32, 3)
@@ -22,7 +23,9 @@ N_LOGITS = 20
 DROPOUT = 0.5
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
-"""Batch-norm settings of the original (TensorLayer's BatchNormLayer defaults)."""
+"""Batch-norm settings of the original (TensorLayer's BatchNormLayer defaults). Under fidelity
+`paper` the layer also draws gamma from N(1, 0.002) and always uses batch statistics
+(`nws.layers.BatchStatisticsNormalization`); under `clean` it is Keras' own, gamma 1."""
 
 
 @dataclass(frozen=True)
@@ -85,15 +88,32 @@ def _kernel_initializer(name: str) -> Any:
     }[name]
 
 
-def build_model(config: NetConfig, mixed_precision: bool = False) -> Any:
+def _batch_norm_layer(fidelity: str) -> Any:
+    """The batch-norm class of a fidelity; the layer names, and so the weight layout, are the same."""
+    if fidelity == PAPER:
+        from nws.layers import BatchStatisticsNormalization
+
+        return BatchStatisticsNormalization
+    import keras
+
+    return keras.layers.BatchNormalization
+
+
+def build_model(config: NetConfig, mixed_precision: bool = False, fidelity: str = DEFAULT_FIDELITY) -> Any:
     """The Keras model of a configuration: conv -> BN -> act blocks, dense -> act -> BN -> dropout.
 
-    Call `keras.utils.set_random_seed` first for a reproducible initialisation.
+    Call `keras.utils.set_random_seed` first for a reproducible initialisation. `fidelity`
+    picks the batch norm (see `nws.fidelity`).
     """
     import keras
     from keras import layers
 
     dtype = "mixed_float16" if mixed_precision else None
+    norm_class = _batch_norm_layer(check_fidelity(fidelity))
+
+    def batch_norm(name: str) -> Any:
+        return norm_class(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"{name}_bn", dtype=dtype)
+
     activation = config.activation
     inputs = keras.Input(shape=IMAGE_SHAPE, name="image")
     x = inputs
@@ -111,9 +131,7 @@ def build_model(config: NetConfig, mixed_precision: bool = False) -> Any:
                 dtype=dtype,
             )(x)
             if spec.batch_norm:
-                x = layers.BatchNormalization(
-                    momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"{spec.name}_bn", dtype=dtype
-                )(x)
+                x = batch_norm(spec.name)(x)
             x = layers.Activation(activation, name=f"{spec.name}_act", dtype=dtype)(x)
         x = layers.MaxPooling2D(2, name=f"pool{block}", dtype=dtype)(x)
     x = layers.Flatten(name="flatten", dtype=dtype)(x)
@@ -129,9 +147,7 @@ def build_model(config: NetConfig, mixed_precision: bool = False) -> Any:
         )(x)
         x = layers.Activation(activation, name=f"{spec.name}_act", dtype=dtype)(x)
         if spec.batch_norm:
-            x = layers.BatchNormalization(
-                momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"{spec.name}_bn", dtype=dtype
-            )(x)
+            x = batch_norm(spec.name)(x)
         x = layers.Dropout(DROPOUT, name=f"{spec.name}_dropout", dtype=dtype)(x)
     output = plan[-1]
     logits = layers.Dense(

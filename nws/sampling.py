@@ -24,11 +24,12 @@ from typing import Any
 
 from nws import __version__, interrupts, space
 from nws.errors import ParameterError
+from nws.fidelity import DEFAULT_FIDELITY, check_fidelity
 from nws.params import at_least, param, writable_directory
 from nws.space import NetConfig
 
 DEFAULT_STORAGE = "optuna-journal.log"
-STUDY_ATTRS = ("subset", "datasets")
+STUDY_ATTRS = ("subset", "datasets", "fidelity")
 """Study user attributes that fix a campaign's space; a continuation must match them."""
 
 
@@ -56,6 +57,9 @@ class SampleOptions:
     )
     lr_decay: float = param(1.0, "per-epoch learning-rate factor (1.0 = constant, as published)")
     mixed_precision: bool = param(False, "train in mixed float16 (GPU)")
+    fidelity: str = param(
+        DEFAULT_FIDELITY, "paper (train as the released code did) or clean (Keras defaults, clean evaluation)"
+    )
     deterministic: bool = param(True, "TensorFlow op determinism (bit-identical on CPU)")
     target: int = param(0, "finished nets the campaign should hold; workers train until then (0: n_nets)")
     workers: int = param(1, "worker processes on this machine, all on the same campaign")
@@ -88,6 +92,7 @@ class SampleOptions:
         at_least("max_eval_images", self.max_eval_images, 0)
         if not 0.0 < self.lr_decay <= 1.0:
             raise ParameterError("lr_decay", f"{self.lr_decay} is not in (0, 1]")
+        check_fidelity(self.fidelity)
         if not self.campaign.strip():
             raise ParameterError("campaign", "must not be empty")
         at_least("target", self.target, 0)
@@ -284,8 +289,11 @@ def open_study(options: SampleOptions, datasets: list[str]) -> Any:
         sampler=space.TrialSeededSampler(options.seed),
         load_if_exists=True,
     )
-    wanted = {"subset": options.subset, "datasets": ",".join(datasets), "seed": options.seed}
+    wanted = {"subset": options.subset, "datasets": ",".join(datasets), "seed": options.seed,
+              "fidelity": options.fidelity}  # fmt: skip
     existing = study.user_attrs
+    if "fidelity" not in existing and study.get_trials(deepcopy=False):
+        existing = {**existing, "fidelity": "clean"}  # begun before the option: its nets trained clean
     for key, value in wanted.items():
         # Key by key: workers starting together may see the study before its creator has set
         # every attribute; the first to find one missing sets it.
@@ -354,6 +362,7 @@ def run_campaign(options: SampleOptions) -> CampaignSummary:
         min_epochs=options.min_epochs,
         lr_decay=options.lr_decay,
         mixed_precision=options.mixed_precision,
+        fidelity=options.fidelity,
     )
     if options.parent_run_id:  # a worker of `--workers`: the parent holds the campaign run
         summary = CampaignSummary(options.campaign, campaign_run_id=options.parent_run_id)
@@ -635,7 +644,9 @@ class NetJob:
 
         o = self.options
         images = load_images(self.config.dataset, o.data_dir or None, o.download)
-        data = split_for_net(images, self.seed, o.max_train_images, o.max_eval_images)
+        data = split_for_net(
+            images, self.seed, o.max_train_images, o.max_eval_images, fidelity=self.settings.fidelity
+        )
         layout = weight_layout(self.config)
         run_id = tracking.start_net_run(
             f"net-{o.campaign}-{self.trial_number:05d}",

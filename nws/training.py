@@ -1,5 +1,12 @@
-"""Training one net (reference section 5): Keras `fit` on class-balanced epochs, one clean
-evaluation per epoch (plus one before any update), the NWS early-stopping rules.
+"""Training one net (reference section 5): Keras `fit` on class-balanced epochs, one evaluation
+per epoch (plus one before any update), the NWS early-stopping rules.
+
+How evaluation works depends on the fidelity (`nws.fidelity`). Under `paper`, as in the released
+code: batch norm uses batch statistics and updates its moving statistics in every forward pass,
+evaluation runs in batches of the net's batch size (remainder dropped) on augmented images when
+augmentation is on, and the epoch-0 train accuracy is measured on the first training batch.
+Under `clean`: batch norm uses its moving statistics, evaluation is on clean images in large
+batches, and snapshot 1 is the pure initialisation.
 
 The training loop knows nothing about snapshots or MLflow: callers pass observers that see the
 model and the metrics at every evaluation (epoch 0 is the initialisation).
@@ -18,12 +25,14 @@ import numpy as np
 
 from nws.cnn import IMAGE_SHAPE, build_model
 from nws.data.preprocess import BalancedSampler, NetData
+from nws.fidelity import DEFAULT_FIDELITY, PAPER, check_fidelity
 from nws.space import NetConfig
 
 MOMENTUM = 0.95
 TRAIN_PROBE_IMAGES = 2048
-"""Epoch 0 has no training batches to average over: train accuracy is measured on this many
-training images instead."""
+"""Epoch 0 has no training batches to average over: under fidelity `clean`, train accuracy is
+measured on this many training images instead (under `paper`: on the first training batch, as
+the released code)."""
 
 Observer = Callable[[Any, int, dict[str, float]], None]
 
@@ -36,17 +45,33 @@ class TrainSettings:
     min_epochs: int = 20
     lr_decay: float = 1.0  # per-epoch factor; 1.0 = constant rate, as the published nets
     mixed_precision: bool = False
-    eval_batch_size: int = 1024
+    eval_batch_size: int = 1024  # fidelity clean only: paper evaluates in batches of the net's size
     fall_patience: int = 5
     below_average_limit: int = 30
     stationary_limit: int = 30
+    fidelity: str = DEFAULT_FIDELITY  # paper or clean: see nws.fidelity
+
+    def __post_init__(self) -> None:
+        check_fidelity(self.fidelity)
+
+    @property
+    def paper(self) -> bool:
+        return self.fidelity == PAPER
+
+    @property
+    def first_stop_epoch(self) -> int:
+        """The first epoch after which early stopping may stop a net. The released code counts
+        evaluations from 1, the initialisation included, and allows a stop once 20 exist
+        (`ii >= 20`), i.e. after 19 epochs: under `paper` that is `min_epochs - 1`."""
+        return max(0, self.min_epochs - 1) if self.paper else self.min_epochs
 
     def as_params(self) -> dict[str, Any]:
         return {f"train_{k}": v for k, v in self.__dict__.items()}
 
 
 class EarlyStopping:
-    """The NWS stopping rules, checked once per evaluation, only after `min_epochs` epochs.
+    """The NWS stopping rules, checked once per evaluation, only after `min_epochs` epochs
+    (`min_epochs - 1` under fidelity `paper`: `TrainSettings.first_stop_epoch`).
 
     Stop when (a) validation accuracy fell in `fall_patience` consecutive epochs, (b) in
     `below_average_limit` epochs in total it was below its running average (weight 0.5), or
@@ -79,7 +104,7 @@ class EarlyStopping:
             if valid_accuracy < self.smoothed:
                 self.below_average += 1
         self.previous = valid_accuracy
-        if epoch < self.settings.min_epochs:
+        if epoch < self.settings.first_stop_epoch:
             return False
         s = self.settings
         for reason, count, limit in (
@@ -224,14 +249,40 @@ def training_dataset(data: NetData, batch_size: int, seed: int, augment: bool) -
     return ds.prefetch(2), steps
 
 
-def evaluation_dataset(x: np.ndarray, y: np.ndarray, batch_size: int) -> Any:
+def evaluation_dataset(
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    drop_remainder: bool = False,
+    augmenter: Any = None,
+) -> Any:
+    """Batches of images scaled to [0, 1]; with an `augmenter`, augmented as in training."""
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
-    return ds.map(lambda a, b: (tf.cast(a, tf.float32) / 255.0, b)).prefetch(2)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.map(lambda a, b: (tf.cast(a, tf.float32) / 255.0, b))
+    if augmenter is not None:
+        ds = ds.map(lambda a, b: (augmenter(a, training=True), b))
+    return ds.prefetch(2)
+
+
+def paper_evaluation_batch(n_images: int, batch_size: int) -> int:
+    """The batch size of a fidelity-`paper` evaluation of `n_images`: the net's own, with the
+    remainder dropped, as the released code's fixed-size placeholders. A set smaller than one
+    batch, which the released code could not evaluate (it divides by zero batches), becomes one
+    batch of all its images, so that quick runs with small image caps still work."""
+    return max(1, min(batch_size, n_images))
+
+
+def evaluation_augmenter_seed(seed: int) -> int:
+    """The seed of a net's evaluation augmentation: a stream of its own, apart from its training
+    augmentation (`seed`) and from every other net's (net seeds are consecutive integers)."""
+    return int(np.random.SeedSequence([seed, 1]).generate_state(1)[0] >> 2)
 
 
 def make_optimizer(config: NetConfig, steps_per_epoch: int, settings: TrainSettings) -> Any:
+    """The net's optimizer at its framework defaults: TF1's under fidelity `paper` (RMSProp with
+    the accumulator at one and epsilon 1e-10, Adam with epsilon 1e-8), Keras' under `clean`."""
     import keras
 
     rate: Any = config.lrate
@@ -239,11 +290,19 @@ def make_optimizer(config: NetConfig, steps_per_epoch: int, settings: TrainSetti
         rate = keras.optimizers.schedules.ExponentialDecay(
             config.lrate, decay_steps=steps_per_epoch, decay_rate=settings.lr_decay, staircase=True
         )
-    optimizer = {
-        "adam": lambda: keras.optimizers.Adam(rate),
-        "rmsprop": lambda: keras.optimizers.RMSprop(rate),
-        "momentum": lambda: keras.optimizers.SGD(rate, momentum=MOMENTUM),
-    }[config.optimizer]()
+    if settings.paper and config.optimizer != "momentum":
+        from nws.optimizers import TF1_ADAM_EPSILON, TF1RMSprop
+
+        optimizer = {
+            "adam": lambda: keras.optimizers.Adam(rate, epsilon=TF1_ADAM_EPSILON),
+            "rmsprop": lambda: TF1RMSprop(rate),
+        }[config.optimizer]()
+    else:
+        optimizer = {
+            "adam": lambda: keras.optimizers.Adam(rate),
+            "rmsprop": lambda: keras.optimizers.RMSprop(rate),
+            "momentum": lambda: keras.optimizers.SGD(rate, momentum=MOMENTUM),
+        }[config.optimizer]()
     if settings.mixed_precision:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
@@ -252,7 +311,7 @@ def make_optimizer(config: NetConfig, steps_per_epoch: int, settings: TrainSetti
 def compile_model(config: NetConfig, steps_per_epoch: int, settings: TrainSettings) -> Any:
     import keras
 
-    model = build_model(config, mixed_precision=settings.mixed_precision)
+    model = build_model(config, mixed_precision=settings.mixed_precision, fidelity=settings.fidelity)
     model.compile(
         optimizer=make_optimizer(config, steps_per_epoch, settings),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -281,8 +340,9 @@ def train_net(
     else:  # only the initialisation is evaluated: no input pipeline to build
         train_ds, steps = None, BalancedSampler(data.y_train, seed).epoch_size // config.batch_size
     model = compile_model(config, max(1, steps), settings)
-    valid_ds = evaluation_dataset(data.x_valid, data.y_valid, settings.eval_batch_size)
-    test_ds = evaluation_dataset(data.x_test, data.y_test, settings.eval_batch_size)
+    evaluation_sets = EvaluationSets(config, data, seed, settings)
+    valid_ds = evaluation_sets.of(data.x_valid, data.y_valid)
+    test_ds = evaluation_sets.of(data.x_test, data.y_test)
     result = TrainResult(steps_per_epoch=steps)
     stopping = EarlyStopping(settings)
 
@@ -299,10 +359,7 @@ def train_net(
             observer(model, epoch, metrics)
         return stop
 
-    probe = min(len(data.y_train), TRAIN_PROBE_IMAGES)
-    train0 = evaluate(
-        evaluation_dataset(data.x_train[:probe], data.y_train[:probe], settings.eval_batch_size)
-    )
+    train0 = evaluate(evaluation_sets.train_probe())
     valid0, test0 = evaluate(valid_ds), evaluate(test_ds)
     publish(0, _metrics(train0["accuracy"], train0["loss"], valid0, test0))
 
@@ -330,6 +387,34 @@ def train_net(
         )
     result.seconds = time.perf_counter() - started
     return result
+
+
+class EvaluationSets:
+    """The evaluation pipelines of one net, as its fidelity wants them."""
+
+    def __init__(self, config: NetConfig, data: NetData, seed: int, settings: TrainSettings) -> None:
+        self.config, self.data, self.seed, self.settings = config, data, seed, settings
+        self.augmenter = None
+        if settings.paper and config.augmentation == "on":
+            self.augmenter = build_augmenter(evaluation_augmenter_seed(seed))
+
+    def of(self, x: np.ndarray, y: np.ndarray) -> Any:
+        if not self.settings.paper:
+            return evaluation_dataset(x, y, self.settings.eval_batch_size)
+        batch = paper_evaluation_batch(len(y), self.config.batch_size)
+        return evaluation_dataset(x, y, batch, drop_remainder=True, augmenter=self.augmenter)
+
+    def train_probe(self) -> Any:
+        """Epoch 0's train accuracy. Under `paper`: the first batch of the training stream (the
+        same images the first step trains on, with a fresh augmentation), as the released code;
+        under `clean`: the first TRAIN_PROBE_IMAGES training images."""
+        data = self.data
+        if not self.settings.paper:
+            probe = min(len(data.y_train), TRAIN_PROBE_IMAGES)
+            return self.of(data.x_train[:probe], data.y_train[:probe])
+        sampler = BalancedSampler(data.y_train, self.seed)  # the stream's sampler, same seed
+        first = sampler.epoch()[: min(self.config.batch_size, sampler.epoch_size)]
+        return self.of(data.x_train[first], data.y_train[first])
 
 
 def _metrics(

@@ -15,7 +15,9 @@ from nws.snapshots import SnapshotRecorder, select_prints, weight_layout
 from nws.space import NetConfig
 from nws.training import EarlyStopping, TrainingDiverged, TrainSettings, train_net
 
-SETTINGS = TrainSettings(max_epochs=1000, min_epochs=20)
+SETTINGS = TrainSettings(max_epochs=1000, min_epochs=20, fidelity="clean")
+"""The rules with the first stop after `min_epochs` epochs (fidelity paper: one earlier, see
+tests/test_fidelity.py)."""
 
 
 def run_rule(accuracies, settings=SETTINGS):
@@ -81,8 +83,10 @@ def tiny_data():
     return split_for_net(load_images("shapes"), seed=4, max_train_images=160, max_eval_images=64)
 
 
-def train_tiny(data, seed, config=TINY, epochs=3, observers=(), mixed_precision=False):
-    settings = TrainSettings(max_epochs=epochs, min_epochs=epochs, mixed_precision=mixed_precision)
+def train_tiny(data, seed, config=TINY, epochs=3, observers=(), mixed_precision=False, fidelity="paper"):
+    settings = TrainSettings(
+        max_epochs=epochs, min_epochs=epochs, mixed_precision=mixed_precision, fidelity=fidelity
+    )
     layout = weight_layout(config)
     with SnapshotRecorder(layout) as recorder:
         result = train_net(config, data, seed, settings, [recorder.record, *observers])
@@ -116,16 +120,19 @@ def test_training_is_bit_identical_for_a_seed_and_captures_every_evaluation(tiny
         assert 0.0 <= h["valid_accuracy"] <= 1.0 and np.isfinite(h["loss"])
 
 
-def test_snapshot_one_is_the_pure_initialisation(seed9):
+def test_snapshot_one_is_the_pure_initialisation_under_clean(tiny_data):
+    """Under fidelity paper, snapshot 1's moving statistics come from the evaluation batches
+    (tests/test_fidelity.py); under clean it is the initialisation, every tensor."""
     import keras
 
     from nws.cnn import build_model
     from nws.snapshots import flatten
 
-    _, weights, _, _ = seed9
+    _, weights, _, _ = train_tiny(tiny_data, seed=9, epochs=1, fidelity="clean")
     keras.utils.set_random_seed(9)
-    initial = flatten(build_model(TINY), weight_layout(TINY))
+    initial = flatten(build_model(TINY, fidelity="clean"), weight_layout(TINY))
     np.testing.assert_array_equal(weights[0], initial)
+    assert not np.array_equal(weights[-1], initial)
 
 
 def test_a_diverging_net_raises_with_its_epoch(tiny_data):

@@ -12,8 +12,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nws.errors import DataError
+from nws.fidelity import DEFAULT_FIDELITY, PAPER, check_fidelity
+
 SIDE = 32
 VALID_FRACTION = 0.1
+TF_MNIST_VALIDATION = 5000
+"""The released code read MNIST and Fashion-MNIST with TF1's `input_data.read_data_sets`, whose
+`validation_size=5000` takes the first 5,000 official training images (file order) as a
+validation set that the code never used: under fidelity `paper` they are left out."""
+TF_MNIST_DATASETS = ("mnist", "fashion")
 _RESIZE_CHUNK = 8192
 
 
@@ -77,16 +85,37 @@ def _resize(images: np.ndarray) -> np.ndarray:
     return out
 
 
+def training_pool(images: ImageSet, fidelity: str = DEFAULT_FIDELITY) -> np.ndarray:
+    """Indices of the official training images a net's train/validation split draws from: all of
+    them, except under fidelity `paper` for MNIST and Fashion-MNIST, whose first 5,000 (file
+    order) the released code never saw (55,000 left: 49,500 train / 5,500 validation)."""
+    n = len(images.y_train)
+    if check_fidelity(fidelity) != PAPER or images.name not in TF_MNIST_DATASETS:
+        return np.arange(n)
+    if n <= TF_MNIST_VALIDATION:
+        raise DataError(
+            f"dataset {images.name}: {n} training images; fidelity paper leaves out the first "
+            f"{TF_MNIST_VALIDATION} (the released code's unused validation set) and needs more"
+        )
+    return np.arange(TF_MNIST_VALIDATION, n)
+
+
 def split_for_net(
-    images: ImageSet, seed: int, max_train_images: int = 0, max_eval_images: int = 0
+    images: ImageSet,
+    seed: int,
+    max_train_images: int = 0,
+    max_eval_images: int = 0,
+    fidelity: str = DEFAULT_FIDELITY,
 ) -> NetData:
-    """Shuffle the official training set with the net's seed and split it 90/10.
+    """Shuffle the official training set (its `training_pool`) with the net's seed and split it
+    90/10.
 
     `max_train_images` caps the training part and `max_eval_images` the validation and test sets
     (0 = no cap), for quick runs.
     """
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(images.y_train))
+    pool = training_pool(images, fidelity)
+    order = pool[rng.permutation(len(pool))]
     cut = int((1.0 - VALID_FRACTION) * len(order))
     train, valid = order[:cut], order[cut:]
     test = np.arange(len(images.y_test))
