@@ -158,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        interrupts.forget_unhandled()
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # unexpected: keep the traceback, but end on one clear line

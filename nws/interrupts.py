@@ -80,6 +80,17 @@ def deferred() -> Iterator[None]:
         check()
 
 
+def forget_unhandled() -> None:
+    """Let a process that handled its stop end with its own exit code.
+
+    CPython marks a KeyboardInterrupt that leaves code run by `exec` of a string (a dataclass
+    being made while a module is imported, when the signal lands there) as unhandled, and keeps
+    the mark after the interrupt was caught: `python -m` then ends the process by SIGINT instead
+    of with its exit code. The mark is cleared when the next string is run.
+    """
+    exec("")
+
+
 def between_steps() -> Any:
     """A Keras callback that raises a held stop's KeyboardInterrupt before each epoch and each
     training or evaluation step: use it with the model's work inside `deferred()`.

@@ -49,6 +49,29 @@ def test_a_stop_signal_while_deferred_is_raised_when_the_block_ends():
         restore()
 
 
+@pytest.mark.parametrize("forget", [True, False], ids=["forgotten", "remembered"])
+def test_a_handled_stop_ends_python_m_with_its_exit_code(tmp_path, forget):
+    """A stop that landed in code run by `exec` (a dataclass made during an import) and was
+    handled: without `forget_unhandled`, `python -m` ends the process by SIGINT instead of 130."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "probe.py").write_text(
+        "import os, signal, time\n"
+        "from nws import interrupts\n"
+        "interrupts.install()\n"
+        "try:\n"
+        "    exec('os.kill(os.getpid(), signal.SIGINT); time.sleep(5)')\n"
+        "except KeyboardInterrupt:\n"
+        f"    {'interrupts.forget_unhandled()' if forget else 'pass'}\n"
+        "raise SystemExit(130)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(interrupts.__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-m", "probe"], cwd=tmp_path, env=env, timeout=60)
+    assert done.returncode == (130 if forget else -signal.SIGINT)
+
+
 class SignalOnRead(Mapping):
     """Tags that send this process a SIGTERM as they are read: a stop while a run is made."""
 
@@ -95,7 +118,7 @@ def test_a_stop_during_training_is_raised_between_two_steps_of_keras():
     from nws.space import NetConfig
     from nws.training import TrainSettings, train_net
 
-    data = split_for_net(load_images("shapes"), seed=4, max_train_images=160, max_eval_images=64)
+    data = split_for_net(load_images("shapes"), seed=4, max_train_images=64, max_eval_images=32)
     config = NetConfig.parse("shapes,0.002,32,1,1,0,0,2,3,3,2,4,64")  # augmentation on
     epochs: list[int] = []
 
@@ -143,14 +166,8 @@ def test_a_parent_run_ends_killed_on_an_interrupt_failed_on_an_error_finished_ot
         assert ended.data.tags["nws.worker"] == tracking.worker_name()
         assert ended.data.tags.get("nws.failure") == failure
 
-
-def test_a_parent_run_continues_the_callers_run_and_leaves_it_to_the_caller(tracking_uri):
-    """A caller's active run (`main` around `sample`) is used, and never ended here; a nested one
-    is started and ended here."""
-    import mlflow
-
-    from nws import tracking
-
+    # A caller's active run (`main`'s around `sample`) is used, and never ended here; a nested
+    # one is started and ended here.
     with mlflow.start_run(run_name="caller") as caller:
         with (
             pytest.raises(KeyboardInterrupt),
@@ -169,16 +186,16 @@ def test_a_parent_run_continues_the_callers_run_and_leaves_it_to_the_caller(trac
 
 
 def test_sample_processes_stopped_at_different_moments_exit_130_with_every_run_killed(tmp_path):
-    """Real `nws sample` processes, side by side: SIGINT as the first net starts (data, its run,
-    the first evaluation), SIGTERM in Keras' fit, SIGINT in a later epoch. Each exits 130 (no
-    native abort, no other error), and its campaign leaves nothing RUNNING."""
+    """Real `nws sample` processes, side by side: SIGINT as the first net starts (its data, its
+    run, the first evaluation), SIGTERM in Keras' fit. Each exits 130 (no native abort, no other
+    error), and its campaign leaves nothing RUNNING. `benchmarks/interrupt_stress.py` does this
+    20 times at random moments."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tests.interruptions import interrupt_mid_net, killed_runs, start_sample, tracking_store, unended
 
     uri, storage = tracking_store(tmp_path), str(tmp_path / "optuna.log")
-    moments = {"start": (signal.SIGINT, 0.0, "net 1/"), "fit": (signal.SIGTERM, 0.3, "epoch 1/"),
-               "later": (signal.SIGINT, 0.0, "epoch 3/")}  # fmt: skip
+    moments = {"start": (signal.SIGINT, 0.0, "net 1/"), "fit": (signal.SIGTERM, 0.3, "epoch 1/")}
     samples = {name: start_sample(name, uri, storage, tmp_path) for name in moments}
     with ThreadPoolExecutor(len(moments)) as pool:  # each signal at its own moment
         sent = {name: pool.submit(interrupt_mid_net, samples[name], *moments[name]) for name in moments}
@@ -217,17 +234,18 @@ def runs_by_name() -> dict[str, object]:
     return {r.info.run_name: r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")}
 
 
-def main_options(tmp_path, **changes):
+def main_options(tmp_path, campaign: str, **changes):
     from nws.study import MainOptions
 
     tiny = {"datasets": "digits", "max_train_images": 64, "max_eval_images": 32, "threads": 1,
-            "storage": str(tmp_path / "optuna.log"), "campaign": "study"}  # fmt: skip
+            "storage": str(tmp_path / "optuna.log"), "campaign": campaign}  # fmt: skip
     return MainOptions(**{**tiny, **changes})
 
 
-def test_main_interrupted_ends_its_runs_killed(tracking_uri, tmp_path):
+def test_main_interrupted_ends_its_runs_killed_and_failing_ends_them_failed(tracking_uri, tmp_path):
     from mlflow import MlflowClient
 
+    from nws.errors import ParameterError
     from nws.study import run_main
 
     client = MlflowClient()
@@ -240,26 +258,20 @@ def test_main_interrupted_ends_its_runs_killed(tracking_uri, tmp_path):
     try:
         signal_when(mid_net, signal.SIGINT)
         with pytest.raises(KeyboardInterrupt):
-            run_main(main_options(tmp_path, n_nets=2, max_epochs=100, min_epochs=100))
+            run_main(main_options(tmp_path, "stopped", n_nets=2, max_epochs=100, min_epochs=100))
     finally:
         restore()
-    runs = runs_by_name()
-    assert set(runs) == {"nws-main-study", "sample-study", "net-study-00000"}
-    assert {name: run.info.status for name, run in runs.items()} == dict.fromkeys(runs, "KILLED")
-    assert runs["nws-main-study"].data.tags["nws.failure"] == "KeyboardInterrupt: SIGINT received"
-
-
-def test_main_failing_after_its_sample_ends_its_runs_failed(tracking_uri, tmp_path):
-    from nws.errors import ParameterError
-    from nws.study import run_main
-
     with pytest.raises(ParameterError, match="no requested property varies"):  # one net: nothing to learn
-        run_main(main_options(tmp_path, n_nets=1, max_epochs=0, min_epochs=0))
+        run_main(main_options(tmp_path, "fails", n_nets=1, max_epochs=0, min_epochs=0))
+
     runs = runs_by_name()
-    statuses = {name: run.info.status for name, run in runs.items()}
-    assert statuses == {"nws-main-study": "FAILED", "sample-study": "FINISHED", "net-study-00000": "FINISHED",
-                        "meta-study": "FAILED"}  # fmt: skip
-    assert runs["nws-main-study"].data.tags["nws.failure"].startswith("ParameterError: props: no requested")
+    assert {name: run.info.status for name, run in runs.items()} == {
+        "nws-main-stopped": "KILLED", "sample-stopped": "KILLED", "net-stopped-00000": "KILLED",
+        "nws-main-fails": "FAILED", "sample-fails": "FINISHED", "net-fails-00000": "FINISHED",
+        "meta-fails": "FAILED",
+    }  # fmt: skip
+    assert runs["nws-main-stopped"].data.tags["nws.failure"] == "KeyboardInterrupt: SIGINT received"
+    assert runs["nws-main-fails"].data.tags["nws.failure"].startswith("ParameterError: props: no requested")
 
 
 def test_train_interrupted_ends_its_run_and_the_model_being_trained_killed(in_meta_zoo, monkeypatch):
