@@ -325,7 +325,7 @@ def killed_mid_net(tmp_path_factory):
     samples = {name: start_sample(name, uri, storage, root) for name in ("orphan-a", "orphan-b")}
     with ThreadPoolExecutor(len(samples)) as pool:
         killed = {
-            name: pool.submit(interrupt_mid_net, s, signal.SIGKILL, 0.0, "epoch 1/")
+            name: pool.submit(interrupt_mid_net, s, signal.SIGKILL, 0.0, "epoch 0/")
             for name, s in samples.items()
         }
     for name, sample in samples.items():
