@@ -17,6 +17,7 @@ NETS = ["--subset", "fixed", "--datasets", "digits", "--prints", "3", "--max-epo
         "--min-epochs", "8", "--max-train-images", "256", "--max-eval-images", "64", "--threads", "1",
         "--n-nets", "2"]  # fmt: skip
 """Small nets of several epochs: a net takes a few seconds, most of it in Keras' fit."""
+SIGNALS = {"INT": signal.SIGINT, "TERM": signal.SIGTERM}
 
 
 @dataclass
@@ -127,7 +128,7 @@ def unended(tracking_uri: str, storage: str, campaign: str) -> list[str]:
     ]
 
 
-def killed_runs(tracking_uri: str, campaign: str) -> dict[str, list[str]]:
+def run_statuses(tracking_uri: str, campaign: str) -> dict[str, list[str]]:
     """The statuses of a campaign's runs by role ("net", "campaign")."""
     from mlflow import MlflowClient
 
@@ -137,6 +138,3 @@ def killed_runs(tracking_uri: str, campaign: str) -> dict[str, list[str]]:
     for run in client.search_runs(experiments, f"tags.`nws.campaign` = '{campaign}'", max_results=1000):
         found.setdefault(run.data.tags.get("nws.role", ""), []).append(run.info.status)
     return found
-
-
-SIGNALS = {"INT": signal.SIGINT, "TERM": signal.SIGTERM}

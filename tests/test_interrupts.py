@@ -192,7 +192,7 @@ def test_sample_processes_stopped_at_different_moments_exit_130_with_every_run_k
     20 times at random moments."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tests.interruptions import interrupt_mid_net, killed_runs, start_sample, tracking_store, unended
+    from tests.interruptions import interrupt_mid_net, run_statuses, start_sample, tracking_store, unended
 
     uri, storage = tracking_store(tmp_path), str(tmp_path / "optuna.log")
     moments = {"start": (signal.SIGINT, 0.0, "net 1/"), "fit": (signal.SIGTERM, 0.3, "epoch 1/")}
@@ -205,7 +205,7 @@ def test_sample_processes_stopped_at_different_moments_exit_130_with_every_run_k
         assert code == 130, output[-3000:]
         assert output.rstrip().endswith("nws sample: interrupted"), output[-3000:]
         assert unended(uri, storage, name) == [], output[-3000:]
-        runs = killed_runs(uri, name)
+        runs = run_statuses(uri, name)
         assert runs["campaign"] == ["KILLED"]
         if name != "start":  # the first net's run may not exist yet at the start
             assert runs["net"] == ["KILLED"], output[-3000:]
