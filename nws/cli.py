@@ -68,6 +68,13 @@ def _export_nws(options: Any) -> int:
     return 0
 
 
+def _cleanup(options: Any) -> int:
+    from nws.orphans import run_cleanup
+
+    run_cleanup(options)
+    return 0
+
+
 def _main(options: Any) -> int:
     from nws.study import run_main
 
@@ -78,6 +85,7 @@ def _main(options: Any) -> int:
 def _commands() -> dict[str, Command]:
     from nws.interop import ExportOptions, ImportOptions
     from nws.meta.campaign import TrainOptions
+    from nws.orphans import CleanupOptions
     from nws.predict import PredictOptions
     from nws.sampling import SampleOptions
     from nws.study import MainOptions
@@ -95,6 +103,8 @@ def _commands() -> dict[str, Command]:
                 _import_nws),
         Command("export_nws", "export net runs in the published NWS or the Small CNN Zoo layout",
                 ExportOptions, _export_nws),
+        Command("cleanup", "list a campaign's RUNNING runs and trials, close those whose process is gone",
+                CleanupOptions, _cleanup),
     ]  # fmt: skip
     return {c.name: c for c in commands}
 
@@ -148,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        interrupts.forget_unhandled()
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # unexpected: keep the traceback, but end on one clear line

@@ -360,29 +360,25 @@ def run_import(options: ImportOptions) -> ImportSummary:
 
     jobs = list(_jobs(options))
     pool = _worker_pool(options.workers)
-    owns_run = mlflow.active_run() is None
     try:
-        parent = mlflow.active_run() or mlflow.start_run(run_name="import-nws")
-        mlflow.set_tags({tracking.TAG_ROLE: "import"})
-        existing = mlflow.get_run(parent.info.run_id).data.params
-        mlflow.log_params({k: v for k, v in asdict(options).items() if k not in existing})
-        target = ImportTarget(mlflow.get_tracking_uri(), parent.info.experiment_id, parent.info.run_id,
-                              options.prints)  # fmt: skip
-        summary = _import_all(pool, target, jobs, 2 * options.workers)
-        mlflow.log_metrics({"imported": len(summary.imported), "skipped": len(summary.skipped),
-                            "refused": len(summary.refused)})  # fmt: skip
-        refusals = pd.DataFrame(summary.refused, columns=["csv", "path", "reason"])
-        mlflow.log_text(refusals.to_csv(index=False), "refusals.csv")
-    except BaseException as error:
-        pool.shutdown(wait=True, cancel_futures=True)  # the nets being written are finished
-        if owns_run and mlflow.active_run():
-            mlflow.end_run("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
-        if isinstance(error, BrokenProcessPool):
-            raise NWSError(f"an import worker process died ({error}); import again to resume") from None
-        raise
-    pool.shutdown()
-    if owns_run:
-        mlflow.end_run()
+        with tracking.parent_run(
+            {tracking.TAG_ROLE: "import"}, asdict(options), run_name="import-nws"
+        ) as parent:
+            target = ImportTarget(mlflow.get_tracking_uri(), parent.info.experiment_id, parent.info.run_id,
+                                  options.prints)  # fmt: skip
+            try:
+                summary = _import_all(pool, target, jobs, 2 * options.workers)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # the nets being written are finished
+                raise
+            mlflow.log_metrics({"imported": len(summary.imported), "skipped": len(summary.skipped),
+                                "refused": len(summary.refused)})  # fmt: skip
+            refusals = pd.DataFrame(summary.refused, columns=["csv", "path", "reason"])
+            mlflow.log_text(refusals.to_csv(index=False), "refusals.csv")
+    except BrokenProcessPool as error:
+        raise NWSError(f"an import worker process died ({error}); import again to resume") from None
+    finally:
+        pool.shutdown()
     return summary
 
 

@@ -5,6 +5,8 @@ swallows every exception there (Keras' layer building has bare `except:` clauses
 raised in a `__del__` is only printed) loses it: a `sample` worker told to stop would go on to
 its campaign's target. So the handler also records the request, and long loops ask `check()` at
 their safe points (before each net, after each evaluation), which raises again until they stop.
+While Keras trains, the stop is only recorded (`deferred()`), and a callback raises it between
+two steps (`between_steps()`).
 """
 
 from __future__ import annotations
@@ -76,3 +78,43 @@ def deferred() -> Iterator[None]:
         _deferring -= 1
     if not _deferring:
         check()
+
+
+def forget_unhandled() -> None:
+    """Let a process that handled its stop end with its own exit code.
+
+    CPython marks a KeyboardInterrupt that leaves code run by `exec` of a string (a dataclass
+    being made while a module is imported, when the signal lands there) as unhandled, and keeps
+    the mark after the interrupt was caught: `python -m` then ends the process by SIGINT instead
+    of with its exit code. The mark is cleared when the next string is run.
+    """
+    exec("")
+
+
+def between_steps() -> Any:
+    """A Keras callback that raises a held stop's KeyboardInterrupt before each epoch and each
+    training or evaluation step: use it with the model's work inside `deferred()`.
+
+    Raised by the signal handler instead, at whatever line runs, KeyboardInterrupt lands inside
+    Keras and TensorFlow (function tracing, the tf.data iterator that runs a Python generator in
+    TensorFlow's threads): there it was swallowed, or turned into another error (a `sample` net
+    ended FAILED instead of KILLED), and a process stopped mid-net could end in a native abort.
+    Raised here, it leaves Keras like any error of a callback, between two steps. The checks
+    sit in the `begin` hooks: a batch-end hook would make Keras wait for each step's results.
+    """
+    import keras
+
+    class StopBetweenSteps(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            check()
+
+        def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+            check()
+
+        def on_test_batch_begin(self, batch: int, logs: Any = None) -> None:
+            check()
+
+        def on_predict_batch_begin(self, batch: int, logs: Any = None) -> None:
+            check()
+
+    return StopBetweenSteps()

@@ -27,6 +27,7 @@ from nws.errors import ParameterError
 from nws.fidelity import DEFAULT_FIDELITY, check_fidelity
 from nws.params import at_least, param, writable_directory
 from nws.space import NetConfig
+from nws.tracking import worker_name
 
 DEFAULT_STORAGE = "optuna-journal.log"
 STUDY_ATTRS = ("subset", "datasets", "fidelity")
@@ -346,6 +347,12 @@ def run_campaign(options: SampleOptions) -> CampaignSummary:
     tensorflow_environment(options.threads)  # before loading images starts TensorFlow
     check_available(datasets, options.data_dir or None, options.download)
     study = open_study(options, datasets)
+    if not options.parent_run_id:  # a worker of `--workers`: its parent did this
+        from nws.orphans import close_orphans
+
+        for entry in close_orphans(study, options.campaign):
+            if entry.closed:
+                print(f"closed {entry.what}: its worker {entry.worker} is gone", file=sys.stderr)
     if options.workers > 1:
         from nws.workers import run_workers
 
@@ -368,24 +375,11 @@ def run_campaign(options: SampleOptions) -> CampaignSummary:
         summary = CampaignSummary(options.campaign, campaign_run_id=options.parent_run_id)
         _train_nets(options, settings, study, datasets, replay, summary)
         return summary
-    owns_run = mlflow.active_run() is None
-    try:
-        run = tracking.start_campaign_run(_campaign_tags(options), asdict(options))
+    with tracking.parent_run(_campaign_tags(options), asdict(options)) as run:
         summary = CampaignSummary(options.campaign, campaign_run_id=run.info.run_id)
         _train_nets(options, settings, study, datasets, replay, summary)
-    except BaseException as error:
-        if owns_run and mlflow.active_run():
-            mlflow.end_run("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
-        raise
-    mlflow.set_tags({"nws.finished_nets": str(len(summary.finished))})
-    if owns_run:
-        mlflow.end_run()
+        mlflow.set_tags({"nws.finished_nets": str(len(summary.finished))})
     return summary
-
-
-def worker_name(pid: int | None = None) -> str:
-    """host:pid, how trials and net runs name the process that trained them."""
-    return f"{socket.gethostname()}:{pid or os.getpid()}"
 
 
 def trial_counts(study: Any) -> tuple[int, list[int], list[int]]:
@@ -439,32 +433,32 @@ def wait_for_work(study: Any, target: int, poll: float, heartbeats: bool = True)
         time.sleep(poll)
 
 
-def _process_is_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
-
-
 def fail_orphaned_trials(study: Any, pids: list[int] | None = None) -> list[int]:
     """Fail and retry the RUNNING trials of processes of this host that no longer exist (or of
     the given pids): what heartbeats do on an RDB storage, for the journal file, which has none.
     A process interrupted between Optuna creating its trial and telling it leaves such a trial,
     and it would otherwise count as in progress for ever."""
+    from nws.orphans import GONE, worker_state
+
     host = socket.gethostname()
     orphans = []
     for trial in study.get_trials(deepcopy=False, states=(optuna_state("RUNNING"),)):
-        worker_host, _, pid = trial.user_attrs.get("worker", "").rpartition(":")
-        if worker_host != host or not pid.isdigit():
-            continue
-        if (int(pid) in pids) if pids is not None else _process_is_gone(int(pid)):
-            study.tell(trial.number, state=optuna_state("FAIL"), skip_if_finished=True)
-            fail_and_retry(study, trial)
+        worker = trial.user_attrs.get("worker", "")
+        worker_host, _, pid = worker.rpartition(":")
+        if pids is not None:
+            orphaned = worker_host == host and pid.isdigit() and int(pid) in pids
+        else:
+            orphaned = worker_state(worker) == GONE
+        if orphaned:
+            fail_trial(study, trial)
             orphans.append(trial.number)
     return orphans
+
+
+def fail_trial(study: Any, trial: Any) -> None:
+    """Fail a RUNNING trial whose worker is gone and queue its configuration again."""
+    study.tell(trial.number, state=optuna_state("FAIL"), skip_if_finished=True)
+    fail_and_retry(study, trial)
 
 
 def is_surplus(study: Any, number: int, target: int) -> bool:
@@ -688,6 +682,6 @@ class NetJob:
             )
             tracking.end_run("FINISHED")
         except BaseException as error:
-            tracking.abort_net_run(run_id, error)
+            tracking.abort_run(run_id, error)
             raise
         return NetOutcome(run_id, True, final["test_accuracy"], result.epochs)

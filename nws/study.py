@@ -125,11 +125,9 @@ def run_main(options: Any) -> Any:
 
     sample = _part(options, SampleOptions)
     check_before_sampling(options, sample)
-    owns_run = mlflow.active_run() is None
-    parent = mlflow.active_run() or mlflow.start_run(run_name=f"nws-main-{options.campaign}")
-    try:
-        mlflow.set_tags({tracking.TAG_ROLE: "study", tracking.TAG_CAMPAIGN: options.campaign})
-        with mlflow.start_run(run_name=f"sample-{options.campaign}", nested=True):
+    tags = {tracking.TAG_ROLE: "study", tracking.TAG_CAMPAIGN: options.campaign}
+    with tracking.parent_run(tags, run_name=f"nws-main-{options.campaign}") as parent:
+        with tracking.parent_run(run_name=f"sample-{options.campaign}", nested=True):
             summary = run_campaign(sample)
         say(summary.line())
         experiment = mlflow.get_experiment(parent.info.experiment_id).name
@@ -140,13 +138,7 @@ def run_main(options: Any) -> Any:
             filter=f"tags.`{tracking.TAG_CAMPAIGN}` = '{options.campaign}'",
             seed=options.seed,
         )
-        with mlflow.start_run(run_name=f"meta-{options.campaign}", nested=True):
+        with tracking.parent_run(run_name=f"meta-{options.campaign}", nested=True):
             table = run_training(train)
         say(format_table(table))
-    except BaseException:
-        if owns_run:
-            mlflow.end_run("FAILED")
-        raise
-    if owns_run:
-        mlflow.end_run()
     return table

@@ -7,9 +7,12 @@ A net run is FINISHED only after its artifacts are uploaded and tagged complete
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
+import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -80,20 +83,49 @@ def check_tracking_server(timeout: float = 5.0) -> None:
     raise NWSError(f"MLflow tracking server {uri} is unreachable: {reason}")
 
 
-def start_campaign_run(tags: Mapping[str, str], params: Mapping[str, Any]) -> Any:
-    """Start (or, inside `mlflow run`, continue) the campaign's run.
+@contextlib.contextmanager
+def parent_run(
+    tags: Mapping[str, str] | None = None,
+    params: Mapping[str, Any] | None = None,
+    run_name: str | None = None,
+    nested: bool = False,
+) -> Iterator[Any]:
+    """The run an entry point works in (a campaign's, `train`'s, `main`'s, an import's), with
+    one rule for how it ends: KILLED on an interrupt, FAILED on an error (its reason in
+    `nws.failure`), FINISHED otherwise.
 
-    Params that the project run already holds (MLproject parameters) are not logged again. A
-    stop while the run is made is held until it is the active run, which the caller's `except`
-    ends KILLED (left to MLflow's exit hook, it would end FINISHED).
+    It continues the run already active in this process (a caller's, e.g. `main`'s nested runs),
+    and leaves ending that one to its owner; otherwise it starts one (inside `mlflow run` that
+    resumes the project run, which `mlflow run` would end FAILED on an interrupt and MLflow's
+    exit hook FINISHED) and ends it here. `nested` always starts a new run under the active one.
+    The run is tagged with this process (`nws.worker`), so one left RUNNING by a killed process
+    can be told from a live one. Params the run already holds (MLproject parameters) are not
+    logged again. A stop while the run is made is held until it is known here.
     """
     mlflow = _mlflow()
     with interrupts.deferred():
-        run = mlflow.active_run() or mlflow.start_run()
-    mlflow.set_tags(dict(tags))
-    existing = mlflow.get_run(run.info.run_id).data.params
-    mlflow.log_params({k: v for k, v in params.items() if k not in existing})
-    return run
+        run = None if nested else mlflow.active_run()
+        owned = run is None
+        if owned:
+            run = mlflow.start_run(run_name=run_name, nested=nested)
+    run_id = run.info.run_id
+    try:
+        mlflow.set_tags({**(tags or {}), TAG_WORKER: worker_name()})
+        if params:
+            existing = mlflow.get_run(run_id).data.params
+            mlflow.log_params({k: v for k, v in params.items() if k not in existing})
+        yield run
+        if owned:
+            end_active_run(run_id, "FINISHED")
+    except BaseException as error:  # Ctrl-C included
+        if owned:
+            abort_run(run_id, error)
+        raise
+
+
+def worker_name(pid: int | None = None) -> str:
+    """host:pid, how trials and runs name the process that made them."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}"
 
 
 def start_net_run(
@@ -114,7 +146,7 @@ def start_net_run(
         mlflow.log_params(dict(params))
     except BaseException as error:  # Ctrl-C included
         if run_id:
-            abort_net_run(run_id, error)
+            abort_run(run_id, error)
         raise
     return run_id
 
@@ -331,18 +363,28 @@ def end_run(status: str = "FINISHED", tags: Mapping[str, str] | None = None) -> 
     mlflow.end_run(status=status)
 
 
-def abort_net_run(run_id: str, error: BaseException) -> None:
-    """End a net's run KILLED (Ctrl-C) or FAILED, with the error as `nws.failure`, by its id.
+def abort_run(run_id: str, error: BaseException) -> None:
+    """End a run KILLED (Ctrl-C) or FAILED, with the error as `nws.failure`, by its id.
 
     `mlflow.end_run` takes the run off the active-run stack before it writes the end: a Ctrl-C in
-    that write left the net RUNNING, and ending "the active run" again would then have ended the
-    campaign's run instead. So the end is written by id, and the stack is popped only while the
-    net's run is still on top.
+    that write left the run RUNNING, and ending "the active run" again would then have ended its
+    parent instead. So the end is written by id, and the stack is popped only while the run is
+    still on top.
     """
     from mlflow import MlflowClient
 
     status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
     end_failed_run(MlflowClient(), run_id, status, error_text(error))
+    active = _mlflow().active_run()
+    if active is not None and active.info.run_id == run_id:
+        _mlflow().end_run(status)
+
+
+def end_active_run(run_id: str, status: str) -> None:
+    """End a run by id, then take it off the active-run stack (see `abort_run`)."""
+    from mlflow import MlflowClient
+
+    MlflowClient().set_terminated(run_id, status)
     active = _mlflow().active_run()
     if active is not None and active.info.run_id == run_id:
         _mlflow().end_run(status)

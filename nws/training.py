@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from nws import interrupts
 from nws.cnn import IMAGE_SHAPE, build_model
 from nws.data.preprocess import BalancedSampler, NetData
 from nws.fidelity import DEFAULT_FIDELITY, PAPER, check_fidelity
@@ -329,8 +330,16 @@ def train_net(
 ) -> TrainResult:
     """Train one net; every evaluation (epoch 0 = initialisation) goes to the observers.
 
-    Raises TrainingDiverged when the loss becomes NaN.
+    Raises TrainingDiverged when the loss becomes NaN. A stop signal is held while Keras and
+    TensorFlow run, and raised between two steps (`interrupts.between_steps`).
     """
+    with interrupts.deferred():
+        return _train(config, data, seed, settings, observers)
+
+
+def _train(
+    config: NetConfig, data: NetData, seed: int, settings: TrainSettings, observers: Sequence[Observer]
+) -> TrainResult:
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -345,9 +354,10 @@ def train_net(
     test_ds = evaluation_sets.of(data.x_test, data.y_test)
     result = TrainResult(steps_per_epoch=steps)
     stopping = EarlyStopping(settings)
+    stopper = interrupts.between_steps()
 
     def evaluate(ds: Any) -> dict[str, float]:
-        return model.evaluate(ds, verbose=0, return_dict=True)
+        return model.evaluate(ds, verbose=0, return_dict=True, callbacks=[stopper])
 
     def publish(epoch: int, metrics: dict[str, float]) -> bool:
         stop = stopping.update(epoch, metrics["valid_accuracy"])
@@ -381,7 +391,7 @@ def train_net(
             epochs=settings.max_epochs,
             steps_per_epoch=steps,
             validation_data=valid_ds,
-            callbacks=[EpochEnd()],
+            callbacks=[stopper, EpochEnd()],
             shuffle=False,  # the stream is already shuffled and balanced per epoch
             verbose=0,
         )

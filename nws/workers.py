@@ -67,7 +67,6 @@ def run_workers(options: SampleOptions, study: Any) -> CampaignSummary:
     from nws import tracking
     from nws.sampling import _campaign_tags, trial_counts
 
-    owns_run = mlflow.active_run() is None
     threads = options.threads or max(1, (os.cpu_count() or 1) // options.workers)
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
 
@@ -83,45 +82,40 @@ def run_workers(options: SampleOptions, study: Any) -> CampaignSummary:
             workers[subprocess.Popen(command, env=env, start_new_session=True)] = quota
 
     restarts = options.workers
-    status = "FINISHED"
-    try:
-        run = tracking.start_campaign_run(_campaign_tags(options), dataclasses.asdict(options))
-        before, _, _ = trial_counts(study)
-        for quota in _quotas(options):
-            if quota > 0:
-                start(quota)
-        while workers:
-            time.sleep(POLL_SECONDS)
-            interrupts.check()
-            for process in [p for p in workers if p.poll() is not None]:
-                quota = workers.pop(process)
-                if process.returncode == 0:
-                    continue
-                print(f"worker {process.pid} ended with code {process.returncode}", file=sys.stderr)
-                if not options.heartbeat_enabled:  # on an RDB storage the heartbeat does it
-                    fail_orphaned_trials(study, [process.pid])
-                complete, _, _ = trial_counts(study)
-                if options.target and complete < options.target and restarts > 0:
-                    restarts -= 1
+    failed = False
+    with tracking.parent_run(_campaign_tags(options), dataclasses.asdict(options)) as run:
+        try:
+            before, _, _ = trial_counts(study)
+            for quota in _quotas(options):
+                if quota > 0:
                     start(quota)
-                else:
-                    status = "FAILED"
-    except BaseException:
-        _stop(list(workers))
-        if not options.heartbeat_enabled:  # trials an interrupted worker could not tell
-            fail_orphaned_trials(study, [p.pid for p in workers])
-        if owns_run and mlflow.active_run():
-            mlflow.end_run("KILLED")
-        raise
-    complete, _, _ = trial_counts(study)
-    finished = [t.user_attrs.get("mlflow_run_id", "") for t in study.get_trials(deepcopy=False)
-                if t.state == optuna_state("COMPLETE")][before:]  # fmt: skip
-    summary = CampaignSummary(options.campaign, finished=finished, campaign_run_id=run.info.run_id)
-    mlflow.set_tags({"nws.finished_nets": str(complete), "nws.workers": str(options.workers)})
-    if owns_run:
-        mlflow.end_run(status)
-    if status == "FAILED" and not (options.target and complete >= options.target):
-        from nws.errors import NWSError
+            while workers:
+                time.sleep(POLL_SECONDS)
+                interrupts.check()
+                for process in [p for p in workers if p.poll() is not None]:
+                    quota = workers.pop(process)
+                    if process.returncode == 0:
+                        continue
+                    print(f"worker {process.pid} ended with code {process.returncode}", file=sys.stderr)
+                    if not options.heartbeat_enabled:  # on an RDB storage the heartbeat does it
+                        fail_orphaned_trials(study, [process.pid])
+                    complete, _, _ = trial_counts(study)
+                    if options.target and complete < options.target and restarts > 0:
+                        restarts -= 1
+                        start(quota)
+                    else:
+                        failed = True
+        except BaseException:
+            _stop(list(workers))
+            if not options.heartbeat_enabled:  # trials an interrupted worker could not tell
+                fail_orphaned_trials(study, [p.pid for p in workers])
+            raise
+        complete, _, _ = trial_counts(study)
+        finished = [t.user_attrs.get("mlflow_run_id", "") for t in study.get_trials(deepcopy=False)
+                    if t.state == optuna_state("COMPLETE")][before:]  # fmt: skip
+        mlflow.set_tags({"nws.finished_nets": str(complete), "nws.workers": str(options.workers)})
+        if failed and not (options.target and complete >= options.target):
+            from nws.errors import NWSError
 
-        raise NWSError(f"campaign {options.campaign}: a worker failed ({complete} nets finished in all)")
-    return summary
+            raise NWSError(f"campaign {options.campaign}: a worker failed ({complete} nets finished in all)")
+    return CampaignSummary(options.campaign, finished=finished, campaign_run_id=run.info.run_id)

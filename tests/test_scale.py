@@ -309,3 +309,123 @@ def test_on_a_journal_file_a_gone_process_trial_is_failed_and_retried(tmp_path):
     assert [t.state.name for t in trials] == ["FAIL", "RUNNING", "WAITING"]
     assert trials[2].params == trials[0].params
     assert optuna.storages.RetryFailedTrialCallback.retried_trial_number(trials[2]) == orphan.number
+
+
+@pytest.fixture(scope="module")
+def killed_mid_net(tmp_path_factory):
+    """Two `nws sample` processes (campaigns "orphan-a", "orphan-b" on one journal file and one
+    SQLite store), each killed with SIGKILL mid-net: nothing of theirs got the chance to end
+    their net's run, their campaign's run or their trial."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.interruptions import interrupt_mid_net, start_sample, tracking_store
+
+    root = tmp_path_factory.mktemp("orphans")
+    uri, storage = tracking_store(root), str(root / "optuna.log")
+    samples = {name: start_sample(name, uri, storage, root) for name in ("orphan-a", "orphan-b")}
+    with ThreadPoolExecutor(len(samples)) as pool:
+        killed = {
+            name: pool.submit(interrupt_mid_net, s, signal.SIGKILL, 0.0, "epoch 0/")
+            for name, s in samples.items()
+        }
+    for name, sample in samples.items():
+        code, output = sample.finish(60)
+        assert killed[name].result() and code == -signal.SIGKILL, output[-3000:]
+    return root, uri, storage, {name: s.process.pid for name, s in samples.items()}
+
+
+@pytest.fixture
+def orphans(killed_mid_net, monkeypatch):
+    import mlflow
+
+    root, uri, storage, pids = killed_mid_net
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(root)
+    mlflow.set_tracking_uri(uri)
+    yield uri, storage, pids
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+def campaign_runs(campaign: str) -> dict[str, list]:
+    """A campaign's MLflow runs by role."""
+    import mlflow
+
+    found: dict[str, list] = {}
+    query = f"tags.`nws.campaign` = '{campaign}'"
+    for run in mlflow.search_runs(search_all_experiments=True, filter_string=query, output_format="list"):
+        found.setdefault(run.data.tags["nws.role"], []).append(run)
+    return found
+
+
+def test_cleanup_lists_a_killed_processs_runs_and_trial_and_closes_them(orphans, capsys):
+    import socket
+
+    import optuna
+    from mlflow import MlflowClient
+
+    from nws.cli import main
+
+    _, storage, pids = orphans
+    worker = f"{socket.gethostname()}:{pids['orphan-a']}"
+    before = campaign_runs("orphan-a")
+    assert [r.info.status for r in before["net"] + before["campaign"]] == ["RUNNING", "RUNNING"]
+    assert {r.data.tags["nws.worker"] for r in before["net"] + before["campaign"]} == {worker}
+    client = MlflowClient()
+    elsewhere, alive = (client.create_run("0", tags={"nws.campaign": "orphan-a", "nws.role": "net",
+                                                     "nws.worker": name}).info.run_id
+                        for name in ("elsewhere:7", f"{socket.gethostname()}:{os.getpid()}"))  # fmt: skip
+    command = ["cleanup", "--campaign", "orphan-a", "--storage", storage]
+
+    assert main([*command, "--dry-run", "true"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[-1] == "campaign orphan-a: 5 running, 3 would be closed, 2 left running"
+    assert sum(f"worker {worker} (gone): would be closed" in line for line in listed) == 3
+    assert any(line.startswith("trial 0: ") for line in listed)
+    assert f"net run {elsewhere}: worker elsewhere:7 (other host): left running" in listed
+    assert all(r.info.status == "RUNNING" for r in campaign_runs("orphan-a")["net"])
+
+    assert main(command) == 0
+    assert (
+        capsys.readouterr().out.splitlines()[-1] == "campaign orphan-a: 5 running, 3 closed, 2 left running"
+    )
+    after = {r.info.run_id: r for runs in campaign_runs("orphan-a").values() for r in runs}
+    for run in before["net"] + before["campaign"]:
+        closed = after[run.info.run_id]
+        assert closed.info.status == "FAILED" and worker in closed.data.tags["nws.failure"]
+    assert after[elsewhere].info.status == "RUNNING" and after[alive].info.status == "RUNNING"
+    study = load_study(storage, "orphan-a")
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state.name for t in trials] == ["FAIL", "WAITING"]  # failed, and queued again
+    assert trials[1].params == trials[0].params
+    assert optuna.storages.RetryFailedTrialCallback.retried_trial_number(trials[1]) == 0
+    assert trials[0].user_attrs["mlflow_run_id"] == before["net"][0].info.run_id
+
+    assert main([*command, "--all-hosts", "true"]) == 0  # closes what it cannot check, never a live one
+    assert (
+        capsys.readouterr().out.splitlines()[-1] == "campaign orphan-a: 2 running, 1 closed, 1 left running"
+    )
+    assert client.get_run(elsewhere).info.status == "FAILED"
+    assert client.get_run(alive).info.status == "RUNNING"
+
+
+def test_a_resumed_campaign_closes_its_killed_processs_runs_and_retries_its_trial(orphans):
+    from nws.sampling import SampleOptions, run_campaign
+
+    _, storage, pids = orphans
+    before = campaign_runs("orphan-b")
+    options = SampleOptions(n_nets=1, subset="fixed", datasets="digits", prints=3, max_epochs=0, min_epochs=0,
+                            max_train_images=64, max_eval_images=32, threads=1, campaign="orphan-b",
+                            storage=storage)  # fmt: skip
+    summary = run_campaign(options)
+    assert len(summary.finished) == 1
+    after = {r.info.run_id: r for runs in campaign_runs("orphan-b").values() for r in runs}
+    for run in before["net"] + before["campaign"]:
+        assert after[run.info.run_id].info.status == "FAILED"
+        assert f":{pids['orphan-b']}" in after[run.info.run_id].data.tags["nws.failure"]
+    assert after[summary.campaign_run_id].info.status == "FINISHED"
+    trials = load_study(storage, "orphan-b").get_trials(deepcopy=False)
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]  # the retry trained in this call
+    assert trials[1].params == trials[0].params
+    assert trials[1].user_attrs["mlflow_run_id"] == summary.finished[0]

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from nws import tracking
+from nws import interrupts, tracking
 from nws.errors import ParameterError
 from nws.meta.models import MODEL_NAMES, MetaSettings, Task
 from nws.params import at_least, param, writable_directory
@@ -183,34 +183,23 @@ def selection_table(plan: Plan) -> pd.DataFrame:
 
 def run_training(options: TrainOptions) -> pd.DataFrame:
     """Train, evaluate, log and register; return the results table."""
-    import mlflow
-
     the_plan = plan(options)
-    owns_run = mlflow.active_run() is None
-    parent = mlflow.active_run() or mlflow.start_run(run_name="meta-classifiers")
-    try:
-        table = _train_all(the_plan, options, parent)
-    except BaseException:
-        if owns_run:
-            mlflow.end_run("FAILED")
-        raise
-    if owns_run:
-        mlflow.end_run()
-    return table
+    with tracking.parent_run(
+        {tracking.TAG_ROLE: TAG_META_ROLE}, asdict(options), run_name="meta-classifiers"
+    ):
+        return _train_all(the_plan, options)
 
 
-def _train_all(the_plan: Plan, options: TrainOptions, parent: Any) -> pd.DataFrame:
+def _train_all(the_plan: Plan, options: TrainOptions) -> pd.DataFrame:
     import mlflow
 
-    mlflow.set_tags({tracking.TAG_ROLE: TAG_META_ROLE})
-    existing = mlflow.get_run(parent.info.run_id).data.params
-    mlflow.log_params({k: v for k, v in asdict(options).items() if k not in existing})
     mlflow.log_params({"n_nets": len(the_plan.zoo), "k_first": the_plan.k_range[0],
                        "k_last": the_plan.k_range[1]})  # fmt: skip
     mlflow.log_text(selection_table(the_plan).to_csv(index=False), "selection.csv")
     rows = []
     for prop, split in the_plan.splits.items():
         for name in the_plan.models:
+            interrupts.check()  # a stop that a library swallowed on the way
             rows.append(train_one(the_plan, prop, split, name, options))
             _log_parent_metrics(rows[-1])
     table = pd.DataFrame(rows)
@@ -256,8 +245,8 @@ def train_one(the_plan: Plan, prop: str, split: Split, name: str, options: Train
         for part, nets in (("train", split.train), ("valid", split.valid), ("test", split.test))
     }
     say(f"{prop} / {name}: {len(split.train)} train, {len(split.valid)} valid, {len(split.test)} test nets")
-    with mlflow.start_run(run_name=f"{prop}-{name}", nested=True) as child:
-        mlflow.set_tags({tracking.TAG_ROLE: "meta-classifier", "nws.property": prop, "nws.model": name})
+    tags = {tracking.TAG_ROLE: "meta-classifier", "nws.property": prop, "nws.model": name}
+    with tracking.parent_run(tags, run_name=f"{prop}-{name}", nested=True) as child:
         mlflow.log_params({
             "property": prop, "model": name, **{f"meta_{k}": v for k, v in asdict(settings).items()},
             "classes": ",".join(split.classes) or "regression", "k_first": the_plan.k_range[0],

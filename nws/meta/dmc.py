@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from nws import interrupts
 from nws.errors import DataError
 from nws.meta.models import MetaClassifier, one_line
 from nws.meta.samples import Samples
@@ -129,6 +130,10 @@ class DMC(MetaClassifier):
         )  # fmt: skip
 
     def fit(self, train: Samples, valid: Samples) -> None:
+        with interrupts.deferred():  # a stop is raised between two steps (interrupts.between_steps)
+            self._fit(train, valid)
+
+    def _fit(self, train: Samples, valid: Samples) -> None:
         import keras
         import tensorflow as tf
 
@@ -151,6 +156,7 @@ class DMC(MetaClassifier):
             steps_per_epoch=steps,
             validation_data=validation,
             validation_batch_size=256,
+            callbacks=[interrupts.between_steps()],
             shuffle=False,
             verbose=0,
         )
@@ -196,7 +202,9 @@ class DMC(MetaClassifier):
     def predict_slices(self, x: np.ndarray) -> np.ndarray:
         import keras
 
-        out = self.model.predict(np.asarray(x, np.float32), batch_size=256, verbose=0)
+        with interrupts.deferred():  # as in `fit`
+            out = self.model.predict(np.asarray(x, np.float32), batch_size=256, verbose=0,
+                                     callbacks=[interrupts.between_steps()])  # fmt: skip
         if self.task.is_regression:
             return self.task.unscale(out[:, 0])
         return keras.ops.convert_to_numpy(keras.ops.softmax(out, axis=-1))
