@@ -23,8 +23,15 @@ def make_runs(n: int) -> None:
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
-    from nws import tracking
     from nws.space import PAPER_DATASETS, PROPERTIES
+    from nws.tracking.tags import (
+        TAG_CAMPAIGN,
+        TAG_ROLE,
+        TAG_SNAPSHOTS,
+        TAG_SUBSET,
+        TAG_WEIGHTS_DIGEST,
+        TAG_WEIGHTS_SHAPE,
+    )
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name("Default").experiment_id
@@ -38,9 +45,9 @@ def make_runs(n: int) -> None:
         tags = [
             RunTag(k, v)
             for k, v in {
-                tracking.TAG_ROLE: "net", tracking.TAG_SUBSET: "main", tracking.TAG_CAMPAIGN: f"c{i % 4}",
-                tracking.TAG_SNAPSHOTS: "complete", tracking.TAG_WEIGHTS_SHAPE: "20x92868",
-                tracking.TAG_WEIGHTS_DIGEST: "0" * 32,
+                TAG_ROLE: "net", TAG_SUBSET: "main", TAG_CAMPAIGN: f"c{i % 4}",
+                TAG_SNAPSHOTS: "complete", TAG_WEIGHTS_SHAPE: "20x92868",
+                TAG_WEIGHTS_DIGEST: "0" * 32,
             }.items()
         ]  # fmt: skip
         values = {"test_accuracy": float(rng.uniform()), "weightn_conv": 16880.0, "weightn_fc": 75988.0}

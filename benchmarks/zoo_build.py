@@ -34,19 +34,20 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 def make_runs(n: int, prints: int) -> None:
     import mlflow
 
-    from nws import tracking
     from nws.snapshots import weight_layout
     from nws.space import NetConfig
+    from nws.tracking.artifacts import log_net_result
+    from nws.tracking.tags import TAG_ROLE
 
     config = NetConfig.parse("mnist,0.001,64,1,0,0,0,2,5,3,2,8,128")
     layout = weight_layout(config)
     rng = np.random.default_rng(0)
     with mlflow.start_run(run_name="benchmark-campaign"):
         for i in range(n):
-            with mlflow.start_run(run_name=f"net-{i}", nested=True, tags={tracking.TAG_ROLE: "net"}):
+            with mlflow.start_run(run_name=f"net-{i}", nested=True, tags={TAG_ROLE: "net"}):
                 mlflow.log_params({**config.as_params(), "dataset": ["mnist", "cifar10"][i % 2]})
                 weights = rng.standard_normal((prints, layout.n_weights), dtype=np.float32)
-                tracking.log_net_result(
+                log_net_result(
                     weights, {"n_weights": layout.n_weights}, [{"epoch": 0, "train_accuracy": 0.0,
                     "valid_accuracy": 0.0, "test_accuracy": 0.5, "loss": 1.0, "valid_loss": 1.0,
                     "test_loss": 1.0, "valid_accuracy_smoothed": 0.0}],

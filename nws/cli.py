@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from nws import interrupts
+from nws.commands.options import parse_bool
 from nws.errors import NWSError, ParameterError
-from nws.params import parse_bool
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -32,7 +32,7 @@ class Command:
 
 
 def _sample(options: Any) -> int:
-    from nws.sampling import run_campaign
+    from nws.commands.sample import run_campaign
 
     print(run_campaign(options).line())
     return 0
@@ -69,7 +69,7 @@ def _export_nws(options: Any) -> int:
 
 
 def _cleanup(options: Any) -> int:
-    from nws.orphans import run_cleanup
+    from nws.commands.cleanup import run_cleanup
 
     run_cleanup(options)
     return 0
@@ -83,11 +83,11 @@ def _main(options: Any) -> int:
 
 
 def _commands() -> dict[str, Command]:
+    from nws.commands.cleanup import CleanupOptions
+    from nws.commands.sample import SampleOptions
     from nws.interop import ExportOptions, ImportOptions
     from nws.meta.campaign import TrainOptions
-    from nws.orphans import CleanupOptions
     from nws.predict import PredictOptions
-    from nws.sampling import SampleOptions
     from nws.study import MainOptions
 
     commands = [

@@ -38,11 +38,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from nws import nws_format, tracking
+from nws import nws_format
+from nws.checks import at_least, writable_directory
+from nws.commands.options import param
 from nws.errors import DataError, NWSError, ParameterError
-from nws.params import at_least, param, writable_directory
 from nws.space import PROPERTY_NAMES, SUBSETS, NetConfig
-from nws.sql_tracking import RunNotActive
+from nws.tracking import artifacts, runs
+from nws.tracking import tags as tracking
+from nws.tracking.sql import RunNotActive
 from nws.zoo import Selection, default_cache_dir
 
 TAG_SOURCE = "nws.source"  # "nws-import" on imported nets
@@ -193,7 +196,7 @@ class _Importer:
             return "refused", f"{error}: ended by another import of the same data"
         for run in task.earlier:  # an interrupted earlier attempt: mark it as replaced
             if run.status == "RUNNING":
-                tracking.end_failed_run(
+                runs.end_failed_run(
                     self.client, run.run_id, "FAILED", f"interrupted; imported again as {run_id}"
                 )
         return "imported", run_id
@@ -217,7 +220,7 @@ class _Importer:
         }
         if job.split:
             tags[tracking.TAG_SPLIT] = job.split
-        run_id, artifact_uri = tracking.create_net_run(
+        run_id, artifact_uri = artifacts.create_net_run(
             self.client,
             self.target.tracking_uri,
             self.target.experiment_id,
@@ -237,13 +240,13 @@ class _Importer:
             }
             params = {**net.config.as_params(), "prints": self.target.prints, "source": source}
             document = layout_document(net.config, layout, snapshots)
-            tracking.upload_net_artifacts(
+            artifacts.upload_net_artifacts(
                 self.client, run_id, artifact_uri, net.weights, document, history, False
             )
-            entities = tracking.net_result_entities(net.weights, history, final, {}, params, True)
-            tracking.finish_net_run(self.client, self.target.tracking_uri, run_id, entities)
+            entities = artifacts.net_result_entities(net.weights, history, final, {}, params, True)
+            artifacts.finish_net_run(self.client, self.target.tracking_uri, run_id, entities)
         except BaseException as error:
-            tracking.end_failed_run(self.client, run_id, "FAILED", tracking.error_text(error))
+            runs.end_failed_run(self.client, run_id, "FAILED", runs.error_text(error))
             raise
         return run_id
 
@@ -361,9 +364,7 @@ def run_import(options: ImportOptions) -> ImportSummary:
     jobs = list(_jobs(options))
     pool = _worker_pool(options.workers)
     try:
-        with tracking.parent_run(
-            {tracking.TAG_ROLE: "import"}, asdict(options), run_name="import-nws"
-        ) as parent:
+        with runs.parent_run({tracking.TAG_ROLE: "import"}, asdict(options), run_name="import-nws") as parent:
             target = ImportTarget(mlflow.get_tracking_uri(), parent.info.experiment_id, parent.info.run_id,
                                   options.prints)  # fmt: skip
             try:

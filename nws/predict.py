@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nws import tracking
+from nws.checks import at_least
+from nws.commands.options import param
 from nws.errors import DataError, ParameterError
-from nws.params import at_least, param
 from nws.space import PROPERTY_NAMES, get_property
+from nws.tracking import tags as tracking
 
 
 @dataclass(frozen=True)

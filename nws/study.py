@@ -14,9 +14,9 @@ from dataclasses import field
 from typing import Any
 
 from nws import space
+from nws.commands.sample import SampleOptions
 from nws.errors import ParameterError
 from nws.meta.campaign import TrainOptions
-from nws.sampling import SampleOptions
 
 SAMPLE_DEFAULTS = {
     "n_nets": 24,
@@ -81,7 +81,8 @@ def check_before_sampling(options: Any, sample: SampleOptions) -> None:
     cannot vary in this campaign and models that cannot run."""
     from nws.zoo import parse_k
 
-    datasets, replay = sample.validate()
+    settings = sample.settings()
+    datasets, replay = list(settings.datasets), settings.replay
     props, models = _part(options, TrainOptions).validate()
     if "'" in options.campaign:  # the training selects the nets by a filter quoting the name
         raise ParameterError(
@@ -119,15 +120,16 @@ def run_main(options: Any) -> Any:
     """Sample, then train on the campaign's nets; return the results table."""
     import mlflow
 
-    from nws import tracking
+    from nws.commands.sample import run_campaign
     from nws.meta.campaign import format_table, run_training, say
-    from nws.sampling import run_campaign
+    from nws.tracking import runs
+    from nws.tracking import tags as tracking
 
     sample = _part(options, SampleOptions)
     check_before_sampling(options, sample)
     tags = {tracking.TAG_ROLE: "study", tracking.TAG_CAMPAIGN: options.campaign}
-    with tracking.parent_run(tags, run_name=f"nws-main-{options.campaign}") as parent:
-        with tracking.parent_run(run_name=f"sample-{options.campaign}", nested=True):
+    with runs.parent_run(tags, run_name=f"nws-main-{options.campaign}") as parent:
+        with runs.parent_run(run_name=f"sample-{options.campaign}", nested=True):
             summary = run_campaign(sample)
         say(summary.line())
         experiment = mlflow.get_experiment(parent.info.experiment_id).name
@@ -138,7 +140,7 @@ def run_main(options: Any) -> Any:
             filter=f"tags.`{tracking.TAG_CAMPAIGN}` = '{options.campaign}'",
             seed=options.seed,
         )
-        with tracking.parent_run(run_name=f"meta-{options.campaign}", nested=True):
+        with runs.parent_run(run_name=f"meta-{options.campaign}", nested=True):
             table = run_training(train)
         say(format_table(table))
     return table

@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from nws import tracking
+from nws.commands.options import param
 from nws.errors import DataError, ParameterError
-from nws.params import param
 from nws.space import PROPERTY_NAMES
+from nws.tracking import tags as tracking
 
 REGIONS = ("all", "conv", "fc")
 BUILTIN_FILTER = (

@@ -186,7 +186,7 @@ def meta_zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
     property of the space is drawn, and the initialisation is plainly encoded in the weights."""
     import mlflow
 
-    from nws.sampling import SampleOptions, run_campaign
+    from nws.commands.sample import SampleOptions, run_campaign
 
     root = tmp_path_factory.mktemp("meta-zoo")
     uri = f"sqlite:///{root / 'mlflow.db'}"

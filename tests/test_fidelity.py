@@ -14,11 +14,12 @@ import numpy as np
 import optuna
 import pytest
 
+from nws.campaign.storage import open_storage
 from nws.cnn import build_model
+from nws.commands.sample import SampleOptions, run_campaign
 from nws.data import ImageSet, load_images, split_for_net
 from nws.errors import DataError, ParameterError
 from nws.meta.evaluation import paper_pairwise_mae
-from nws.sampling import SampleOptions, open_storage, run_campaign
 from nws.snapshots import SnapshotRecorder, flatten, load_into, weight_layout
 from nws.space import NetConfig
 from nws.training import EarlyStopping, EvaluationSets, TrainSettings, make_optimizer, train_net

@@ -19,11 +19,12 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from nws import cli, tracking
+from nws import cli
+from nws.campaign.storage import open_storage
 from nws.errors import ParameterError
-from nws.sampling import open_storage
 from nws.snapshots import weight_layout
 from nws.space import NetConfig
+from nws.tracking.tags import TAG_SUBSET
 from tests import published as pub
 from tests.conftest import ROOT
 
@@ -82,7 +83,7 @@ def one_net(net_store: tuple[str, str], monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(uri)
     yield run_id
-    MlflowClient().set_tag(run_id, tracking.TAG_SUBSET, "fixed")
+    MlflowClient().set_tag(run_id, TAG_SUBSET, "fixed")
     mlflow.set_tracking_uri(None)
 
 
@@ -91,12 +92,12 @@ def test_export_refuses_a_subset_tag_that_leads_out_of_out(one_net, tmp_path, ta
     escaped = tmp_path / "escaped"
     value = str(escaped) if tag == "absolute" else tag  # out / value / run id lands in `escaped`
     out = tmp_path / "a" / "b"
-    MlflowClient().set_tag(one_net, tracking.TAG_SUBSET, value)
+    MlflowClient().set_tag(one_net, TAG_SUBSET, value)
     before = files_under(tmp_path)
     code, _, err = run_cli("export_nws", "--out", str(out), "--cache-dir", str(tmp_path / "cache"))
     assert code == 2
     assert err == [
-        f"nws export_nws: error: run {one_net}: its {tracking.TAG_SUBSET} tag {value!r} is not one of "
+        f"nws export_nws: error: run {one_net}: its {TAG_SUBSET} tag {value!r} is not one of "
         "fixed, main; nothing was exported"
     ]
     assert not escaped.exists()

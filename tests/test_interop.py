@@ -20,11 +20,12 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from nws import cli, tracking
+from nws import cli
 from nws.cnn import build_model
 from nws.interop import TAG_SOURCE_PATH, ExportOptions, run_export
 from nws.snapshots import flatten, load_into, weight_layout
 from nws.space import PROPERTY_NAMES, NetConfig
+from nws.tracking.tags import TAG_WEIGHTS_DIGEST, WEIGHTS_ARTIFACT
 from tests import published as pub
 from tests.conftest import ROOT
 from tests.processes import alive, descendants
@@ -226,7 +227,7 @@ def test_an_import_into_an_mlflow_server_matches_one_into_a_database(
             curves.append([(m.step, m.value) for m in client.get_metric_history(run_id, "test_accuracy")])
         assert curves[-1] == curves[-2] and len(curves[-1]) == 30
         path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / name),
-                                                   artifact_path=tracking.WEIGHTS_ARTIFACT)  # fmt: skip
+                                                   artifact_path=WEIGHTS_ARTIFACT)  # fmt: skip
         np.testing.assert_array_equal(np.load(path), published["weights"][name].astype(np.float32))
 
 
@@ -348,7 +349,7 @@ def test_export_writes_the_published_layout_that_reads_back_by_its_documented_me
         original = np.load(
             mlflow.artifacts.download_artifacts(
                 run_id=row.run_id,
-                artifact_path=tracking.WEIGHTS_ARTIFACT,
+                artifact_path=WEIGHTS_ARTIFACT,
                 dst_path=str(tmp_path / row.run_id),
             )
         )
@@ -384,10 +385,10 @@ def test_export_then_import_gives_back_the_same_weights_and_properties(in_meta_z
             assert run.data.params[name] == original.data.params[name], name
         again = np.load(
             mlflow.artifacts.download_artifacts(
-                run_id=run.info.run_id, dst_path=str(tmp_path / "a"), artifact_path=tracking.WEIGHTS_ARTIFACT
+                run_id=run.info.run_id, dst_path=str(tmp_path / "a"), artifact_path=WEIGHTS_ARTIFACT
             )
         )
-        assert run.data.tags[tracking.TAG_WEIGHTS_DIGEST] == original.data.tags[tracking.TAG_WEIGHTS_DIGEST]
+        assert run.data.tags[TAG_WEIGHTS_DIGEST] == original.data.tags[TAG_WEIGHTS_DIGEST]
         assert again.shape == (3, 92868)
 
 
@@ -413,7 +414,7 @@ def test_small_cnn_zoo_layout_reads_back_with_numpy_and_pandas(in_meta_zoo, tmp_
     run_id = metrics["run_id"][row]
     ours = np.load(
         mlflow.artifacts.download_artifacts(
-            run_id=run_id, dst_path=str(tmp_path / "w"), artifact_path=tracking.WEIGHTS_ARTIFACT
+            run_id=run_id, dst_path=str(tmp_path / "w"), artifact_path=WEIGHTS_ARTIFACT
         )
     )[1]
     config = NetConfig.from_mapping({n: metrics[f"config.{n}"][row] for n in PROPERTY_NAMES})

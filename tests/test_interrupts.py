@@ -92,12 +92,12 @@ class SignalOnRead(Mapping):
 def test_a_stop_while_a_nets_run_is_being_made_ends_that_run_killed(tracking_uri):
     import mlflow
 
-    from nws import tracking
+    from nws.tracking.runs import start_net_run
 
     restore = interrupts.install()
     try:
         with pytest.raises(KeyboardInterrupt):
-            tracking.start_net_run("net", SignalOnRead({"nws.role": "net"}), {"lr": 0.1})
+            start_net_run("net", SignalOnRead({"nws.role": "net"}), {"lr": 0.1})
     finally:
         restore()
     assert mlflow.active_run() is None
@@ -144,7 +144,8 @@ def test_a_stop_during_training_is_raised_between_two_steps_of_keras():
 def test_a_parent_run_ends_killed_on_an_interrupt_failed_on_an_error_finished_otherwise(tracking_uri):
     import mlflow
 
-    from nws import tracking
+    from nws.processes import worker_name
+    from nws.tracking.runs import parent_run
 
     outcomes = {  # what the block raises: the run's status, its nws.failure
         "interrupt": (KeyboardInterrupt("SIGINT received"), "KILLED", "KeyboardInterrupt: SIGINT received"),
@@ -153,7 +154,7 @@ def test_a_parent_run_ends_killed_on_an_interrupt_failed_on_an_error_finished_ot
     }
     for name, (raised, status, failure) in outcomes.items():
         try:
-            with tracking.parent_run({"nws.role": "campaign"}, {"n_nets": 3}, run_name=name) as run:
+            with parent_run({"nws.role": "campaign"}, {"n_nets": 3}, run_name=name) as run:
                 if raised is not None:
                     raise raised
         except (KeyboardInterrupt, ValueError) as error:
@@ -163,7 +164,7 @@ def test_a_parent_run_ends_killed_on_an_interrupt_failed_on_an_error_finished_ot
         assert (ended.info.run_name, ended.info.status) == (name, status)
         assert ended.data.params == {"n_nets": "3"}
         assert ended.data.tags["nws.role"] == "campaign"
-        assert ended.data.tags["nws.worker"] == tracking.worker_name()
+        assert ended.data.tags["nws.worker"] == worker_name()
         assert ended.data.tags.get("nws.failure") == failure
 
     # A caller's active run (`main`'s around `sample`) is used, and never ended here; a nested
@@ -171,8 +172,8 @@ def test_a_parent_run_ends_killed_on_an_interrupt_failed_on_an_error_finished_ot
     with mlflow.start_run(run_name="caller") as caller:
         with (
             pytest.raises(KeyboardInterrupt),
-            tracking.parent_run(run_name="child", nested=True) as child,
-            tracking.parent_run({"nws.role": "campaign"}, {"seed": 1}) as continued,
+            parent_run(run_name="child", nested=True) as child,
+            parent_run({"nws.role": "campaign"}, {"seed": 1}) as continued,
         ):
             assert continued.info.run_id == child.info.run_id
             raise KeyboardInterrupt

@@ -42,7 +42,7 @@ def finish(process: subprocess.Popen, timeout: float = 240) -> str:
 @functools.cache
 def storage_of(url: str):
     """One storage (one connection pool) per URL for all the polling of a test."""
-    from nws.sampling import open_storage
+    from nws.campaign.storage import open_storage
 
     return open_storage(url)
 
@@ -296,7 +296,8 @@ def test_on_a_journal_file_a_gone_process_trial_is_failed_and_retried(tmp_path):
 
     import optuna
 
-    from nws.sampling import fail_orphaned_trials, open_storage
+    from nws.campaign.storage import open_storage
+    from nws.campaign.trials import fail_orphaned_trials
 
     study = optuna.create_study(study_name="orphans", storage=open_storage(str(tmp_path / "j.log")))
     gone = subprocess.Popen(["true"])
@@ -411,7 +412,7 @@ def test_cleanup_lists_a_killed_processs_runs_and_trial_and_closes_them(orphans,
 
 
 def test_a_resumed_campaign_closes_its_killed_processs_runs_and_retries_its_trial(orphans):
-    from nws.sampling import SampleOptions, run_campaign
+    from nws.commands.sample import SampleOptions, run_campaign
 
     _, storage, pids = orphans
     before = campaign_runs("orphan-b")

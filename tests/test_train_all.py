@@ -12,8 +12,9 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from nws import cli, tracking
+from nws import cli
 from nws.meta.campaign import TrainOptions, run_training
+from nws.tracking.tags import WEIGHTS_ARTIFACT
 from tests.conftest import ROOT
 
 
@@ -60,7 +61,7 @@ def test_a_corrupted_artifact_fails_train_before_anything_is_registered(in_meta_
     from nws.zoo import Selection, _local_path, query_nets
 
     victim = query_nets(Selection()).iloc[3]
-    path = _local_path(victim.artifact_uri) / tracking.WEIGHTS_ARTIFACT
+    path = _local_path(victim.artifact_uri) / WEIGHTS_ARTIFACT
     original = path.read_bytes()
     try:
         path.write_bytes(original[:-4] + b"\x01\x02\x03\x04")

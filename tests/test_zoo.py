@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nws import tracking
+from nws.commands.sample import SampleOptions, run_campaign
 from nws.errors import DataError, ParameterError
 from nws.meta.samples import Samples
-from nws.sampling import SampleOptions, run_campaign
+from nws.tracking.tags import TAG_ROLE, WEIGHTS_ARTIFACT
 from nws.zoo import (
     ArtifactCache,
     Selection,
@@ -37,7 +37,7 @@ FIXED_CONV, FIXED_TOTAL = 16880, 92868  # hand-computed in test_layout.py
 
 def artifact_weights(run_id: str, tmp_path) -> np.ndarray:
     path = mlflow.artifacts.download_artifacts(
-        run_id=run_id, artifact_path=tracking.WEIGHTS_ARTIFACT, dst_path=str(tmp_path / run_id)
+        run_id=run_id, artifact_path=WEIGHTS_ARTIFACT, dst_path=str(tmp_path / run_id)
     )
     return np.load(path)
 
@@ -58,7 +58,7 @@ def test_query_selects_finished_complete_nets_and_applies_the_filter(in_meta_zoo
 
 
 def test_a_running_or_incomplete_net_is_never_selected(in_meta_zoo):
-    with mlflow.start_run(tags={tracking.TAG_ROLE: "net"}) as half_written:
+    with mlflow.start_run(tags={TAG_ROLE: "net"}) as half_written:
         pass  # FINISHED, but without the completion tag
     nets = query_nets(Selection())
     assert half_written.info.run_id not in set(nets["run_id"])
@@ -157,7 +157,7 @@ def test_a_corrupted_artifact_is_reported_with_its_run(in_meta_zoo, tmp_path):
 def tracking_path(net):
     from nws.zoo import _local_path
 
-    return _local_path(net.artifact_uri) / tracking.WEIGHTS_ARTIFACT
+    return _local_path(net.artifact_uri) / WEIGHTS_ARTIFACT
 
 
 def test_the_zoo_works_the_same_against_an_mlflow_server(mlflow_server, monkeypatch, tmp_path, capfd):
@@ -181,7 +181,7 @@ def test_the_zoo_works_the_same_against_an_mlflow_server(mlflow_server, monkeypa
         build_zoo(nets, again)
         assert again.stats.downloaded == 0 and again.stats.store_reused
         # A truncated cached artifact is detected and fetched again.
-        cached = tmp_path / "cache" / "runs" / nets["run_id"][1] / tracking.WEIGHTS_ARTIFACT
+        cached = tmp_path / "cache" / "runs" / nets["run_id"][1] / WEIGHTS_ARTIFACT
         cached.write_bytes(cached.read_bytes()[:-100])
         third = ArtifactCache(tmp_path / "cache")
         build_zoo(nets, third)

@@ -20,11 +20,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from nws import interrupts, tracking
+from nws import interrupts
+from nws.checks import at_least, writable_directory
+from nws.commands.options import param
 from nws.errors import ParameterError
 from nws.meta.models import MODEL_NAMES, MetaSettings, Task
-from nws.params import at_least, param, writable_directory
 from nws.space import PROPERTY_NAMES, get_property
+from nws.tracking import runs
+from nws.tracking import tags as tracking
 from nws.zoo import REGIONS, SPLITS, Selection, Split, default_cache_dir
 
 TAG_META_ROLE = "meta"
@@ -184,9 +187,7 @@ def selection_table(plan: Plan) -> pd.DataFrame:
 def run_training(options: TrainOptions) -> pd.DataFrame:
     """Train, evaluate, log and register; return the results table."""
     the_plan = plan(options)
-    with tracking.parent_run(
-        {tracking.TAG_ROLE: TAG_META_ROLE}, asdict(options), run_name="meta-classifiers"
-    ):
+    with runs.parent_run({tracking.TAG_ROLE: TAG_META_ROLE}, asdict(options), run_name="meta-classifiers"):
         return _train_all(the_plan, options)
 
 
@@ -246,7 +247,7 @@ def train_one(the_plan: Plan, prop: str, split: Split, name: str, options: Train
     }
     say(f"{prop} / {name}: {len(split.train)} train, {len(split.valid)} valid, {len(split.test)} test nets")
     tags = {tracking.TAG_ROLE: "meta-classifier", "nws.property": prop, "nws.model": name}
-    with tracking.parent_run(tags, run_name=f"{prop}-{name}", nested=True) as child:
+    with runs.parent_run(tags, run_name=f"{prop}-{name}", nested=True) as child:
         mlflow.log_params({
             "property": prop, "model": name, **{f"meta_{k}": v for k, v in asdict(settings).items()},
             "classes": ",".join(split.classes) or "regression", "k_first": the_plan.k_range[0],
