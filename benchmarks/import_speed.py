@@ -138,7 +138,7 @@ def finish_cost(data: Path, csv: Path, store: tuple[str, Path], nets: int = 40) 
     os.environ["MLFLOW_TRACKING_URI"] = store[0]
     from mlflow import MlflowClient
 
-    from nws import nws_format
+    from nws.formats import nws as nws_format
     from nws.tracking import sql as sql_tracking
     from nws.tracking.artifacts import finish_through_client, net_result_entities
 

@@ -1,8 +1,8 @@
 """`train`'s run query over many net runs in MLflow's default SQLite store: seconds per query.
 
 Creates N net runs (the 13 properties as params, the tags and metrics of a sampled net, no
-artifacts) in a fresh SQLite store, then times `nws.zoo.query_nets` with the built-in condition
-alone and with typical user filters.
+artifacts) in a fresh SQLite store, then times `train`'s selection (`nws.zoo.query.query_nets`)
+with the built-in condition alone and with typical user filters.
 
 Run: python benchmarks/query_speed.py [--runs 10000]
 """
@@ -63,7 +63,7 @@ def main() -> None:
 
     import mlflow
 
-    from nws.zoo import Selection, query_nets
+    from nws.commands.options import Selection
 
     root = tempfile.mkdtemp(prefix="nws-query-bench-")
     atexit.register(shutil.rmtree, root, True)  # gigabytes: never left behind
@@ -84,7 +84,7 @@ def main() -> None:
         times = []
         for _ in range(3):
             t = time.perf_counter()
-            nets = query_nets(selection)
+            nets = selection.query()
             times.append(time.perf_counter() - t)
         print(f"{label:<34} {len(nets):>6} nets  {min(times):6.2f} s (best of 3)")
 

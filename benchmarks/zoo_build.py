@@ -65,7 +65,9 @@ def main() -> None:
 
     import mlflow
 
-    from nws.zoo import ArtifactCache, Selection, _local_path, build_zoo, query_nets
+    from nws.commands.options import Selection
+    from nws.zoo.cache import ArtifactCache, _local_path
+    from nws.zoo.store import build_zoo
 
     root = tempfile.mkdtemp(prefix="nws-zoo-bench-")
     atexit.register(shutil.rmtree, root, True)  # gigabytes: never left behind
@@ -75,7 +77,7 @@ def main() -> None:
     make_runs(args.nets, args.prints)
     print(f"created {args.nets} net runs in {time.perf_counter() - started:.1f} s ({root})")
 
-    nets = query_nets(Selection())
+    nets = Selection().query()
     paths = [_local_path(uri) / "snapshots" / "weights.npy" for uri in nets["artifact_uri"]]
     total = sum(p.stat().st_size for p in paths)
 
@@ -97,7 +99,7 @@ def main() -> None:
 
     def first() -> float:
         t = time.perf_counter()
-        build_zoo(query_nets(Selection()), ArtifactCache(tempfile.mkdtemp(dir=root)), workers=args.workers)
+        build_zoo(Selection().query(), ArtifactCache(tempfile.mkdtemp(dir=root)), workers=args.workers)
         return time.perf_counter() - t
 
     cache = ArtifactCache(tempfile.mkdtemp(dir=root))
@@ -105,7 +107,7 @@ def main() -> None:
 
     def cached(read: bool) -> float:
         t = time.perf_counter()
-        zoo = build_zoo(query_nets(Selection()), ArtifactCache(cache.root), workers=args.workers)
+        zoo = build_zoo(Selection().query(), ArtifactCache(cache.root), workers=args.workers)
         if read:
             for i in range(len(zoo)):
                 zoo.gather(zoo.row_start(np.full(args.prints, i), np.arange(1, args.prints + 1)),

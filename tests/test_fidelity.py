@@ -212,7 +212,7 @@ def test_evaluation_images_are_augmented_under_paper(fidelity):
 
 
 def test_evaluation_augmentation_has_its_own_seed_stream():
-    from nws.training import evaluation_augmenter_seed
+    from nws.pipeline import evaluation_augmenter_seed
 
     seeds = [evaluation_augmenter_seed(s) for s in range(50)]
     assert len(set(seeds)) == 50 and not set(seeds) & set(range(60))

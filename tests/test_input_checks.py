@@ -117,7 +117,7 @@ def test_export_directories_refuse_run_ids_that_are_not_plain_ids(tmp_path):
     import pandas as pd
 
     from nws.errors import DataError
-    from nws.interop import export_directories
+    from nws.formats.exporter import export_directories
 
     nets = pd.DataFrame({"run_id": ["0123abcd", "../../x"], "subset": ["fixed", "main"]})
     with pytest.raises(DataError, match=r"^run '\.\./\.\./x': not a plain MLflow run id"):
@@ -222,6 +222,7 @@ def test_read_only_directories_are_one_line_naming_the_parameter(tmp_path):
 # --- main: everything that can be checked is checked before the first net -----------------------
 
 FIXED_CONV = weight_layout(NetConfig.from_values(FIXED)).weightn_conv
+BOTH_QUOTES = "x' and tags.`nws.role` = \"net"
 
 
 @pytest.mark.parametrize(
@@ -245,9 +246,9 @@ FIXED_CONV = weight_layout(NetConfig.from_values(FIXED)).weightn_conv
             ["--models", "layer_stats", "--subset", "main"],
             "models: layer_stats needs nets of one architecture; the main subset draws it",
         ),
-        (  # it would widen the filter that selects the campaign's nets to every net
-            ["--campaign", "x' and tags.`nws.role` = 'net"],
-            "campaign: \"x' and tags.`nws.role` = 'net\": main's campaign name must not hold a quote (')",
+        (  # a filter cannot quote it (with one kind of quote it is quoted with the other)
+            ["--campaign", BOTH_QUOTES],
+            f"campaign: {BOTH_QUOTES!r} holds both ' and \", which an MLflow search filter cannot quote",
         ),
     ],
     ids=["K", "slice_length", "props", "one-dataset", "layer_stats", "campaign"],

@@ -22,10 +22,10 @@ from mlflow import MlflowClient
 
 from nws import cli
 from nws.cnn import build_model
-from nws.interop import TAG_SOURCE_PATH, ExportOptions, run_export
+from nws.commands.export_nws import ExportOptions, run_export
 from nws.snapshots import flatten, load_into, weight_layout
 from nws.space import PROPERTY_NAMES, NetConfig
-from nws.tracking.tags import TAG_WEIGHTS_DIGEST, WEIGHTS_ARTIFACT
+from nws.tracking.tags import TAG_SOURCE_PATH, TAG_WEIGHTS_DIGEST, WEIGHTS_ARTIFACT
 from tests import published as pub
 from tests.conftest import ROOT
 from tests.processes import alive, descendants
@@ -161,7 +161,8 @@ def test_the_published_vector_round_trips_through_our_keras_model(published):
 
 
 def test_read_ahead_keeps_the_order_and_loads_the_next_nets_files(published):
-    from nws.interop import ImportJob, NetTask, _read_ahead, nws_format
+    from nws.formats import nws as nws_format
+    from nws.formats.importer import ImportJob, NetTask, _read_ahead
 
     job = ImportJob(published["fixed"], {}, published["root"], "fixed", "train", "c")
     tasks = [(job, NetTask(job, published["root"] / "nets" / n, ())) for n in "ABGX"]  # G, X: files missing
@@ -292,7 +293,7 @@ def test_an_interrupted_import_resumes_and_finishes(tracking_uri, two_inits, tmp
 
 
 def test_train_works_on_imported_nets_with_the_published_split(tracking_uri, two_inits):
-    from nws.meta.campaign import TrainOptions, run_training
+    from nws.commands.train import TrainOptions, run_training
 
     code, _, _ = run_cli("import_nws", "--csv", f"{two_inits['train']},{two_inits['test']}")
     assert code == 0

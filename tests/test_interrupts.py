@@ -236,7 +236,7 @@ def runs_by_name() -> dict[str, object]:
 
 
 def main_options(tmp_path, campaign: str, **changes):
-    from nws.study import MainOptions
+    from nws.commands.main import MainOptions
 
     tiny = {"datasets": "digits", "max_train_images": 64, "max_eval_images": 32, "threads": 1,
             "storage": str(tmp_path / "optuna.log"), "campaign": campaign}  # fmt: skip
@@ -246,8 +246,8 @@ def main_options(tmp_path, campaign: str, **changes):
 def test_main_interrupted_ends_its_runs_killed_and_failing_ends_them_failed(tracking_uri, tmp_path):
     from mlflow import MlflowClient
 
+    from nws.commands.main import run_main
     from nws.errors import ParameterError
-    from nws.study import run_main
 
     client = MlflowClient()
 
@@ -279,7 +279,7 @@ def test_train_interrupted_ends_its_run_and_the_model_being_trained_killed(in_me
     import mlflow
     from mlflow import MlflowClient
 
-    from nws.meta.campaign import TrainOptions, run_training
+    from nws.commands.train import TrainOptions, run_training
 
     client = MlflowClient()
     experiment = client.create_experiment("interrupted-train")

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from nws.meta.campaign import TrainOptions, run_training
+from nws.commands.predict import PredictOptions, run_predict
+from nws.commands.train import TrainOptions, run_training
 from nws.meta.dmc import build_dmc, conv_plan
-from nws.predict import PredictOptions, run_predict
 from nws.registry import CHAMPION, registered_name
 from nws.tracking.tags import TAG_ROLE, WEIGHTS_ARTIFACT
 

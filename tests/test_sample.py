@@ -20,6 +20,7 @@ from nws.campaign.net_job import NetJob
 from nws.campaign.storage import open_storage
 from nws.commands.sample import SampleOptions, run_campaign
 from nws.errors import ParameterError
+from nws.processes import worker_name
 from nws.snapshots import select_prints, weight_layout
 from nws.space import PROPERTY_NAMES, NetConfig
 from nws.tracking.artifacts import weights_digest
@@ -36,6 +37,7 @@ from nws.tracking.tags import (
     TAG_SUBSET,
     TAG_TRIAL,
     TAG_WEIGHTS_DIGEST,
+    TAG_WORKER,
     WEIGHTS_ARTIFACT,
 )
 from nws.training import TrainSettings
@@ -210,6 +212,30 @@ def test_a_crash_mid_training_never_leaves_a_finished_run(tracking_uri):
     assert mlflow.MlflowClient().list_artifacts(run.info.run_id) == []
 
 
+def test_a_campaign_named_with_a_quote_finds_its_own_runs(tracking_uri, tmp_path):
+    """Runs are found by their campaign's tag, the name quoted in the search filter: with a single
+    quote or a double one, `main`'s selection finds the campaign's net and no other, and `cleanup`
+    (as a resumed campaign) finds and closes its run left RUNNING by a process that is gone."""
+    from nws.commands.cleanup import CleanupOptions, run_cleanup
+    from nws.commands.main import MainOptions, training_options
+
+    storage, client = str(tmp_path / "optuna.log"), mlflow.MlflowClient()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    finished = {}
+    for name in ("it's", 'the "best"'):
+        options = tiny_options(n_nets=1, campaign=name, storage=storage, max_epochs=0, min_epochs=0)
+        finished[name] = run_campaign(options).finished
+    for name, nets in finished.items():
+        selected = training_options(MainOptions(campaign=name), "Default").query()
+        assert list(selected["run_id"]) == nets and set(selected["campaign"]) == {name}
+        tags = {TAG_ROLE: "net", TAG_CAMPAIGN: name, TAG_WORKER: worker_name(gone.pid)}
+        orphan = client.create_run("0", tags=tags)
+        (entry,) = run_cleanup(CleanupOptions(campaign=name, storage=storage))
+        assert (entry.what, entry.closed) == (f"net run {orphan.info.run_id}", True)
+        assert client.get_run(orphan.info.run_id).info.status == "FAILED"
+
+
 BAD_INPUTS = [
     (["--n-nets", "0"], "n_nets: 0 is below 1"),
     (["--n-nets", "two"], "argument --n-nets/--n_nets: invalid int value: 'two'"),
@@ -221,6 +247,7 @@ BAD_INPUTS = [
      "config.filter_size: 7 is outside the fixed subset"),
     (["--config", "mnist,0.9,64,1,0,0,0,2,5,3,2,8,128"], "lrate: 0.9 is outside the range"),
     (["--datasets", "svhn", "--download", "false"], "dataset svhn: train_32x32.mat not found"),
+    (["--campaign", 'say "it\'s"'], "campaign: 'say \"it\\'s\"' holds both ' and \", which an MLflow"),
 ]  # fmt: skip
 
 

@@ -175,7 +175,7 @@ def test_three_workers_reach_the_target_exactly_through_a_tracking_server_restar
 
 def test_a_worker_killed_mid_net_is_detected_and_its_net_retried(servers, client):
 
-    from nws.zoo import Selection, query_nets
+    from nws.commands.options import Selection
 
     target = 2
     storage, doomed, survivor = victim_and_survivor(servers, "kill", target)
@@ -201,7 +201,7 @@ def test_a_worker_killed_mid_net_is_detected_and_its_net_retried(servers, client
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     assert len(complete) == target
     assert len(net_runs(client, "kill", "FINISHED")) == target
-    selected = query_nets(Selection(filter="tags.`nws.campaign` = 'kill'"))
+    selected = Selection(filter="tags.`nws.campaign` = 'kill'").query()
     assert len(selected) == target
     assert killed_run.info.run_id not in set(selected["run_id"])
 

@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from nws import cli
-from nws.meta.campaign import TrainOptions, run_training
+from nws.commands.train import TrainOptions, run_training
 from nws.tracking.tags import WEIGHTS_ARTIFACT
 from tests.conftest import ROOT
 
@@ -58,9 +58,10 @@ def test_bad_input_is_one_line_exit_2_and_registers_nothing(in_meta_zoo, args, m
 
 
 def test_a_corrupted_artifact_fails_train_before_anything_is_registered(in_meta_zoo):
-    from nws.zoo import Selection, _local_path, query_nets
+    from nws.commands.options import Selection
+    from nws.zoo.cache import _local_path
 
-    victim = query_nets(Selection()).iloc[3]
+    victim = Selection().query().iloc[3]
     path = _local_path(victim.artifact_uri) / WEIGHTS_ARTIFACT
     original = path.read_bytes()
     try:

@@ -23,7 +23,8 @@ def build_repeatedly(rank: int, nets: Any, cache_root: str, builds: int, barrier
     )
     try:
         from nws.tracking.tags import WEIGHTS_ARTIFACT
-        from nws.zoo import ArtifactCache, _local_path, build_zoo
+        from nws.zoo.cache import ArtifactCache, _local_path
+        from nws.zoo.store import build_zoo
 
         expected = [np.load(_local_path(uri) / WEIGHTS_ARTIFACT) for uri in nets["artifact_uri"]]
         for build in range(builds):

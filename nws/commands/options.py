@@ -68,6 +68,7 @@ class Selection:
         """The selected nets (`nws.zoo.query.query_nets`), or one line naming the parameter that
         selects none: an unknown experiment, a filter MLflow refuses or one that matches nothing."""
         from mlflow.exceptions import MlflowException
+
         from nws.zoo.query import UnknownExperiment, filter_string, query_nets
 
         experiments = names_list(self.experiment) if self.experiment.strip() else None

@@ -18,7 +18,7 @@ from nws.checks import at_least
 from nws.commands.options import param
 from nws.errors import DataError, ParameterError
 from nws.space import PROPERTY_NAMES, get_property
-from nws.tracking import tags as tracking
+from nws.tracking.tags import SNAPSHOTS_COMPLETE, TAG_ROLE, TAG_SNAPSHOTS, TAG_SOURCE, TAG_WEIGHTS_DIGEST
 
 
 @dataclass(frozen=True)
@@ -95,13 +95,11 @@ def load_vector(options: PredictOptions) -> tuple[np.ndarray, dict[str, str], st
         run = mlflow.get_run(options.run_id.strip())
     except MlflowException:
         raise ParameterError("run_id", f"no MLflow run {options.run_id!r}") from None
-    if run.data.tags.get(tracking.TAG_SNAPSHOTS) != tracking.SNAPSHOTS_COMPLETE:
+    if run.data.tags.get(TAG_SNAPSHOTS) != SNAPSHOTS_COMPLETE:
         raise ParameterError("run_id", f"run {run.info.run_id} is not a net with complete snapshots")
-    from nws.zoo import ArtifactCache
+    from nws.zoo.cache import ArtifactCache
 
-    path = ArtifactCache().fetch(
-        run.info.run_id, run.info.artifact_uri, run.data.tags[tracking.TAG_WEIGHTS_DIGEST]
-    )
+    path = ArtifactCache().fetch(run.info.run_id, run.info.artifact_uri, run.data.tags[TAG_WEIGHTS_DIGEST])
     truth = {name: run.data.params.get(name, "") for name in PROPERTY_NAMES}
     vector = _pick(np.load(path, mmap_mode="r"), options.k, "run_id", f"run {run.info.run_id}")
     return vector, truth, run.info.run_id
@@ -133,7 +131,7 @@ def run_predict(options: PredictOptions) -> pd.DataFrame:
     with mlflow.start_run(
         run_name=f"predict-{Path(source).name[:12]}", nested=mlflow.active_run() is not None
     ):
-        mlflow.set_tags({tracking.TAG_ROLE: "prediction", "nws.source": source})
+        mlflow.set_tags({TAG_ROLE: "prediction", TAG_SOURCE: source})
         mlflow.log_params({k: v for k, v in asdict(options).items() if v not in ("", 0)})
         mlflow.log_params({f"predicted_{r.property}": r.predicted for r in table.itertuples()})
         mlflow.log_text(table.to_csv(index=False), "predictions.csv")
