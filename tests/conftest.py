@@ -1,4 +1,5 @@
-"""Shared fixtures: a temporary SQLite MLflow store per test, TensorFlow configured once."""
+"""Shared fixtures: a temporary SQLite MLflow store per test, TensorFlow configured once; the
+session zoos and servers, whose users are marked slow here."""
 
 from __future__ import annotations
 
@@ -11,6 +12,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 ROOT = Path(__file__).resolve().parents[1]
+SLOW_FIXTURES = {"zoo", "meta_zoo", "mlflow_server", "postgres"}
+"""Session fixtures that sample a zoo or start a server: a test that uses one, directly or through
+another fixture, is marked `slow` (`python -m pytest -m "not slow"` runs the fast set)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -359,6 +359,7 @@ def test_fidelity_is_validated_with_one_line(tracking_uri, tmp_path, capsys):
     ]
 
 
+@pytest.mark.slow
 def test_sample_logs_the_fidelity_and_snapshot_one_moving_means_follow_it(tracking_uri, tmp_path):
     storage = str(tmp_path / "optuna.log")
     options = SampleOptions(

@@ -188,6 +188,7 @@ def test_a_file_where_a_directory_is_needed_is_one_line_naming_the_parameter(tra
     assert not (tmp_path / "mlflow.db").exists()  # refused before MLflow was touched
 
 
+@pytest.mark.slow
 def test_read_only_directories_are_one_line_naming_the_parameter(tmp_path):
     """Root ignores permissions, so as root the directory is a read-only bind mount in a private
     mount namespace (it disappears with the process); otherwise it is chmod 0555."""

@@ -97,6 +97,7 @@ def imported(tracking_uri, published):
     return code, out, err, {r.data.tags[TAG_SOURCE_PATH].split("/")[-1]: r for r in imported_runs()}
 
 
+@pytest.mark.slow
 def test_each_broken_net_is_refused_with_its_reason_and_the_others_are_imported(imported):
     code, out, err, runs = imported
     assert code == 1
@@ -119,6 +120,7 @@ def test_each_broken_net_is_refused_with_its_reason_and_the_others_are_imported(
     assert len(table) == 6 and set(table.columns) == {"csv", "path", "reason"}
 
 
+@pytest.mark.slow
 def test_an_imported_net_is_a_run_like_a_sampled_one(imported, published, tmp_path):
     runs = imported[3]
     a = runs["A"]
@@ -182,6 +184,7 @@ def test_read_ahead_keeps_the_order_and_loads_the_next_nets_files(published):
     assert all(f.is_file() for f in files)
 
 
+@pytest.mark.slow
 def test_a_second_import_skips_what_is_there(imported, published):
     code, out, _ = run_cli(
         "import_nws",
@@ -200,7 +203,7 @@ def test_a_second_import_skips_what_is_there(imported, published):
 def test_an_import_into_an_mlflow_server_matches_one_into_a_database(
     imported, published, mlflow_server, monkeypatch, tmp_path
 ):
-    """A database store gets each net in one transaction (nws.sql_tracking); a server gets it
+    """A database store gets each net in one transaction (nws.tracking.sql); a server gets it
     through MLflow's client: the runs read back the same."""
     local, local_client = imported[3], MlflowClient()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
@@ -259,6 +262,7 @@ def finished_count(db) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_an_interrupted_import_resumes_and_finishes(tracking_uri, two_inits, tmp_path):
     """Killed (SIGKILL) mid-import, worker processes included; the next call finishes the job."""
     csvs = f"{two_inits['train']},{two_inits['test']}"
@@ -292,6 +296,7 @@ def test_an_interrupted_import_resumes_and_finishes(tracking_uri, two_inits, tmp
     assert not imported_runs("RUNNING")  # an interrupted attempt is marked, never left running
 
 
+@pytest.mark.slow
 def test_train_works_on_imported_nets_with_the_published_split(tracking_uri, two_inits):
     from nws.commands.train import TrainOptions, run_training
 

@@ -107,6 +107,7 @@ def test_a_stop_while_a_nets_run_is_being_made_ends_that_run_killed(tracking_uri
     assert runs[0].data.tags["nws.failure"] == "KeyboardInterrupt: SIGTERM received"
 
 
+@pytest.mark.slow
 def test_a_stop_during_training_is_raised_between_two_steps_of_keras():
     """Not at whatever line of Keras or TensorFlow runs when the signal comes (there it was
     swallowed or turned into another error): the signal is held, and raised by the callback
@@ -186,6 +187,7 @@ def test_a_parent_run_ends_killed_on_an_interrupt_failed_on_an_error_finished_ot
     assert mlflow.get_run(caller.info.run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_sample_processes_stopped_at_different_moments_exit_130_with_every_run_killed(tmp_path):
     """Real `nws sample` processes, side by side: SIGINT as the first net starts (its data, its
     run, the first evaluation), SIGTERM in Keras' fit. Each exits 130 (no native abort, no other
@@ -243,6 +245,7 @@ def main_options(tmp_path, campaign: str, **changes):
     return MainOptions(**{**tiny, **changes})
 
 
+@pytest.mark.slow
 def test_main_interrupted_ends_its_runs_killed_and_failing_ends_them_failed(tracking_uri, tmp_path):
     from mlflow import MlflowClient
 

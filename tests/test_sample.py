@@ -166,6 +166,7 @@ def test_same_seed_gives_the_same_configuration_and_bit_identical_snapshots(in_z
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_replay_of_an_explicit_configuration(tracking_uri, tmp_path):
     text = "shapes,0.003,64,1,0,1,3,1,3,4,3,4,64"
     summary = run_campaign(
@@ -180,6 +181,7 @@ def start_campaign_run():
     return mlflow.start_run(tags={TAG_ROLE: "campaign"})
 
 
+@pytest.mark.slow
 def test_a_diverging_net_ends_failed_with_its_reason(tracking_uri):
     options = tiny_options(prints=3)
     exploding = dataclasses.replace(NetConfig.parse("shapes,0.003,32,1,0,2,0,0,3,3,2,4,64"), lrate=1e12)
@@ -194,6 +196,7 @@ def test_a_diverging_net_ends_failed_with_its_reason(tracking_uri):
     assert TAG_SNAPSHOTS not in run.data.tags
 
 
+@pytest.mark.slow
 def test_a_crash_mid_training_never_leaves_a_finished_run(tracking_uri):
     options = tiny_options(prints=3)
     config = NetConfig.parse("shapes,0.003,32,1,0,0,0,2,3,3,2,4,64")
@@ -212,6 +215,7 @@ def test_a_crash_mid_training_never_leaves_a_finished_run(tracking_uri):
     assert mlflow.MlflowClient().list_artifacts(run.info.run_id) == []
 
 
+@pytest.mark.slow
 def test_a_campaign_named_with_a_quote_finds_its_own_runs(tracking_uri, tmp_path):
     """Runs are found by their campaign's tag, the name quoted in the search filter: with a single
     quote or a double one, `main`'s selection finds the campaign's net and no other, and `cleanup`
@@ -270,6 +274,7 @@ def test_bad_input_is_one_line_nonzero_exit_and_no_finished_run(
     assert net_runs(status="FINISHED") == []
 
 
+@pytest.mark.slow
 def test_bad_input_from_the_entry_point_process_is_one_line_on_stderr(tracking_uri, tmp_path):
     env = {**os.environ, "NWS_DATA_DIR": str(tmp_path / "data")}
     done = subprocess.run(
@@ -285,6 +290,7 @@ def test_bad_input_from_the_entry_point_process_is_one_line_on_stderr(tracking_u
     assert net_runs(status="FINISHED") == []
 
 
+@pytest.mark.slow
 def test_bad_input_through_mlflow_run_is_our_line_then_mlflows_own_report(tracking_uri, tmp_path):
     """`mlflow run` reports the failure itself: after our one line (the last thing nws prints, no
     traceback) comes MLflow's line, the exit code is MLflow's 1, and the project run is FAILED."""

@@ -16,6 +16,8 @@ import pytest
 
 from tests.conftest import free_port
 
+pytestmark = pytest.mark.slow  # scale-out: servers, worker processes, kills
+
 TINY = "--subset fixed --datasets digits --prints 3 --max-epochs 1 --min-epochs 1 --max-train-images 64 "
 TINY = (TINY + "--max-eval-images 32 --threads 1").split()
 

@@ -17,6 +17,8 @@ from nws.commands.train import TrainOptions, run_training
 from nws.tracking.tags import WEIGHTS_ARTIFACT
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # every test trains on the session meta zoo or runs main
+
 
 def test_all_properties_all_models_with_skips(in_meta_zoo, capsys):
     options = TrainOptions(K="3,3", models="stats,layer_stats", props="all", register=False)

@@ -109,6 +109,7 @@ def run_predict(options: PredictOptions) -> pd.DataFrame:
     import mlflow
 
     from nws.registry import load_champion, registered_name
+    from nws.tracking.runs import parent_run
 
     props = options.validate()
     vector, truth, source = load_vector(options)
@@ -128,10 +129,9 @@ def run_predict(options: PredictOptions) -> pd.DataFrame:
         value = f"{row.predicted:.6f}" if isinstance(row.predicted, float) else str(row.predicted)
         truth_text = f"  (true: {row.true})" if row.true != "" else ""
         print(f"{row.property:<15} {value:<16}{truth_text}")
-    with mlflow.start_run(
-        run_name=f"predict-{Path(source).name[:12]}", nested=mlflow.active_run() is not None
-    ):
-        mlflow.set_tags({TAG_ROLE: "prediction", TAG_SOURCE: source})
+    tags = {TAG_ROLE: "prediction", TAG_SOURCE: source}
+    name = f"predict-{Path(source).name[:12]}"
+    with parent_run(tags, run_name=name, nested=mlflow.active_run() is not None):
         mlflow.log_params({k: v for k, v in asdict(options).items() if v not in ("", 0)})
         mlflow.log_params({f"predicted_{r.property}": r.predicted for r in table.itertuples()})
         mlflow.log_text(table.to_csv(index=False), "predictions.csv")

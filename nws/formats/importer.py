@@ -8,6 +8,11 @@ ahead, shows progress and resumes: a net already imported (same source path and 
 checksum) is skipped, and an interrupted one is imported again. A net that fails a check is
 refused with its reason; the others go on. The `import_nws` command (`nws.commands.import_nws`)
 checks its parameters and lists the nets (`ImportJob`).
+
+Why one module: the net writer that runs in each worker process (`_Importer`) and the parent
+that feeds the workers (read-ahead, bounded submission, the pool whose processes preload this
+module) share the job types and are changed together; split, each half would be read only
+against the other.
 """
 
 from __future__ import annotations

@@ -6,10 +6,8 @@ them by name.
 Each predicts a property from weights: class probabilities, or the learning rate (regressed with
 an L1 loss on the rate scaled to [0, 1] by the space's range, reported in the original units).
 
-A saved model is data only: `meta.json` and the estimator's file, in formats whose loading runs no
-code from the file (skops with a trusted-type list, a `.keras` archive checked against the
-objects a DMC holds and read in Keras' safe mode). A registered model's data can be replaced by
-whoever may write the artifact store, so loading refuses anything else with one line.
+A saved model is data only: `meta.json` and the estimator's file, loaded without running code
+from them (`nws.meta.load`).
 """
 
 from __future__ import annotations
