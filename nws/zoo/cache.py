@@ -44,7 +44,7 @@ def _digest_bytes(data: memoryview | bytes) -> str:
     return xxhash.xxh3_128(data).hexdigest()
 
 
-def report(line: str) -> None:
+def report_repair(line: str) -> None:
     """A repair of the cache, in one line: the cache is disposable, so damage there is not an error."""
     print(line, file=sys.stderr, flush=True)
 
@@ -189,7 +189,7 @@ class ArtifactCache:
                 self.stats.add("reused")
                 self.stats.add("verified")
                 return cached, offset
-            report(f"zoo cache: run {run_id}: the cached copy of its snapshots is damaged ({why}); "
+            report_repair(f"zoo cache: run {run_id}: the cached copy of its snapshots is damaged ({why}); "
                     "downloading it again")  # fmt: skip
             self.stats.add("repaired")
         self._download(run_id, artifact_uri, cached)

@@ -19,12 +19,12 @@ from nws.tracking.tags import (
     TAG_SUBSET,
     TAG_WEIGHTS_DIGEST,
     TAG_WEIGHTS_SHAPE,
-    quote,
+    tag_equals,
 )
 
 BUILTIN_FILTER = (
-    f"tags.`{TAG_ROLE}` = 'net' and attributes.status = 'FINISHED' "
-    f"and tags.`{TAG_SNAPSHOTS}` = {quote(SNAPSHOTS_COMPLETE)}"
+    f"{tag_equals(TAG_ROLE, 'net')} and attributes.status = 'FINISHED' "
+    f"and {tag_equals(TAG_SNAPSHOTS, SNAPSHOTS_COMPLETE)}"
 )
 RECORD_COLUMNS = ("run_id", "experiment_id", "artifact_uri", "digest", "prints", "n_weights", "weightn_conv",
                   "weightn_fc", "test_accuracy", "subset", "campaign", "split", *PROPERTY_NAMES)  # fmt: skip

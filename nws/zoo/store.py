@@ -30,7 +30,7 @@ import pandas as pd
 
 from nws.errors import DataError
 from nws.space import PROPERTY_NAMES
-from nws.zoo.cache import ArtifactCache, check_run_id, report
+from nws.zoo.cache import ArtifactCache, check_run_id, report_repair
 
 STORE_FORMAT = 3  # 3: the index is verified against the artifacts on every build
 
@@ -256,7 +256,7 @@ def build_zoo(
             cache.stats.store_reused = True
         else:
             if state != "missing":
-                report(f"zoo cache: store {directory} is {state} ({reason}); rebuilt")
+                report_repair(f"zoo cache: store {directory} is {state} ({reason}); rebuilt")
                 cache.stats.add("repaired")
             _write_store(directory, index, len(nets))
     return Zoo(directory, index)
