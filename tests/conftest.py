@@ -10,6 +10,12 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# One thread count for this process and every process the tests start (`mlflow run`, `nws sample`):
+# op determinism gives bit-identical snapshots only for the same thread count, and TensorFlow fixes
+# a process's count when it starts, so tests that compare an in-process net with a subprocess's
+# would otherwise depend on which campaign happened to start TensorFlow first.
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "2")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "2")
 
 ROOT = Path(__file__).resolve().parents[1]
 SLOW_FIXTURES = {"zoo", "meta_zoo", "mlflow_server", "postgres"}
@@ -28,6 +34,20 @@ def _tensorflow() -> None:
     from nws.training import configure_tensorflow
 
     configure_tensorflow(deterministic=True)
+
+
+THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+
+
+@pytest.fixture(autouse=True)
+def _thread_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A campaign run in-process with `threads` sets TensorFlow's thread variables in this
+    process's environment; they must not leak into later tests' subprocesses (see above)."""
+    for name in THREAD_VARIABLES:
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
