@@ -40,7 +40,7 @@ def main() -> None:
     from nws.meta.dmc import build_dmc, slice_dataset
     from nws.meta.samples import Samples
     from nws.training import configure_tensorflow
-    from nws.zoo import Zoo
+    from nws.zoo.store import Zoo
 
     configure_tensorflow(deterministic=False)
     root = Path(tempfile.mkdtemp(prefix="nws-dmc-bench-"))

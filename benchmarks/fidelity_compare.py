@@ -10,7 +10,7 @@ epoch; with --max-epochs 0, the initialisation alone). Then prints, side by side
      (conv / fc), averaged over the nets; the batch-norm moving statistics as mean |moving mean|
      and mean moving variance;
   2. the meta-classifier table (per-net accuracy; for the learning rate the per-net MAE) of
-     `nws.meta.campaign.run_training` at K = 1,1 and at K = last,last, for each fidelity.
+     `nws.commands.train.run_training` at K = 1,1 and at K = last,last, for each fidelity.
 
 With --timing-only it measures instead what one epoch costs under each fidelity: the fixed
 architecture on `shapes` (500 / 300 images, batch 64, 5 epochs), with and without augmentation,
@@ -46,7 +46,7 @@ def campaign_name(fidelity: str) -> str:
 
 
 def sample(fidelity: str, args: argparse.Namespace, root: Path) -> float:
-    from nws.sampling import SampleOptions, run_campaign
+    from nws.commands.sample import SampleOptions, run_campaign
 
     options = SampleOptions(
         n_nets=args.n_nets,
@@ -75,21 +75,21 @@ def snapshots(fidelity: str, root: Path) -> list[tuple[object, object, object, d
     import mlflow
     import numpy as np
 
-    from nws import tracking
     from nws.snapshots import weight_layout
     from nws.space import PROPERTY_NAMES, NetConfig
+    from nws.tracking.tags import TAG_CAMPAIGN, TAG_ROLE, TAG_TRIAL, WEIGHTS_ARTIFACT
 
     query = (
-        f"tags.`{tracking.TAG_ROLE}` = 'net' and tags.`{tracking.TAG_CAMPAIGN}` = '{campaign_name(fidelity)}'"
+        f"tags.`{TAG_ROLE}` = 'net' and tags.`{TAG_CAMPAIGN}` = '{campaign_name(fidelity)}'"
         " and attributes.status = 'FINISHED'"
     )
     nets = []
     runs = mlflow.search_runs(search_all_experiments=True, filter_string=query, output_format="list")
-    for run in sorted(runs, key=lambda r: int(r.data.tags[tracking.TAG_TRIAL])):
+    for run in sorted(runs, key=lambda r: int(r.data.tags[TAG_TRIAL])):
         config = NetConfig.from_mapping({k: run.data.params[k] for k in PROPERTY_NAMES})
         folder = str(root / "npy" / fidelity)
         path = mlflow.artifacts.download_artifacts(
-            run_id=run.info.run_id, artifact_path=tracking.WEIGHTS_ARTIFACT, dst_path=folder
+            run_id=run.info.run_id, artifact_path=WEIGHTS_ARTIFACT, dst_path=folder
         )
         nets.append((config, weight_layout(config), np.load(path), run.data.metrics))
     return nets
@@ -123,11 +123,11 @@ def print_tensor_table(summaries: dict[tuple[str, int], dict], ks: tuple[int, ..
 
 
 def meta_table(fidelity: str, k: int, args: argparse.Namespace) -> object:
-    from nws import tracking
-    from nws.meta.campaign import TrainOptions, run_training
+    from nws.commands.train import TrainOptions, run_training
+    from nws.tracking.tags import TAG_CAMPAIGN
 
     options = TrainOptions(
-        filter=f"tags.`{tracking.TAG_CAMPAIGN}` = '{campaign_name(fidelity)}'",
+        filter=f"tags.`{TAG_CAMPAIGN}` = '{campaign_name(fidelity)}'",
         K=f"{k},{k}",
         slice_length=args.slice_length,
         models=args.models,

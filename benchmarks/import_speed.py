@@ -10,7 +10,7 @@ cache (warm) and, where allowed, after dropping it (cold). Peak memory is the pr
 of the whole import (parent, fork server and workers together), sampled every 50 ms, for imports of
 growing size (target: flat). Last, side by side on one store: ending a net's run the way MLflow's
 client does it (`log_batch` then `set_terminated`, what an `mlflow server` gets) against the one
-transaction that database stores get (`nws.sql_tracking`).
+transaction that database stores get (`nws.tracking.sql`).
 
 The store is SQLite (created before the clock starts, as a user's existing store), or with
 --postgres a private PostgreSQL server (the Debian package's binaries, as the tests use).
@@ -138,14 +138,16 @@ def finish_cost(data: Path, csv: Path, store: tuple[str, Path], nets: int = 40) 
     os.environ["MLFLOW_TRACKING_URI"] = store[0]
     from mlflow import MlflowClient
 
-    from nws import nws_format, sql_tracking, tracking
+    from nws.formats import nws as nws_format
+    from nws.tracking import sql as sql_tracking
+    from nws.tracking.artifacts import finish_through_client, net_result_entities
 
     row = nws_format.read_index(csv).to_dict("records")[0]
     net = nws_format.read_net(data / row["path"], row)
     history = nws_format.history_from_errors(net.errors)
     params = {**net.config.as_params(), "prints": PRINTS, "source": row["path"]}
     final = {"epochs": len(history) - 1}
-    entities = tracking.net_result_entities(net.weights, history, final, {}, params, epoch_metrics=True)
+    entities = net_result_entities(net.weights, history, final, {}, params, epoch_metrics=True)
     client = MlflowClient(store[0])
     experiment = client.create_experiment("finish", artifact_location=str(store[1] / "artifacts"))
     seconds = {"client": 0.0, "one transaction": 0.0}
@@ -155,7 +157,7 @@ def finish_cost(data: Path, csv: Path, store: tuple[str, Path], nets: int = 40) 
         if i % 2:
             sql_tracking.finish_run(store[0], run_id, *entities)
         else:
-            tracking.finish_through_client(client, run_id, entities)
+            finish_through_client(client, run_id, entities)
         seconds["one transaction" if i % 2 else "client"] += time.perf_counter() - started
     return {way: 1e3 * s / nets for way, s in seconds.items()}
 

@@ -1,8 +1,8 @@
 """`train`'s run query over many net runs in MLflow's default SQLite store: seconds per query.
 
 Creates N net runs (the 13 properties as params, the tags and metrics of a sampled net, no
-artifacts) in a fresh SQLite store, then times `nws.zoo.query_nets` with the built-in condition
-alone and with typical user filters.
+artifacts) in a fresh SQLite store, then times `train`'s selection (`nws.zoo.query.query_nets`)
+with the built-in condition alone and with typical user filters.
 
 Run: python benchmarks/query_speed.py [--runs 10000]
 """
@@ -23,8 +23,15 @@ def make_runs(n: int) -> None:
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
-    from nws import tracking
     from nws.space import PAPER_DATASETS, PROPERTIES
+    from nws.tracking.tags import (
+        TAG_CAMPAIGN,
+        TAG_ROLE,
+        TAG_SNAPSHOTS,
+        TAG_SUBSET,
+        TAG_WEIGHTS_DIGEST,
+        TAG_WEIGHTS_SHAPE,
+    )
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name("Default").experiment_id
@@ -38,9 +45,9 @@ def make_runs(n: int) -> None:
         tags = [
             RunTag(k, v)
             for k, v in {
-                tracking.TAG_ROLE: "net", tracking.TAG_SUBSET: "main", tracking.TAG_CAMPAIGN: f"c{i % 4}",
-                tracking.TAG_SNAPSHOTS: "complete", tracking.TAG_WEIGHTS_SHAPE: "20x92868",
-                tracking.TAG_WEIGHTS_DIGEST: "0" * 32,
+                TAG_ROLE: "net", TAG_SUBSET: "main", TAG_CAMPAIGN: f"c{i % 4}",
+                TAG_SNAPSHOTS: "complete", TAG_WEIGHTS_SHAPE: "20x92868",
+                TAG_WEIGHTS_DIGEST: "0" * 32,
             }.items()
         ]  # fmt: skip
         values = {"test_accuracy": float(rng.uniform()), "weightn_conv": 16880.0, "weightn_fc": 75988.0}
@@ -56,7 +63,7 @@ def main() -> None:
 
     import mlflow
 
-    from nws.zoo import Selection, query_nets
+    from nws.commands.options import Selection
 
     root = tempfile.mkdtemp(prefix="nws-query-bench-")
     atexit.register(shutil.rmtree, root, True)  # gigabytes: never left behind
@@ -77,7 +84,7 @@ def main() -> None:
         times = []
         for _ in range(3):
             t = time.perf_counter()
-            nets = query_nets(selection)
+            nets = selection.query()
             times.append(time.perf_counter() - t)
         print(f"{label:<34} {len(nets):>6} nets  {min(times):6.2f} s (best of 3)")
 

@@ -51,7 +51,7 @@ def trial_figures(storage: str, tracking: str) -> tuple[float, list[float]]:
     import optuna
     from mlflow import MlflowClient
 
-    from nws.sampling import open_storage
+    from nws.campaign.storage import open_storage
 
     study = optuna.load_study(study_name="bench", storage=open_storage(storage))
     trials = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]

@@ -1,4 +1,4 @@
-"""A zoo store as `nws.zoo.build_zoo` indexes it, over snapshot files of random weights of the
+"""A zoo store as `nws.zoo.store.build_zoo` indexes it, over snapshot files of random weights of the
 fixed architecture, for benchmarks that need gigabytes of snapshots without training nets."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ N_WEIGHTS, CONV, PRINTS = 92868, 16880, 20  # the fixed architecture (see tests/
 
 def synthetic_store(directory: Path, nets: int) -> Path:
     from nws.space import PROPERTY_NAMES
-    from nws.zoo import STORE_FORMAT
+    from nws.zoo.store import STORE_FORMAT
 
     (directory / "files").mkdir(parents=True)
     rng = np.random.default_rng(0)

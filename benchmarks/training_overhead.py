@@ -82,14 +82,18 @@ def nws_fit(config, data, epochs: int, seed: int) -> float:
 
 
 def nws_logged(config, data, epochs: int, seed: int, options) -> float:
+    import dataclasses
+
     import mlflow
 
-    from nws.sampling import NetJob
+    from nws.campaign.net_job import NetJob
     from nws.training import TrainSettings
 
     stamps: list[float] = []
-    settings = TrainSettings(max_epochs=epochs, min_epochs=epochs)
-    job = NetJob(options, settings, seed, config, [config.dataset], {})
+    settings = dataclasses.replace(
+        options.settings(), train=TrainSettings(max_epochs=epochs, min_epochs=epochs)
+    )
+    job = NetJob(settings, seed, config, {})
     with mlflow.start_run(run_name="benchmark-campaign"):
         job.run(observers=[lambda m, e, x: stamps.append(time.perf_counter())])
     return epoch_times(stamps[1:])
@@ -105,8 +109,8 @@ def main() -> None:
 
     import mlflow
 
+    from nws.commands.sample import SampleOptions
     from nws.data import load_images, split_for_net
-    from nws.sampling import SampleOptions
     from nws.space import NetConfig
     from nws.training import configure_tensorflow
 

@@ -34,19 +34,20 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 def make_runs(n: int, prints: int) -> None:
     import mlflow
 
-    from nws import tracking
     from nws.snapshots import weight_layout
     from nws.space import NetConfig
+    from nws.tracking.artifacts import log_net_result
+    from nws.tracking.tags import TAG_ROLE
 
     config = NetConfig.parse("mnist,0.001,64,1,0,0,0,2,5,3,2,8,128")
     layout = weight_layout(config)
     rng = np.random.default_rng(0)
     with mlflow.start_run(run_name="benchmark-campaign"):
         for i in range(n):
-            with mlflow.start_run(run_name=f"net-{i}", nested=True, tags={tracking.TAG_ROLE: "net"}):
+            with mlflow.start_run(run_name=f"net-{i}", nested=True, tags={TAG_ROLE: "net"}):
                 mlflow.log_params({**config.as_params(), "dataset": ["mnist", "cifar10"][i % 2]})
                 weights = rng.standard_normal((prints, layout.n_weights), dtype=np.float32)
-                tracking.log_net_result(
+                log_net_result(
                     weights, {"n_weights": layout.n_weights}, [{"epoch": 0, "train_accuracy": 0.0,
                     "valid_accuracy": 0.0, "test_accuracy": 0.5, "loss": 1.0, "valid_loss": 1.0,
                     "test_loss": 1.0, "valid_accuracy_smoothed": 0.0}],
@@ -64,7 +65,9 @@ def main() -> None:
 
     import mlflow
 
-    from nws.zoo import ArtifactCache, Selection, _local_path, build_zoo, query_nets
+    from nws.commands.options import Selection
+    from nws.zoo.cache import ArtifactCache, _local_path
+    from nws.zoo.store import build_zoo
 
     root = tempfile.mkdtemp(prefix="nws-zoo-bench-")
     atexit.register(shutil.rmtree, root, True)  # gigabytes: never left behind
@@ -74,7 +77,7 @@ def main() -> None:
     make_runs(args.nets, args.prints)
     print(f"created {args.nets} net runs in {time.perf_counter() - started:.1f} s ({root})")
 
-    nets = query_nets(Selection())
+    nets = Selection().query()
     paths = [_local_path(uri) / "snapshots" / "weights.npy" for uri in nets["artifact_uri"]]
     total = sum(p.stat().st_size for p in paths)
 
@@ -96,7 +99,7 @@ def main() -> None:
 
     def first() -> float:
         t = time.perf_counter()
-        build_zoo(query_nets(Selection()), ArtifactCache(tempfile.mkdtemp(dir=root)), workers=args.workers)
+        build_zoo(Selection().query(), ArtifactCache(tempfile.mkdtemp(dir=root)), workers=args.workers)
         return time.perf_counter() - t
 
     cache = ArtifactCache(tempfile.mkdtemp(dir=root))
@@ -104,7 +107,7 @@ def main() -> None:
 
     def cached(read: bool) -> float:
         t = time.perf_counter()
-        zoo = build_zoo(query_nets(Selection()), ArtifactCache(cache.root), workers=args.workers)
+        zoo = build_zoo(Selection().query(), ArtifactCache(cache.root), workers=args.workers)
         if read:
             for i in range(len(zoo)):
                 zoo.gather(zoo.row_start(np.full(args.prints, i), np.arange(1, args.prints + 1)),

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from nws import interrupts
+from nws.commands.options import parse_bool
 from nws.errors import NWSError, ParameterError
-from nws.params import parse_bool
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -32,28 +32,28 @@ class Command:
 
 
 def _sample(options: Any) -> int:
-    from nws.sampling import run_campaign
+    from nws.commands.sample import run_campaign
 
     print(run_campaign(options).line())
     return 0
 
 
 def _train(options: Any) -> int:
-    from nws.meta.campaign import format_table, run_training
+    from nws.commands.train import format_table, run_training
 
     print(format_table(run_training(options)))
     return 0
 
 
 def _predict(options: Any) -> int:
-    from nws.predict import run_predict
+    from nws.commands.predict import run_predict
 
     run_predict(options)
     return 0
 
 
 def _import_nws(options: Any) -> int:
-    from nws.interop import print_refusals, run_import
+    from nws.commands.import_nws import print_refusals, run_import
 
     summary = run_import(options)
     print_refusals(summary)
@@ -62,33 +62,34 @@ def _import_nws(options: Any) -> int:
 
 
 def _export_nws(options: Any) -> int:
-    from nws.interop import run_export
+    from nws.commands.export_nws import run_export
 
     run_export(options)
     return 0
 
 
 def _cleanup(options: Any) -> int:
-    from nws.orphans import run_cleanup
+    from nws.commands.cleanup import run_cleanup
 
     run_cleanup(options)
     return 0
 
 
 def _main(options: Any) -> int:
-    from nws.study import run_main
+    from nws.commands.main import run_main
 
     run_main(options)
     return 0
 
 
 def _commands() -> dict[str, Command]:
-    from nws.interop import ExportOptions, ImportOptions
-    from nws.meta.campaign import TrainOptions
-    from nws.orphans import CleanupOptions
-    from nws.predict import PredictOptions
-    from nws.sampling import SampleOptions
-    from nws.study import MainOptions
+    from nws.commands.cleanup import CleanupOptions
+    from nws.commands.export_nws import ExportOptions
+    from nws.commands.import_nws import ImportOptions
+    from nws.commands.main import MainOptions
+    from nws.commands.predict import PredictOptions
+    from nws.commands.sample import SampleOptions
+    from nws.commands.train import TrainOptions
 
     commands = [
         Command("main", "the whole study on the offline datasets: sample, train, register", MainOptions,

@@ -17,3 +17,8 @@ class ParameterError(NWSError):
 
 class DataError(NWSError):
     """Data files are missing, unreadable or not in the expected format."""
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one line of text (messages of file parsers may span several)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"

@@ -60,3 +60,8 @@ class Progress:
 
     def _line(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
+
+
+def say(text: str) -> None:
+    """A line of an entry point's report on stdout, shown at once (progress goes to stderr)."""
+    print(text, file=sys.stdout, flush=True)

@@ -1,4 +1,5 @@
-"""Weight snapshots: the flat-vector layout contract, capture during training, 20-of-n selection.
+"""Weight snapshots: the flat-vector layout contract, its regions (the conv part, the fc part),
+capture during training, and which evaluations become the snapshots (20 of n).
 
 The layout contract (reference section 6), written down once here:
 
@@ -30,6 +31,8 @@ from nws.space import NetConfig
 
 LAYOUT_FORMAT = "nws-flat-v1"
 BN_TENSORS = ("beta", "gamma", "moving_mean", "moving_variance")
+REGIONS = ("all", "conv", "fc")
+"""Parts of the flat vector a slice may start in: all of it, the conv part or the fc part."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,25 @@ def load_into(model: Any, vector: np.ndarray, layout: WeightLayout) -> None:
         variable.assign(tensors[(entry.keras_layer, entry.tensor)].astype(variable.dtype))
 
 
+def region_bounds(lengths: Any, conv: Any, region: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per vector, the [start, stop) of `region` within it, from its length and its conv part's
+    length (numbers or arrays)."""
+    lengths, conv = np.asarray(lengths, np.int64), np.asarray(conv, np.int64)
+    if region == "all":
+        return np.zeros_like(lengths), lengths.copy()
+    if region == "conv":
+        return np.zeros_like(lengths), conv.copy()
+    if region == "fc":
+        return conv.copy(), lengths.copy()
+    raise ValueError(f"{region!r} is not one of {', '.join(REGIONS)}")
+
+
+def _evenly_spaced(first: int, last: int, count: int) -> np.ndarray:
+    """round(linspace(first, last, count)): how the study picks `count` of a net's evaluations
+    (NumPy rounds halves to even, as the original code)."""
+    return np.round(np.linspace(first, last, count)).astype(np.int64)
+
+
 def select_prints(n_evals: int, prints: int) -> np.ndarray:
     """1-based indices of the evaluations kept: round(linspace(1, n, prints)), as the original.
 
@@ -192,7 +214,15 @@ def select_prints(n_evals: int, prints: int) -> np.ndarray:
     """
     if n_evals < 1:
         raise ValueError("no evaluations to select from")
-    return np.round(np.linspace(1, n_evals, prints)).astype(np.int64)
+    return _evenly_spaced(1, n_evals, prints)
+
+
+def published_error_rows(n_evals: int, prints: int) -> np.ndarray:
+    """The 0-based `error.bin` row of every snapshot of a published net, as the published reader
+    computes it: round(linspace(0, n - 1, prints)) (reference section 7). Not `select_prints`
+    minus one: at a half the two round apart (n = 4, prints = 3: rows 0, 2, 3 against
+    evaluations 1, 2, 4)."""
+    return _evenly_spaced(0, n_evals - 1, prints)
 
 
 @dataclass

@@ -9,7 +9,8 @@ Under `clean`: batch norm uses its moving statistics, evaluation is on clean ima
 batches, and snapshot 1 is the pure initialisation.
 
 The training loop knows nothing about snapshots or MLflow: callers pass observers that see the
-model and the metrics at every evaluation (epoch 0 is the initialisation).
+model and the metrics at every evaluation (epoch 0 is the initialisation). The images reach it
+through the input pipelines of `nws.pipeline`.
 """
 
 from __future__ import annotations
@@ -17,16 +18,23 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from nws import interrupts
-from nws.cnn import IMAGE_SHAPE, build_model
+from nws.cnn import build_model
 from nws.data.preprocess import BalancedSampler, NetData
 from nws.fidelity import DEFAULT_FIDELITY, PAPER, check_fidelity
+from nws.pipeline import (
+    build_augmenter,
+    evaluation_augmenter_seed,
+    evaluation_dataset,
+    paper_evaluation_batch,
+    training_dataset,
+)
 from nws.space import NetConfig
 
 MOMENTUM = 0.95
@@ -173,112 +181,6 @@ def configure_tensorflow(deterministic: bool = True, threads: int = 0) -> None:
     if deterministic:
         tf.config.experimental.enable_op_determinism()
     _configured = True
-
-
-def build_augmenter(seed: int) -> Any:
-    """The original's augmentation (one switch for geometry and colour) from Keras layers."""
-    import keras
-    from keras import layers
-
-    side = IMAGE_SHAPE[0]
-    shear = math.tan(math.radians(3.0))
-    geometry = {"fill_mode": "constant", "fill_value": 0.0}
-    return keras.Sequential(
-        [
-            layers.RandomTranslation(3 / side, 3 / side, seed=seed, **geometry),
-            layers.RandomRotation(15 / 360, seed=seed + 1, **geometry),
-            layers.RandomZoom((-0.1, 0.1), seed=seed + 2, **geometry),
-            layers.RandomShear(x_factor=(0.0, shear), y_factor=(0.0, shear), seed=seed + 3, **geometry),
-            layers.RandomBrightness(0.2, value_range=(0.0, 1.0), seed=seed + 4),
-            layers.RandomContrast(0.5, value_range=(0.0, 1.0), seed=seed + 5),
-            layers.RandomHue((0.0, 0.16), value_range=(0.0, 1.0), seed=seed + 6),
-            # Saturation factor f multiplies saturation by f / (1 - f): 0.2308..0.6 -> 0.3..1.5.
-            layers.RandomSaturation((0.3 / 1.3, 0.6), value_range=(0.0, 1.0), seed=seed + 7),
-            _noise_and_clip_layer()(max_stddev=0.03, seed=seed + 8),
-        ],
-        name="augmentation",
-    )
-
-
-def _noise_and_clip_layer() -> type:
-    import keras
-
-    class NoiseAndClip(keras.layers.Layer):
-        """Gaussian noise with a standard deviation drawn per image in [0, max], then clip."""
-
-        def __init__(self, max_stddev: float, seed: int, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            self.max_stddev = max_stddev
-            self.seed_generator = keras.random.SeedGenerator(seed)
-
-        def call(self, images: Any, training: bool = True) -> Any:
-            ops = keras.ops
-            if training:
-                std = keras.random.uniform(
-                    (ops.shape(images)[0], 1, 1, 1), 0.0, self.max_stddev, seed=self.seed_generator
-                )
-                images = images + std * keras.random.normal(ops.shape(images), seed=self.seed_generator)
-            return ops.clip(images, 0.0, 1.0)
-
-    return NoiseAndClip
-
-
-def _index_batches(sampler: BalancedSampler, batch_size: int, steps: int) -> Iterator[np.ndarray]:
-    while True:
-        order = sampler.epoch()
-        for step in range(steps):
-            yield order[step * batch_size : (step + 1) * batch_size]
-
-
-def training_dataset(data: NetData, batch_size: int, seed: int, augment: bool) -> tuple[Any, int]:
-    """An endless tf.data stream of class-balanced epochs, and the steps per epoch."""
-    import tensorflow as tf
-
-    sampler = BalancedSampler(data.y_train, seed)
-    batch_size = min(batch_size, sampler.epoch_size)
-    steps = sampler.epoch_size // batch_size
-    images = tf.constant(data.x_train)
-    labels = tf.constant(data.y_train)
-    ds = tf.data.Dataset.from_generator(
-        lambda: _index_batches(sampler, batch_size, steps),
-        output_signature=tf.TensorSpec([None], tf.int64),
-    )
-    ds = ds.map(lambda idx: (tf.cast(tf.gather(images, idx), tf.float32) / 255.0, tf.gather(labels, idx)))
-    if augment:
-        augmenter = build_augmenter(seed)
-        ds = ds.map(lambda x, y: (augmenter(x, training=True), y))
-    return ds.prefetch(2), steps
-
-
-def evaluation_dataset(
-    x: np.ndarray,
-    y: np.ndarray,
-    batch_size: int,
-    drop_remainder: bool = False,
-    augmenter: Any = None,
-) -> Any:
-    """Batches of images scaled to [0, 1]; with an `augmenter`, augmented as in training."""
-    import tensorflow as tf
-
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size, drop_remainder=drop_remainder)
-    ds = ds.map(lambda a, b: (tf.cast(a, tf.float32) / 255.0, b))
-    if augmenter is not None:
-        ds = ds.map(lambda a, b: (augmenter(a, training=True), b))
-    return ds.prefetch(2)
-
-
-def paper_evaluation_batch(n_images: int, batch_size: int) -> int:
-    """The batch size of a fidelity-`paper` evaluation of `n_images`: the net's own, with the
-    remainder dropped, as the released code's fixed-size placeholders. A set smaller than one
-    batch, which the released code could not evaluate (it divides by zero batches), becomes one
-    batch of all its images, so that quick runs with small image caps still work."""
-    return max(1, min(batch_size, n_images))
-
-
-def evaluation_augmenter_seed(seed: int) -> int:
-    """The seed of a net's evaluation augmentation: a stream of its own, apart from its training
-    augmentation (`seed`) and from every other net's (net seeds are consecutive integers)."""
-    return int(np.random.SeedSequence([seed, 1]).generate_state(1)[0] >> 2)
 
 
 def make_optimizer(config: NetConfig, steps_per_epoch: int, settings: TrainSettings) -> Any:

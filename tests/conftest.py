@@ -1,4 +1,5 @@
-"""Shared fixtures: a temporary SQLite MLflow store per test, TensorFlow configured once."""
+"""Shared fixtures: a temporary SQLite MLflow store per test, TensorFlow configured once; the
+session zoos and servers, whose users are marked slow here."""
 
 from __future__ import annotations
 
@@ -17,6 +18,15 @@ os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "2")
 os.environ.setdefault("TF_NUM_INTEROP_THREADS", "2")
 
 ROOT = Path(__file__).resolve().parents[1]
+SLOW_FIXTURES = {"zoo", "meta_zoo", "mlflow_server", "postgres"}
+"""Session fixtures that sample a zoo or start a server: a test that uses one, directly or through
+another fixture, is marked `slow` (`python -m pytest -m "not slow"` runs the fast set)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -206,7 +216,7 @@ def meta_zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
     property of the space is drawn, and the initialisation is plainly encoded in the weights."""
     import mlflow
 
-    from nws.sampling import SampleOptions, run_campaign
+    from nws.commands.sample import SampleOptions, run_campaign
 
     root = tmp_path_factory.mktemp("meta-zoo")
     uri = f"sqlite:///{root / 'mlflow.db'}"

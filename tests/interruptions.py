@@ -107,7 +107,7 @@ def unended(tracking_uri: str, storage: str, campaign: str) -> list[str]:
     import optuna
     from mlflow import MlflowClient
 
-    from nws.sampling import open_storage
+    from nws.campaign.storage import open_storage
 
     client = MlflowClient(tracking_uri)
     experiments = [e.experiment_id for e in client.search_experiments()]

@@ -111,6 +111,7 @@ def test_missing_files_give_one_line_naming_the_dataset(tmp_path):
     assert "downloads are off" in message and "\n" not in message
 
 
+@pytest.mark.slow  # builds every offline dataset, twice
 def test_offline_datasets_are_deterministic_and_have_ten_classes():
     assert set(OFFLINE_DATASETS) == {"digits", "mnist5k", "shapes", "gratings"}
     for name in OFFLINE_DATASETS:

@@ -14,11 +14,12 @@ import numpy as np
 import optuna
 import pytest
 
+from nws.campaign.storage import open_storage
 from nws.cnn import build_model
+from nws.commands.sample import SampleOptions, run_campaign
 from nws.data import ImageSet, load_images, split_for_net
 from nws.errors import DataError, ParameterError
 from nws.meta.evaluation import paper_pairwise_mae
-from nws.sampling import SampleOptions, open_storage, run_campaign
 from nws.snapshots import SnapshotRecorder, flatten, load_into, weight_layout
 from nws.space import NetConfig
 from nws.training import EarlyStopping, EvaluationSets, TrainSettings, make_optimizer, train_net
@@ -211,7 +212,7 @@ def test_evaluation_images_are_augmented_under_paper(fidelity):
 
 
 def test_evaluation_augmentation_has_its_own_seed_stream():
-    from nws.training import evaluation_augmenter_seed
+    from nws.pipeline import evaluation_augmenter_seed
 
     seeds = [evaluation_augmenter_seed(s) for s in range(50)]
     assert len(set(seeds)) == 50 and not set(seeds) & set(range(60))
@@ -358,6 +359,7 @@ def test_fidelity_is_validated_with_one_line(tracking_uri, tmp_path, capsys):
     ]
 
 
+@pytest.mark.slow
 def test_sample_logs_the_fidelity_and_snapshot_one_moving_means_follow_it(tracking_uri, tmp_path):
     storage = str(tmp_path / "optuna.log")
     options = SampleOptions(

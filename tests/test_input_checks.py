@@ -19,11 +19,12 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from nws import cli, tracking
+from nws import cli
+from nws.campaign.storage import open_storage
 from nws.errors import ParameterError
-from nws.sampling import open_storage
 from nws.snapshots import weight_layout
 from nws.space import NetConfig
+from nws.tracking.tags import TAG_SUBSET
 from tests import published as pub
 from tests.conftest import ROOT
 
@@ -82,7 +83,7 @@ def one_net(net_store: tuple[str, str], monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(uri)
     yield run_id
-    MlflowClient().set_tag(run_id, tracking.TAG_SUBSET, "fixed")
+    MlflowClient().set_tag(run_id, TAG_SUBSET, "fixed")
     mlflow.set_tracking_uri(None)
 
 
@@ -91,12 +92,12 @@ def test_export_refuses_a_subset_tag_that_leads_out_of_out(one_net, tmp_path, ta
     escaped = tmp_path / "escaped"
     value = str(escaped) if tag == "absolute" else tag  # out / value / run id lands in `escaped`
     out = tmp_path / "a" / "b"
-    MlflowClient().set_tag(one_net, tracking.TAG_SUBSET, value)
+    MlflowClient().set_tag(one_net, TAG_SUBSET, value)
     before = files_under(tmp_path)
     code, _, err = run_cli("export_nws", "--out", str(out), "--cache-dir", str(tmp_path / "cache"))
     assert code == 2
     assert err == [
-        f"nws export_nws: error: run {one_net}: its {tracking.TAG_SUBSET} tag {value!r} is not one of "
+        f"nws export_nws: error: run {one_net}: its {TAG_SUBSET} tag {value!r} is not one of "
         "fixed, main; nothing was exported"
     ]
     assert not escaped.exists()
@@ -116,7 +117,7 @@ def test_export_directories_refuse_run_ids_that_are_not_plain_ids(tmp_path):
     import pandas as pd
 
     from nws.errors import DataError
-    from nws.interop import export_directories
+    from nws.formats.exporter import export_directories
 
     nets = pd.DataFrame({"run_id": ["0123abcd", "../../x"], "subset": ["fixed", "main"]})
     with pytest.raises(DataError, match=r"^run '\.\./\.\./x': not a plain MLflow run id"):
@@ -187,6 +188,7 @@ def test_a_file_where_a_directory_is_needed_is_one_line_naming_the_parameter(tra
     assert not (tmp_path / "mlflow.db").exists()  # refused before MLflow was touched
 
 
+@pytest.mark.slow
 def test_read_only_directories_are_one_line_naming_the_parameter(tmp_path):
     """Root ignores permissions, so as root the directory is a read-only bind mount in a private
     mount namespace (it disappears with the process); otherwise it is chmod 0555."""
@@ -221,6 +223,7 @@ def test_read_only_directories_are_one_line_naming_the_parameter(tmp_path):
 # --- main: everything that can be checked is checked before the first net -----------------------
 
 FIXED_CONV = weight_layout(NetConfig.from_values(FIXED)).weightn_conv
+BOTH_QUOTES = "x' and tags.`nws.role` = \"net"
 
 
 @pytest.mark.parametrize(
@@ -244,9 +247,9 @@ FIXED_CONV = weight_layout(NetConfig.from_values(FIXED)).weightn_conv
             ["--models", "layer_stats", "--subset", "main"],
             "models: layer_stats needs nets of one architecture; the main subset draws it",
         ),
-        (  # it would widen the filter that selects the campaign's nets to every net
-            ["--campaign", "x' and tags.`nws.role` = 'net"],
-            "campaign: \"x' and tags.`nws.role` = 'net\": main's campaign name must not hold a quote (')",
+        (  # a filter cannot quote it (with one kind of quote it is quoted with the other)
+            ["--campaign", BOTH_QUOTES],
+            f"campaign: {BOTH_QUOTES!r} holds both ' and \", which an MLflow search filter cannot quote",
         ),
     ],
     ids=["K", "slice_length", "props", "one-dataset", "layer_stats", "campaign"],

@@ -20,11 +20,12 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from nws import cli, tracking
+from nws import cli
 from nws.cnn import build_model
-from nws.interop import TAG_SOURCE_PATH, ExportOptions, run_export
+from nws.commands.export_nws import ExportOptions, run_export
 from nws.snapshots import flatten, load_into, weight_layout
 from nws.space import PROPERTY_NAMES, NetConfig
+from nws.tracking.tags import TAG_SOURCE_PATH, TAG_WEIGHTS_DIGEST, WEIGHTS_ARTIFACT
 from tests import published as pub
 from tests.conftest import ROOT
 from tests.processes import alive, descendants
@@ -96,6 +97,7 @@ def imported(tracking_uri, published):
     return code, out, err, {r.data.tags[TAG_SOURCE_PATH].split("/")[-1]: r for r in imported_runs()}
 
 
+@pytest.mark.slow
 def test_each_broken_net_is_refused_with_its_reason_and_the_others_are_imported(imported):
     code, out, err, runs = imported
     assert code == 1
@@ -118,6 +120,7 @@ def test_each_broken_net_is_refused_with_its_reason_and_the_others_are_imported(
     assert len(table) == 6 and set(table.columns) == {"csv", "path", "reason"}
 
 
+@pytest.mark.slow
 def test_an_imported_net_is_a_run_like_a_sampled_one(imported, published, tmp_path):
     runs = imported[3]
     a = runs["A"]
@@ -160,7 +163,8 @@ def test_the_published_vector_round_trips_through_our_keras_model(published):
 
 
 def test_read_ahead_keeps_the_order_and_loads_the_next_nets_files(published):
-    from nws.interop import ImportJob, NetTask, _read_ahead, nws_format
+    from nws.formats import nws as nws_format
+    from nws.formats.importer import ImportJob, NetTask, _read_ahead
 
     job = ImportJob(published["fixed"], {}, published["root"], "fixed", "train", "c")
     tasks = [(job, NetTask(job, published["root"] / "nets" / n, ())) for n in "ABGX"]  # G, X: files missing
@@ -180,6 +184,7 @@ def test_read_ahead_keeps_the_order_and_loads_the_next_nets_files(published):
     assert all(f.is_file() for f in files)
 
 
+@pytest.mark.slow
 def test_a_second_import_skips_what_is_there(imported, published):
     code, out, _ = run_cli(
         "import_nws",
@@ -198,7 +203,7 @@ def test_a_second_import_skips_what_is_there(imported, published):
 def test_an_import_into_an_mlflow_server_matches_one_into_a_database(
     imported, published, mlflow_server, monkeypatch, tmp_path
 ):
-    """A database store gets each net in one transaction (nws.sql_tracking); a server gets it
+    """A database store gets each net in one transaction (nws.tracking.sql); a server gets it
     through MLflow's client: the runs read back the same."""
     local, local_client = imported[3], MlflowClient()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
@@ -226,7 +231,7 @@ def test_an_import_into_an_mlflow_server_matches_one_into_a_database(
             curves.append([(m.step, m.value) for m in client.get_metric_history(run_id, "test_accuracy")])
         assert curves[-1] == curves[-2] and len(curves[-1]) == 30
         path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / name),
-                                                   artifact_path=tracking.WEIGHTS_ARTIFACT)  # fmt: skip
+                                                   artifact_path=WEIGHTS_ARTIFACT)  # fmt: skip
         np.testing.assert_array_equal(np.load(path), published["weights"][name].astype(np.float32))
 
 
@@ -257,6 +262,7 @@ def finished_count(db) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_an_interrupted_import_resumes_and_finishes(tracking_uri, two_inits, tmp_path):
     """Killed (SIGKILL) mid-import, worker processes included; the next call finishes the job."""
     csvs = f"{two_inits['train']},{two_inits['test']}"
@@ -290,8 +296,9 @@ def test_an_interrupted_import_resumes_and_finishes(tracking_uri, two_inits, tmp
     assert not imported_runs("RUNNING")  # an interrupted attempt is marked, never left running
 
 
+@pytest.mark.slow
 def test_train_works_on_imported_nets_with_the_published_split(tracking_uri, two_inits):
-    from nws.meta.campaign import TrainOptions, run_training
+    from nws.commands.train import TrainOptions, run_training
 
     code, _, _ = run_cli("import_nws", "--csv", f"{two_inits['train']},{two_inits['test']}")
     assert code == 0
@@ -348,7 +355,7 @@ def test_export_writes_the_published_layout_that_reads_back_by_its_documented_me
         original = np.load(
             mlflow.artifacts.download_artifacts(
                 run_id=row.run_id,
-                artifact_path=tracking.WEIGHTS_ARTIFACT,
+                artifact_path=WEIGHTS_ARTIFACT,
                 dst_path=str(tmp_path / row.run_id),
             )
         )
@@ -384,10 +391,10 @@ def test_export_then_import_gives_back_the_same_weights_and_properties(in_meta_z
             assert run.data.params[name] == original.data.params[name], name
         again = np.load(
             mlflow.artifacts.download_artifacts(
-                run_id=run.info.run_id, dst_path=str(tmp_path / "a"), artifact_path=tracking.WEIGHTS_ARTIFACT
+                run_id=run.info.run_id, dst_path=str(tmp_path / "a"), artifact_path=WEIGHTS_ARTIFACT
             )
         )
-        assert run.data.tags[tracking.TAG_WEIGHTS_DIGEST] == original.data.tags[tracking.TAG_WEIGHTS_DIGEST]
+        assert run.data.tags[TAG_WEIGHTS_DIGEST] == original.data.tags[TAG_WEIGHTS_DIGEST]
         assert again.shape == (3, 92868)
 
 
@@ -413,7 +420,7 @@ def test_small_cnn_zoo_layout_reads_back_with_numpy_and_pandas(in_meta_zoo, tmp_
     run_id = metrics["run_id"][row]
     ours = np.load(
         mlflow.artifacts.download_artifacts(
-            run_id=run_id, dst_path=str(tmp_path / "w"), artifact_path=tracking.WEIGHTS_ARTIFACT
+            run_id=run_id, dst_path=str(tmp_path / "w"), artifact_path=WEIGHTS_ARTIFACT
         )
     )[1]
     config = NetConfig.from_mapping({n: metrics[f"config.{n}"][row] for n in PROPERTY_NAMES})

@@ -92,12 +92,12 @@ class SignalOnRead(Mapping):
 def test_a_stop_while_a_nets_run_is_being_made_ends_that_run_killed(tracking_uri):
     import mlflow
 
-    from nws import tracking
+    from nws.tracking.runs import start_net_run
 
     restore = interrupts.install()
     try:
         with pytest.raises(KeyboardInterrupt):
-            tracking.start_net_run("net", SignalOnRead({"nws.role": "net"}), {"lr": 0.1})
+            start_net_run("net", SignalOnRead({"nws.role": "net"}), {"lr": 0.1})
     finally:
         restore()
     assert mlflow.active_run() is None
@@ -107,6 +107,7 @@ def test_a_stop_while_a_nets_run_is_being_made_ends_that_run_killed(tracking_uri
     assert runs[0].data.tags["nws.failure"] == "KeyboardInterrupt: SIGTERM received"
 
 
+@pytest.mark.slow
 def test_a_stop_during_training_is_raised_between_two_steps_of_keras():
     """Not at whatever line of Keras or TensorFlow runs when the signal comes (there it was
     swallowed or turned into another error): the signal is held, and raised by the callback
@@ -144,7 +145,8 @@ def test_a_stop_during_training_is_raised_between_two_steps_of_keras():
 def test_a_parent_run_ends_killed_on_an_interrupt_failed_on_an_error_finished_otherwise(tracking_uri):
     import mlflow
 
-    from nws import tracking
+    from nws.processes import worker_name
+    from nws.tracking.runs import parent_run
 
     outcomes = {  # what the block raises: the run's status, its nws.failure
         "interrupt": (KeyboardInterrupt("SIGINT received"), "KILLED", "KeyboardInterrupt: SIGINT received"),
@@ -153,7 +155,7 @@ def test_a_parent_run_ends_killed_on_an_interrupt_failed_on_an_error_finished_ot
     }
     for name, (raised, status, failure) in outcomes.items():
         try:
-            with tracking.parent_run({"nws.role": "campaign"}, {"n_nets": 3}, run_name=name) as run:
+            with parent_run({"nws.role": "campaign"}, {"n_nets": 3}, run_name=name) as run:
                 if raised is not None:
                     raise raised
         except (KeyboardInterrupt, ValueError) as error:
@@ -163,7 +165,7 @@ def test_a_parent_run_ends_killed_on_an_interrupt_failed_on_an_error_finished_ot
         assert (ended.info.run_name, ended.info.status) == (name, status)
         assert ended.data.params == {"n_nets": "3"}
         assert ended.data.tags["nws.role"] == "campaign"
-        assert ended.data.tags["nws.worker"] == tracking.worker_name()
+        assert ended.data.tags["nws.worker"] == worker_name()
         assert ended.data.tags.get("nws.failure") == failure
 
     # A caller's active run (`main`'s around `sample`) is used, and never ended here; a nested
@@ -171,8 +173,8 @@ def test_a_parent_run_ends_killed_on_an_interrupt_failed_on_an_error_finished_ot
     with mlflow.start_run(run_name="caller") as caller:
         with (
             pytest.raises(KeyboardInterrupt),
-            tracking.parent_run(run_name="child", nested=True) as child,
-            tracking.parent_run({"nws.role": "campaign"}, {"seed": 1}) as continued,
+            parent_run(run_name="child", nested=True) as child,
+            parent_run({"nws.role": "campaign"}, {"seed": 1}) as continued,
         ):
             assert continued.info.run_id == child.info.run_id
             raise KeyboardInterrupt
@@ -185,6 +187,7 @@ def test_a_parent_run_ends_killed_on_an_interrupt_failed_on_an_error_finished_ot
     assert mlflow.get_run(caller.info.run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_sample_processes_stopped_at_different_moments_exit_130_with_every_run_killed(tmp_path):
     """Real `nws sample` processes, side by side: SIGINT as the first net starts (its data, its
     run, the first evaluation), SIGTERM in Keras' fit. Each exits 130 (no native abort, no other
@@ -235,18 +238,19 @@ def runs_by_name() -> dict[str, object]:
 
 
 def main_options(tmp_path, campaign: str, **changes):
-    from nws.study import MainOptions
+    from nws.commands.main import MainOptions
 
     tiny = {"datasets": "digits", "max_train_images": 64, "max_eval_images": 32, "threads": 1,
             "storage": str(tmp_path / "optuna.log"), "campaign": campaign}  # fmt: skip
     return MainOptions(**{**tiny, **changes})
 
 
+@pytest.mark.slow
 def test_main_interrupted_ends_its_runs_killed_and_failing_ends_them_failed(tracking_uri, tmp_path):
     from mlflow import MlflowClient
 
+    from nws.commands.main import run_main
     from nws.errors import ParameterError
-    from nws.study import run_main
 
     client = MlflowClient()
 
@@ -278,7 +282,7 @@ def test_train_interrupted_ends_its_run_and_the_model_being_trained_killed(in_me
     import mlflow
     from mlflow import MlflowClient
 
-    from nws.meta.campaign import TrainOptions, run_training
+    from nws.commands.train import TrainOptions, run_training
 
     client = MlflowClient()
     experiment = client.create_experiment("interrupted-train")

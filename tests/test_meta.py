@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from nws import tracking
-from nws.meta.campaign import TrainOptions, run_training
+from nws.commands.predict import PredictOptions, run_predict
+from nws.commands.train import TrainOptions, run_training
 from nws.meta.dmc import build_dmc, conv_plan
-from nws.predict import PredictOptions, run_predict
 from nws.registry import CHAMPION, registered_name
+from nws.tracking.tags import TAG_ROLE, WEIGHTS_ARTIFACT
 
 PLAIN = "params.initialization != 'glorot_uniform' and params.initialization != 'glorot_normal'"
 """Constant vs normal(0, 1) initialisation: plainly encoded in snapshot 1."""
@@ -72,7 +72,7 @@ def test_results_reach_mlflow_and_the_champion_is_registered(learned):
     initialization, _ = learned
     client = MlflowClient()
     stats_run = mlflow.get_run(initialization.loc["stats", "run_id"])
-    assert stats_run.data.tags[tracking.TAG_ROLE] == "meta-classifier"
+    assert stats_run.data.tags[TAG_ROLE] == "meta-classifier"
     assert stats_run.data.params["classes"] == "constant,normal"
     assert stats_run.data.metrics["net_accuracy"] == 1.0
     artifacts = {a.path for a in client.list_artifacts(stats_run.info.run_id)}
@@ -83,7 +83,7 @@ def test_results_reach_mlflow_and_the_champion_is_registered(learned):
     by_k = client.get_metric_history(stats_run.info.run_id, "accuracy_by_snapshot")
     assert [m.step for m in by_k] == [1]
     parent = mlflow.get_run(stats_run.data.tags["mlflow.parentRunId"])
-    assert parent.data.tags[tracking.TAG_ROLE] == "meta"
+    assert parent.data.tags[TAG_ROLE] == "meta"
     assert parent.data.metrics["netacc_initialization_stats"] == 1.0
     assert "mae_lrate_dmc" in parent.data.metrics and "mae_lrate_constant" in parent.data.metrics
     assert parent.data.metrics["chance_initialization"] == 0.5
@@ -123,7 +123,7 @@ def test_registered_model_loads_as_pyfunc_and_predicts_readable_labels(learned, 
     for run in nets[:4]:
         path = mlflow.artifacts.download_artifacts(
             run_id=run.info.run_id, dst_path=str(tmp_path / run.info.run_id),
-            artifact_path=tracking.WEIGHTS_ARTIFACT,
+            artifact_path=WEIGHTS_ARTIFACT,
         )  # fmt: skip
         weights = np.load(path)
         predicted = model.predict(weights[:1])

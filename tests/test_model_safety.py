@@ -23,11 +23,13 @@ import pytest
 import skops.io
 import yaml
 
+from nws import meta
 from nws.cli import main
 from nws.errors import DataError
+from nws.meta import create
+from nws.meta.base import MetaClassifier, MetaSettings, Task
 from nws.meta.baselines import TRUSTED_TYPES, _estimator
 from nws.meta.features import slice_statistics
-from nws.meta.models import MetaClassifier, MetaSettings, Task, create
 from nws.registry import load_champion, log_meta_classifier, registered_name
 from nws.snapshots import weight_layout
 from nws.space import NetConfig
@@ -119,7 +121,7 @@ def data_files(directory: Path) -> list[Path]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_saved_model_reloads_and_predicts_as_before(saved, kind):
     model, directory = saved[kind]
-    loaded = MetaClassifier.load(directory)
+    loaded = meta.load(directory)
     assert type(loaded) is type(model) and loaded.task == model.task
     if model.name != "dmc":  # the trusted-type list is exactly what skops does not trust by default
         assert skops.io.get_untrusted_types(file=directory / f"{model.name}.skops") == list(TRUSTED_TYPES)
@@ -135,7 +137,7 @@ def test_a_pickle_in_place_of_any_data_file_is_refused_and_runs_nothing(saved, k
         shutil.copytree(directory, tampered)
         marker = tmp_path / f"ran-{original.name}"
         (tampered / original.name).write_bytes(pickle.dumps(Payload(marker)))
-        assert original.name in refusal(marker, MetaClassifier.load, tampered)
+        assert original.name in refusal(marker, meta.load, tampered)
 
 
 def test_a_model_saved_with_joblib_by_an_older_version_is_refused_with_a_line_to_retrain(saved, tmp_path):
@@ -147,7 +149,7 @@ def test_a_model_saved_with_joblib_by_an_older_version_is_refused_with_a_line_to
     shutil.copy(directory / "meta.json", old / "meta.json")
     joblib.dump(model.estimator, old / "stats.joblib")
     with pytest.raises(DataError, match="retrain") as error:
-        MetaClassifier.load(old)
+        meta.load(old)
     assert "\n" not in str(error.value)
 
 
@@ -163,7 +165,7 @@ def test_an_estimator_file_naming_a_type_outside_the_trusted_list_is_refused(sav
         shutil.copytree(directory, tampered)
         skops.io.dump(stranger, tampered / estimator_file.name)
         with pytest.raises(DataError) as error:
-            MetaClassifier.load(tampered)
+            meta.load(tampered)
         assert "\n" not in str(error.value)
         assert estimator_file.name in str(error.value)
 
@@ -185,7 +187,7 @@ def test_a_keras_file_holding_code_is_refused_even_with_unsafe_deserialization_s
     previous = global_state.get_global_attribute("safe_mode_saving")
     keras.config.enable_unsafe_deserialization()  # a process that opted in elsewhere
     try:
-        assert "Lambda" in refusal(marker, MetaClassifier.load, tampered)
+        assert "Lambda" in refusal(marker, meta.load, tampered)
     finally:
         global_state.set_global_attribute("safe_mode_saving", previous)
 

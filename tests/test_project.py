@@ -58,7 +58,7 @@ def test_cluster_job_files_run_sample_with_its_parameters():
 
     import yaml
 
-    from nws.sampling import SampleOptions
+    from nws.commands.sample import SampleOptions
 
     names = {f.name for f in dataclasses.fields(SampleOptions)}
     slurm = (ROOT / "examples" / "cluster" / "sample.sbatch").read_text()

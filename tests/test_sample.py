@@ -16,19 +16,38 @@ import optuna
 import pandas as pd
 import pytest
 
-from nws import tracking
+from nws.campaign.net_job import NetJob
+from nws.campaign.storage import open_storage
+from nws.commands.sample import SampleOptions, run_campaign
 from nws.errors import ParameterError
-from nws.sampling import NetJob, SampleOptions, open_storage, run_campaign
+from nws.processes import worker_name
 from nws.snapshots import select_prints, weight_layout
 from nws.space import PROPERTY_NAMES, NetConfig
+from nws.tracking.artifacts import weights_digest
+from nws.tracking.tags import (
+    CURVE_ARTIFACT,
+    HISTORY_ARTIFACT,
+    LAYOUT_ARTIFACT,
+    TAG_CAMPAIGN,
+    TAG_FAILURE,
+    TAG_ROLE,
+    TAG_SEED,
+    TAG_SNAPSHOTS,
+    TAG_STUDY,
+    TAG_SUBSET,
+    TAG_TRIAL,
+    TAG_WEIGHTS_DIGEST,
+    TAG_WORKER,
+    WEIGHTS_ARTIFACT,
+)
 from nws.training import TrainSettings
 from tests.conftest import ROOT, ZOO_PARAMETERS
 
 
 def net_runs(campaign: str | None = None, status: str | None = None):
-    query = f"tags.`{tracking.TAG_ROLE}` = 'net'"
+    query = f"tags.`{TAG_ROLE}` = 'net'"
     if campaign:
-        query += f" and tags.`{tracking.TAG_CAMPAIGN}` = '{campaign}'"
+        query += f" and tags.`{TAG_CAMPAIGN}` = '{campaign}'"
     if status:
         query += f" and attributes.status = '{status}'"
     return mlflow.search_runs(search_all_experiments=True, filter_string=query, output_format="list")
@@ -43,7 +62,7 @@ def test_each_net_is_a_finished_nested_run_with_its_properties(in_zoo):
     assert len(runs) == 3
     project = mlflow.get_run(in_zoo.project_run_id)
     assert project.info.status == "FINISHED"
-    assert project.data.tags[tracking.TAG_ROLE] == "campaign"
+    assert project.data.tags[TAG_ROLE] == "campaign"
     assert project.data.params["n_nets"] == "3"  # MLproject parameters stay as given
     seeds = set()
     for run in runs:
@@ -58,17 +77,17 @@ def test_each_net_is_a_finished_nested_run_with_its_properties(in_zoo):
         assert params["prints"] == "4" and params["max_train_images"] == "150"
         assert params["train_max_epochs"] == "2"
         tags = run.data.tags
-        assert tags[tracking.TAG_SUBSET] == "main"
-        assert tags[tracking.TAG_STUDY] == "e2e"
-        assert tags[tracking.TAG_SNAPSHOTS] == "complete"
-        assert tags[tracking.TAG_SEED] == params["seed"]
+        assert tags[TAG_SUBSET] == "main"
+        assert tags[TAG_STUDY] == "e2e"
+        assert tags[TAG_SNAPSHOTS] == "complete"
+        assert tags[TAG_SEED] == params["seed"]
         seeds.add(params["seed"])
         layout = weight_layout(config)
         assert run.data.metrics["weightn_conv"] == layout.weightn_conv
         assert run.data.metrics["weightn_fc"] == layout.weightn_fc
         assert run.data.metrics["epochs"] == 2
     assert len(seeds) == 3
-    assert sorted(int(r.data.tags[tracking.TAG_TRIAL]) for r in runs) == [0, 1, 2]
+    assert sorted(int(r.data.tags[TAG_TRIAL]) for r in runs) == [0, 1, 2]
 
 
 def test_metrics_are_logged_per_epoch(in_zoo):
@@ -87,10 +106,10 @@ def test_snapshot_artifacts_have_the_contract_shape_and_content(in_zoo, tmp_path
         run_id = run.info.run_id
         config = NetConfig.from_mapping({k: run.data.params[k] for k in PROPERTY_NAMES})
         layout = weight_layout(config)
-        weights = np.load(download(run_id, tracking.WEIGHTS_ARTIFACT, tmp_path / run_id))
+        weights = np.load(download(run_id, WEIGHTS_ARTIFACT, tmp_path / run_id))
         assert weights.shape == (4, layout.n_weights) and weights.dtype == np.float32
-        assert tracking.weights_digest(weights) == run.data.tags[tracking.TAG_WEIGHTS_DIGEST]
-        doc = json.loads(Path(download(run_id, tracking.LAYOUT_ARTIFACT, tmp_path / run_id)).read_text())
+        assert weights_digest(weights) == run.data.tags[TAG_WEIGHTS_DIGEST]
+        doc = json.loads(Path(download(run_id, LAYOUT_ARTIFACT, tmp_path / run_id)).read_text())
         assert doc["n_weights"] == layout.n_weights
         assert doc["conv_fc_boundary"] == layout.weightn_conv
         assert doc["tensors"][0]["offset"] == 0 and doc["tensors"][-1]["layer"] == "fc_final"
@@ -98,10 +117,10 @@ def test_snapshot_artifacts_have_the_contract_shape_and_content(in_zoo, tmp_path
         expected = (select_prints(3, 4) - 1).tolist()
         assert [s["epoch"] for s in doc["snapshots"]] == expected
         assert [s["snapshot"] for s in doc["snapshots"]] == [1, 2, 3, 4]
-        history = pd.read_csv(download(run_id, tracking.HISTORY_ARTIFACT, tmp_path / run_id))
+        history = pd.read_csv(download(run_id, HISTORY_ARTIFACT, tmp_path / run_id))
         assert history["epoch"].tolist() == [0, 1, 2]
         assert doc["snapshots"][-1]["test_accuracy"] == pytest.approx(history["test_accuracy"].iloc[-1])
-        png = Path(download(run_id, tracking.CURVE_ARTIFACT, tmp_path / run_id)).read_bytes()
+        png = Path(download(run_id, CURVE_ARTIFACT, tmp_path / run_id)).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -130,23 +149,24 @@ def test_a_second_call_continues_the_campaign_and_refuses_another_space(in_zoo):
     summary = run_campaign(tiny_options(n_nets=1, storage=in_zoo.storage))
     assert len(summary.finished) == 1
     run = mlflow.get_run(summary.finished[0])
-    assert run.data.tags[tracking.TAG_TRIAL] == "3"
+    assert run.data.tags[TAG_TRIAL] == "3"
     assert run.data.params["seed"] == "4"  # campaign seed 1 + trial 3
     with pytest.raises(ParameterError, match=r"^subset: campaign 'e2e' was started with subset=main"):
         run_campaign(tiny_options(n_nets=1, storage=in_zoo.storage, subset="fixed"))
 
 
 def test_same_seed_gives_the_same_configuration_and_bit_identical_snapshots(in_zoo, tmp_path):
-    first = next(r for r in net_runs("e2e") if r.data.tags[tracking.TAG_TRIAL] == "0")
+    first = next(r for r in net_runs("e2e") if r.data.tags[TAG_TRIAL] == "0")
     summary = run_campaign(tiny_options(n_nets=1, campaign="again", storage=str(tmp_path / "optuna.log")))
     again = mlflow.get_run(summary.finished[0])
     for name in PROPERTY_NAMES:
         assert again.data.params[name] == first.data.params[name]
-    a = np.load(download(first.info.run_id, tracking.WEIGHTS_ARTIFACT, tmp_path / "a"))
-    b = np.load(download(again.info.run_id, tracking.WEIGHTS_ARTIFACT, tmp_path / "b"))
+    a = np.load(download(first.info.run_id, WEIGHTS_ARTIFACT, tmp_path / "a"))
+    b = np.load(download(again.info.run_id, WEIGHTS_ARTIFACT, tmp_path / "b"))
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_replay_of_an_explicit_configuration(tracking_uri, tmp_path):
     text = "shapes,0.003,64,1,0,1,3,1,3,4,3,4,64"
     summary = run_campaign(
@@ -158,22 +178,25 @@ def test_replay_of_an_explicit_configuration(tracking_uri, tmp_path):
 
 
 def start_campaign_run():
-    return mlflow.start_run(tags={tracking.TAG_ROLE: "campaign"})
+    return mlflow.start_run(tags={TAG_ROLE: "campaign"})
 
 
+@pytest.mark.slow
 def test_a_diverging_net_ends_failed_with_its_reason(tracking_uri):
     options = tiny_options(prints=3)
     exploding = dataclasses.replace(NetConfig.parse("shapes,0.003,32,1,0,2,0,0,3,3,2,4,64"), lrate=1e12)
     with start_campaign_run():
-        job = NetJob(options, TrainSettings(max_epochs=3, min_epochs=3), 0, exploding, ["shapes"], {})
+        campaign = dataclasses.replace(options.settings(), train=TrainSettings(max_epochs=3, min_epochs=3))
+        job = NetJob(campaign, 0, exploding, {})
         outcome = job.run(observers=[])
     assert not outcome.finished and "NaN" in outcome.failure
     run = mlflow.get_run(outcome.run_id)
     assert run.info.status == "FAILED"
-    assert run.data.tags[tracking.TAG_FAILURE].startswith("nan_loss")
-    assert tracking.TAG_SNAPSHOTS not in run.data.tags
+    assert run.data.tags[TAG_FAILURE].startswith("nan_loss")
+    assert TAG_SNAPSHOTS not in run.data.tags
 
 
+@pytest.mark.slow
 def test_a_crash_mid_training_never_leaves_a_finished_run(tracking_uri):
     options = tiny_options(prints=3)
     config = NetConfig.parse("shapes,0.003,32,1,0,0,0,2,3,3,2,4,64")
@@ -183,12 +206,38 @@ def test_a_crash_mid_training_never_leaves_a_finished_run(tracking_uri):
             raise OSError("disk full")
 
     with start_campaign_run(), pytest.raises(OSError, match="disk full"):
-        NetJob(options, TrainSettings(max_epochs=3, min_epochs=3), 0, config, ["shapes"], {}).run([crash])
+        campaign = dataclasses.replace(options.settings(), train=TrainSettings(max_epochs=3, min_epochs=3))
+        NetJob(campaign, 0, config, {}).run([crash])
     (run,) = net_runs()
     assert run.info.status == "FAILED"
-    assert run.data.tags[tracking.TAG_FAILURE] == "OSError: disk full"
-    assert tracking.TAG_SNAPSHOTS not in run.data.tags
+    assert run.data.tags[TAG_FAILURE] == "OSError: disk full"
+    assert TAG_SNAPSHOTS not in run.data.tags
     assert mlflow.MlflowClient().list_artifacts(run.info.run_id) == []
+
+
+@pytest.mark.slow
+def test_a_campaign_named_with_a_quote_finds_its_own_runs(tracking_uri, tmp_path):
+    """Runs are found by their campaign's tag, the name quoted in the search filter: with a single
+    quote or a double one, `main`'s selection finds the campaign's net and no other, and `cleanup`
+    (as a resumed campaign) finds and closes its run left RUNNING by a process that is gone."""
+    from nws.commands.cleanup import CleanupOptions, run_cleanup
+    from nws.commands.main import MainOptions, training_options
+
+    storage, client = str(tmp_path / "optuna.log"), mlflow.MlflowClient()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    finished = {}
+    for name in ("it's", 'the "best"'):
+        options = tiny_options(n_nets=1, campaign=name, storage=storage, max_epochs=0, min_epochs=0)
+        finished[name] = run_campaign(options).finished
+    for name, nets in finished.items():
+        selected = training_options(MainOptions(campaign=name), "Default").query()
+        assert list(selected["run_id"]) == nets and set(selected["campaign"]) == {name}
+        tags = {TAG_ROLE: "net", TAG_CAMPAIGN: name, TAG_WORKER: worker_name(gone.pid)}
+        orphan = client.create_run("0", tags=tags)
+        (entry,) = run_cleanup(CleanupOptions(campaign=name, storage=storage))
+        assert (entry.what, entry.closed) == (f"net run {orphan.info.run_id}", True)
+        assert client.get_run(orphan.info.run_id).info.status == "FAILED"
 
 
 BAD_INPUTS = [
@@ -202,6 +251,7 @@ BAD_INPUTS = [
      "config.filter_size: 7 is outside the fixed subset"),
     (["--config", "mnist,0.9,64,1,0,0,0,2,5,3,2,8,128"], "lrate: 0.9 is outside the range"),
     (["--datasets", "svhn", "--download", "false"], "dataset svhn: train_32x32.mat not found"),
+    (["--campaign", 'say "it\'s"'], "campaign: 'say \"it\\'s\"' holds both ' and \", which an MLflow"),
 ]  # fmt: skip
 
 
@@ -224,6 +274,7 @@ def test_bad_input_is_one_line_nonzero_exit_and_no_finished_run(
     assert net_runs(status="FINISHED") == []
 
 
+@pytest.mark.slow
 def test_bad_input_from_the_entry_point_process_is_one_line_on_stderr(tracking_uri, tmp_path):
     env = {**os.environ, "NWS_DATA_DIR": str(tmp_path / "data")}
     done = subprocess.run(
@@ -239,6 +290,7 @@ def test_bad_input_from_the_entry_point_process_is_one_line_on_stderr(tracking_u
     assert net_runs(status="FINISHED") == []
 
 
+@pytest.mark.slow
 def test_bad_input_through_mlflow_run_is_our_line_then_mlflows_own_report(tracking_uri, tmp_path):
     """`mlflow run` reports the failure itself: after our one line (the last thing nws prints, no
     traceback) comes MLflow's line, the exit code is MLflow's 1, and the project run is FAILED."""

@@ -16,6 +16,8 @@ import pytest
 
 from tests.conftest import free_port
 
+pytestmark = pytest.mark.slow  # scale-out: servers, worker processes, kills
+
 TINY = "--subset fixed --datasets digits --prints 3 --max-epochs 1 --min-epochs 1 --max-train-images 64 "
 TINY = (TINY + "--max-eval-images 32 --threads 1").split()
 
@@ -42,7 +44,7 @@ def finish(process: subprocess.Popen, timeout: float = 240) -> str:
 @functools.cache
 def storage_of(url: str):
     """One storage (one connection pool) per URL for all the polling of a test."""
-    from nws.sampling import open_storage
+    from nws.campaign.storage import open_storage
 
     return open_storage(url)
 
@@ -175,7 +177,7 @@ def test_three_workers_reach_the_target_exactly_through_a_tracking_server_restar
 
 def test_a_worker_killed_mid_net_is_detected_and_its_net_retried(servers, client):
 
-    from nws.zoo import Selection, query_nets
+    from nws.commands.options import Selection
 
     target = 2
     storage, doomed, survivor = victim_and_survivor(servers, "kill", target)
@@ -201,7 +203,7 @@ def test_a_worker_killed_mid_net_is_detected_and_its_net_retried(servers, client
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     assert len(complete) == target
     assert len(net_runs(client, "kill", "FINISHED")) == target
-    selected = query_nets(Selection(filter="tags.`nws.campaign` = 'kill'"))
+    selected = Selection(filter="tags.`nws.campaign` = 'kill'").query()
     assert len(selected) == target
     assert killed_run.info.run_id not in set(selected["run_id"])
 
@@ -296,7 +298,8 @@ def test_on_a_journal_file_a_gone_process_trial_is_failed_and_retried(tmp_path):
 
     import optuna
 
-    from nws.sampling import fail_orphaned_trials, open_storage
+    from nws.campaign.storage import open_storage
+    from nws.campaign.trials import fail_orphaned_trials
 
     study = optuna.create_study(study_name="orphans", storage=open_storage(str(tmp_path / "j.log")))
     gone = subprocess.Popen(["true"])
@@ -411,7 +414,7 @@ def test_cleanup_lists_a_killed_processs_runs_and_trial_and_closes_them(orphans,
 
 
 def test_a_resumed_campaign_closes_its_killed_processs_runs_and_retries_its_trial(orphans):
-    from nws.sampling import SampleOptions, run_campaign
+    from nws.commands.sample import SampleOptions, run_campaign
 
     _, storage, pids = orphans
     before = campaign_runs("orphan-b")

@@ -11,11 +11,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from nws import sql_tracking
-from nws.sql_tracking import RunNotActive, create_run, finish_run, is_database_uri
+from nws.tracking import sql as sql_tracking
+from nws.tracking.sql import RunNotActive, create_run, finish_run, is_database_uri
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def store(request, tmp_path_factory):
     """One store per database for the module (each test makes its own runs)."""
     tmp = tmp_path_factory.mktemp(request.param)

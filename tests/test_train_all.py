@@ -12,9 +12,12 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from nws import cli, tracking
-from nws.meta.campaign import TrainOptions, run_training
+from nws import cli
+from nws.commands.train import TrainOptions, run_training
+from nws.tracking.tags import WEIGHTS_ARTIFACT
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # every test trains on the session meta zoo or runs main
 
 
 def test_all_properties_all_models_with_skips(in_meta_zoo, capsys):
@@ -57,10 +60,11 @@ def test_bad_input_is_one_line_exit_2_and_registers_nothing(in_meta_zoo, args, m
 
 
 def test_a_corrupted_artifact_fails_train_before_anything_is_registered(in_meta_zoo):
-    from nws.zoo import Selection, _local_path, query_nets
+    from nws.commands.options import Selection
+    from nws.zoo.cache import _local_path
 
-    victim = query_nets(Selection()).iloc[3]
-    path = _local_path(victim.artifact_uri) / tracking.WEIGHTS_ARTIFACT
+    victim = Selection().query().iloc[3]
+    path = _local_path(victim.artifact_uri) / WEIGHTS_ARTIFACT
     original = path.read_bytes()
     try:
         path.write_bytes(original[:-4] + b"\x01\x02\x03\x04")

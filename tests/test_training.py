@@ -101,6 +101,7 @@ def seed9(tiny_data):
     return train_tiny(tiny_data, seed=9, epochs=2)
 
 
+@pytest.mark.slow
 def test_training_is_bit_identical_for_a_seed_and_captures_every_evaluation(tiny_data, seed9):
     result, weights, rows, size = seed9
     again = train_tiny(tiny_data, seed=9, epochs=2)
@@ -120,6 +121,7 @@ def test_training_is_bit_identical_for_a_seed_and_captures_every_evaluation(tiny
         assert 0.0 <= h["valid_accuracy"] <= 1.0 and np.isfinite(h["loss"])
 
 
+@pytest.mark.slow
 def test_snapshot_one_is_the_pure_initialisation_under_clean(tiny_data):
     """Under fidelity paper, snapshot 1's moving statistics come from the evaluation batches
     (tests/test_fidelity.py); under clean it is the initialisation, every tensor."""
@@ -135,6 +137,7 @@ def test_snapshot_one_is_the_pure_initialisation_under_clean(tiny_data):
     assert not np.array_equal(weights[-1], initial)
 
 
+@pytest.mark.slow
 def test_a_diverging_net_raises_with_its_epoch(tiny_data):
     # A learning rate far outside the space (the dataclass does not validate) makes the loss
     # overflow within a few steps: a real NaN from real training.
@@ -144,6 +147,7 @@ def test_a_diverging_net_raises_with_its_epoch(tiny_data):
     assert 1 <= diverged.value.epoch <= 5
 
 
+@pytest.mark.slow
 def test_progress_prints_plain_lines_when_not_a_terminal(tiny_data):
     stream = io.StringIO()
     progress = Progress(1, stream=stream)
@@ -157,6 +161,7 @@ def test_progress_prints_plain_lines_when_not_a_terminal(tiny_data):
     assert "\r" not in stream.getvalue()
 
 
+@pytest.mark.slow
 def test_mixed_precision_trains_and_snapshots_stay_float32(tiny_data):
     result, weights, _, _ = train_tiny(tiny_data, seed=3, epochs=2, mixed_precision=True)
     assert weights.dtype == np.float32 and np.isfinite(weights).all()

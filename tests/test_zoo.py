@@ -15,20 +15,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nws import tracking
+from nws.commands.options import Selection
+from nws.commands.sample import SampleOptions, run_campaign
+from nws.commands.train import check_slice_length, parse_k
 from nws.errors import DataError, ParameterError
 from nws.meta.samples import Samples
-from nws.sampling import SampleOptions, run_campaign
-from nws.zoo import (
-    ArtifactCache,
-    Selection,
-    Zoo,
-    build_zoo,
-    check_slice_length,
-    parse_k,
-    query_nets,
-    split_nets,
-)
+from nws.tracking.tags import TAG_ROLE, WEIGHTS_ARTIFACT
+from nws.zoo.cache import ArtifactCache
+from nws.zoo.splits import UnsplittableError, split_nets
+from nws.zoo.store import Zoo, build_zoo
 from tests import zoo_race
 from tests.conftest import META_ZOO
 
@@ -37,35 +32,35 @@ FIXED_CONV, FIXED_TOTAL = 16880, 92868  # hand-computed in test_layout.py
 
 def artifact_weights(run_id: str, tmp_path) -> np.ndarray:
     path = mlflow.artifacts.download_artifacts(
-        run_id=run_id, artifact_path=tracking.WEIGHTS_ARTIFACT, dst_path=str(tmp_path / run_id)
+        run_id=run_id, artifact_path=WEIGHTS_ARTIFACT, dst_path=str(tmp_path / run_id)
     )
     return np.load(path)
 
 
 def test_query_selects_finished_complete_nets_and_applies_the_filter(in_meta_zoo):
-    nets = query_nets(Selection())
+    nets = Selection().query()
     assert len(nets) == 30
     assert set(nets["subset"]) == {"fixed"} and set(nets["prints"]) == {3}
     assert set(nets["n_weights"]) == {FIXED_TOTAL} and set(nets["weightn_conv"]) == {FIXED_CONV}
-    shapes = query_nets(Selection(filter="params.dataset = 'shapes'"))
+    shapes = Selection(filter="params.dataset = 'shapes'").query()
     assert set(shapes["dataset"]) == {"shapes"} and 0 < len(shapes) < 30
     with pytest.raises(ParameterError, match=r"^filter: no finished net run"):
-        query_nets(Selection(filter="params.dataset = 'cifar10'"))
+        Selection(filter="params.dataset = 'cifar10'").query()
     with pytest.raises(ParameterError, match=r"^filter: "):
-        query_nets(Selection(filter="params.dataset === 'x'"))
+        Selection(filter="params.dataset === 'x'").query()
     with pytest.raises(ParameterError, match=r"^experiment: no MLflow experiment named 'nope'"):
-        query_nets(Selection(experiment="nope"))
+        Selection(experiment="nope").query()
 
 
 def test_a_running_or_incomplete_net_is_never_selected(in_meta_zoo):
-    with mlflow.start_run(tags={tracking.TAG_ROLE: "net"}) as half_written:
+    with mlflow.start_run(tags={TAG_ROLE: "net"}) as half_written:
         pass  # FINISHED, but without the completion tag
-    nets = query_nets(Selection())
+    nets = Selection().query()
     assert half_written.info.run_id not in set(nets["run_id"])
 
 
 def test_split_is_by_net_balanced_and_deterministic(in_meta_zoo):
-    nets = query_nets(Selection())
+    nets = Selection().query()
     for prop in ("dataset", "optimizer", "initialization", "batch_size"):
         split = split_nets(nets, prop, test_fraction=0.3, seed=5)
         train, valid, test = set(split.train), set(split.valid), set(split.test)
@@ -80,7 +75,7 @@ def test_split_is_by_net_balanced_and_deterministic(in_meta_zoo):
         np.testing.assert_array_equal(again.test, split.test)
     lrate = split_nets(nets, "lrate", 0.2, 0)
     assert lrate.is_regression and len(lrate.test) == 6
-    with pytest.raises(ParameterError, match=r"^props: depth_conv has a single class"):
+    with pytest.raises(UnsplittableError, match=r"^depth_conv has a single class"):
         split_nets(nets, "depth_conv", 0.2, 0)
 
 
@@ -94,7 +89,7 @@ def test_k_ranges():
 
 
 def test_slices_come_from_the_hand_computed_offsets(in_meta_zoo, tmp_path):
-    nets = query_nets(Selection())
+    nets = Selection().query()
     zoo = build_zoo(nets, ArtifactCache())
     first = artifact_weights(nets["run_id"][0], tmp_path)
     np.testing.assert_array_equal(zoo.snapshot(0, 2), first[1])
@@ -119,7 +114,7 @@ def test_slices_come_from_the_hand_computed_offsets(in_meta_zoo, tmp_path):
 
 
 def test_every_build_verifies_every_artifact_and_reuses_an_intact_store(in_meta_zoo):
-    nets = query_nets(Selection())
+    nets = Selection().query()
     first = ArtifactCache()
     zoo = build_zoo(nets, first)
     assert first.stats.verified == 30 and first.stats.downloaded == 0  # local store: read in place
@@ -140,7 +135,7 @@ def test_every_build_verifies_every_artifact_and_reuses_an_intact_store(in_meta_
 
 
 def test_a_corrupted_artifact_is_reported_with_its_run(in_meta_zoo, tmp_path):
-    nets = query_nets(Selection(filter="params.dataset = 'shapes'"))
+    nets = Selection(filter="params.dataset = 'shapes'").query()
     victim = nets.iloc[0]
     path = tracking_path(victim)
     original = path.read_bytes()
@@ -155,9 +150,9 @@ def test_a_corrupted_artifact_is_reported_with_its_run(in_meta_zoo, tmp_path):
 
 
 def tracking_path(net):
-    from nws.zoo import _local_path
+    from nws.zoo.cache import _local_path
 
-    return _local_path(net.artifact_uri) / tracking.WEIGHTS_ARTIFACT
+    return _local_path(net.artifact_uri) / WEIGHTS_ARTIFACT
 
 
 def test_the_zoo_works_the_same_against_an_mlflow_server(mlflow_server, monkeypatch, tmp_path, capfd):
@@ -169,7 +164,7 @@ def test_the_zoo_works_the_same_against_an_mlflow_server(mlflow_server, monkeypa
             SampleOptions(**META_ZOO), n_nets=3, campaign="served", storage=str(tmp_path / "optuna.log")
         )
         run_campaign(options)
-        nets = query_nets(Selection(filter="tags.`nws.campaign` = 'served'"))
+        nets = Selection(filter="tags.`nws.campaign` = 'served'").query()
         assert len(nets) == 3 and all(u.startswith("mlflow-artifacts:") for u in nets["artifact_uri"])
         cache = ArtifactCache(tmp_path / "cache")
         zoo = build_zoo(nets, cache)
@@ -181,7 +176,7 @@ def test_the_zoo_works_the_same_against_an_mlflow_server(mlflow_server, monkeypa
         build_zoo(nets, again)
         assert again.stats.downloaded == 0 and again.stats.store_reused
         # A truncated cached artifact is detected and fetched again.
-        cached = tmp_path / "cache" / "runs" / nets["run_id"][1] / tracking.WEIGHTS_ARTIFACT
+        cached = tmp_path / "cache" / "runs" / nets["run_id"][1] / WEIGHTS_ARTIFACT
         cached.write_bytes(cached.read_bytes()[:-100])
         third = ArtifactCache(tmp_path / "cache")
         build_zoo(nets, third)
@@ -222,7 +217,7 @@ SHAPES = Selection(filter="params.dataset = 'shapes'")
 
 
 def test_an_artifact_changed_in_place_behind_its_old_size_and_mtime_is_caught(in_meta_zoo):
-    nets = query_nets(SHAPES)
+    nets = SHAPES.query()
     victim = nets.iloc[1]
     cache = ArtifactCache()
     build_zoo(nets, cache)
@@ -240,7 +235,7 @@ def test_an_artifact_changed_in_place_behind_its_old_size_and_mtime_is_caught(in
 
 
 def test_a_damaged_artifact_in_the_artifact_store_is_a_data_error_naming_its_run(in_meta_zoo, tmp_path):
-    nets = query_nets(SHAPES)
+    nets = SHAPES.query()
     victim = nets.iloc[0]
     path = tracking_path(victim)
     with restored(path) as original:
@@ -259,7 +254,7 @@ def rewrite_offsets(store) -> None:
 
 
 def test_a_damaged_store_is_reported_in_one_line_and_rebuilt(in_meta_zoo, capfd):
-    nets = query_nets(SHAPES)
+    nets = SHAPES.query()
     cache = ArtifactCache()
     zoo = build_zoo(nets, cache)
     expected = [zoo.snapshot(i, 3) for i in range(len(nets))]
@@ -298,7 +293,7 @@ def test_a_damaged_store_is_reported_in_one_line_and_rebuilt(in_meta_zoo, capfd)
 
 
 def test_a_run_id_that_is_not_a_plain_mlflow_id_never_becomes_a_cache_path(in_meta_zoo, tmp_path):
-    net = query_nets(SHAPES).iloc[0]
+    net = SHAPES.query().iloc[0]
     cache = ArtifactCache(tmp_path / "a" / "b" / "cache")
     for bad in ("../../../x", "..", "a/b", "", "-x", "x\n", "x y"):
         with pytest.raises(DataError, match=f"^run {re.escape(repr(bad))}: not a plain MLflow run id"):
@@ -309,7 +304,7 @@ def test_a_run_id_that_is_not_a_plain_mlflow_id_never_becomes_a_cache_path(in_me
 
 def test_concurrent_builds_of_one_store_never_fail(in_meta_zoo, tmp_path, capfd):
     processes, builds = 4, 10
-    nets = query_nets(SHAPES)
+    nets = SHAPES.query()
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no Keras, no forked locks
     barrier, results = context.Barrier(processes), context.Queue()
     workers = [

@@ -22,10 +22,11 @@ def build_repeatedly(rank: int, nets: Any, cache_root: str, builds: int, barrier
         f"unraisable in {hook.object!r}: {type(hook.exc_value).__name__}: {hook.exc_value}"
     )
     try:
-        from nws import tracking
-        from nws.zoo import ArtifactCache, _local_path, build_zoo
+        from nws.tracking.tags import WEIGHTS_ARTIFACT
+        from nws.zoo.cache import ArtifactCache, _local_path
+        from nws.zoo.store import build_zoo
 
-        expected = [np.load(_local_path(uri) / tracking.WEIGHTS_ARTIFACT) for uri in nets["artifact_uri"]]
+        expected = [np.load(_local_path(uri) / WEIGHTS_ARTIFACT) for uri in nets["artifact_uri"]]
         for build in range(builds):
             cache = ArtifactCache(Path(cache_root) / str(build // 2))
             barrier.wait(timeout=120)  # every process is done with the last build

@@ -1,7 +1,6 @@
-"""Datasets: official-format readers, offline datasets, preprocessing and the registry."""
+"""Datasets: official-format readers, offline datasets, preprocessing and the catalogue of names."""
 
-from nws.data.preprocess import BalancedSampler, ImageSet, NetData, split_for_net, to_rgb32
-from nws.data.registry import (
+from nws.data.catalog import (
     DATASETS,
     OFFLINE_DATASETS,
     check_available,
@@ -9,6 +8,7 @@ from nws.data.registry import (
     load_images,
     resolve_datasets,
 )
+from nws.data.preprocess import BalancedSampler, ImageSet, NetData, split_for_net, to_rgb32
 
 __all__ = [
     "DATASETS",

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from nws.errors import DataError
+from nws.errors import DataError, one_line
+from nws.meta.base import MetaClassifier, snapshot_features, to_probabilities
 from nws.meta.features import slice_statistics
-from nws.meta.models import MetaClassifier, one_line, snapshot_features, to_probabilities
 from nws.meta.samples import Samples
 
 MAX_ITER = 300

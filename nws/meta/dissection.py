@@ -19,6 +19,10 @@ per slice length) without training anything:
 - `how_much`: columns property, slice_length, accuracy (or mae), ci_low, ci_high and optionally
   model and baseline;
 - `results` (Markdown only): the results table with the `NetStatistics.row` columns.
+
+Why one module: the figure and its Markdown summary answer the same three questions from the
+same tables, with the same choice of best model and of measure per property; kept together, the
+words cannot drift from the panels they describe.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from nws import interrupts
-from nws.errors import DataError
-from nws.meta.models import MetaClassifier, one_line
+from nws.errors import DataError, one_line
+from nws.meta.base import MetaClassifier
 from nws.meta.samples import Samples
 
 KERNEL = 5

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from nws.meta.models import MetaClassifier
+from nws.meta.base import MetaClassifier
 from nws.meta.samples import Samples
 
 NET_SLICES = 64

@@ -44,7 +44,3 @@ def layer_statistics(vectors: np.ndarray, entries: Sequence[TensorEntry]) -> np.
         columns.append(part.std(axis=1))
         columns.extend(np.quantile(part, (0.0, 0.25, 0.5, 0.75, 1.0), axis=1))
     return np.column_stack(columns).astype(np.float32)
-
-
-def layer_feature_names(entries: Sequence[TensorEntry]) -> list[str]:
-    return [f"{e.keras_layer}.{e.tensor}.{f}" for e in entries for f in LAYER_FEATURES]

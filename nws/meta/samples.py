@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nws.zoo import Zoo, region_bounds
+from nws.snapshots import region_bounds
+from nws.zoo.store import Zoo
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The dataset registry: a name -> a loader of 32x32x3 images with 10 classes.
+"""The dataset catalogue: a name -> a loader of 32x32x3 images with 10 classes.
 
 Paper datasets are read from their official files in `<data_dir>/<name>/`; when those are absent
 and downloads are allowed, MNIST, Fashion-MNIST and CIFAR-10 come through Keras' own downloads and

@@ -1,33 +1,13 @@
-"""Entry-point parameters declared once, as dataclass fields with help text; the CLI, the
-MLproject file (checked by a test) and the MLflow params all follow these declarations."""
+"""Checks of a value that end in one line naming the parameter (`ParameterError`): used by the
+commands' validation, and by the few library functions that must refuse a value themselves
+(an Optuna journal file that cannot be written, `nws.campaign.storage`)."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import field
 from pathlib import Path
-from typing import Any
 
 from nws.errors import ParameterError
-
-TRUE_WORDS = {"1", "true", "yes", "on"}
-FALSE_WORDS = {"0", "false", "no", "off"}
-
-
-def param(default: Any, help: str) -> Any:
-    """A dataclass field whose help text the CLI shows."""
-    return field(default=default, metadata={"help": help})
-
-
-def parse_bool(name: str, text: str | bool) -> bool:
-    if isinstance(text, bool):
-        return text
-    word = str(text).strip().lower()
-    if word in TRUE_WORDS:
-        return True
-    if word in FALSE_WORDS:
-        return False
-    raise ParameterError(name, f"{text!r} is not a boolean (true/false)")
 
 
 def at_least(name: str, value: float, low: float) -> None:

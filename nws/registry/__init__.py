@@ -2,14 +2,14 @@
 a name that says what it predicts (`nws-meta-<property>`), and move the alias `champion` to a new
 version only when its held-out score beats the current champion's.
 
-The model itself is `nws/pyfunc_model.py`, logged as code ("models from code") with the `nws`
+The model itself is `nws/registry/pyfunc_model.py`, logged as code ("models from code") with the `nws`
 package beside it (`code_paths`): its `predict` takes flat weight vectors and returns the
 property's readable value per row.
 
 Trust: MLflow runs the logged code files when it loads the model, as for any models-from-code
 pyfunc model, so whoever may write the artifact store or the registry can run code on the machines
 that load a model. The data files (`artifacts/meta/`) are loaded without running code from them
-(`nws.meta.models`), and a tampered one is refused with one line: `load_champion` raises a
+(`nws.meta.load`), and a tampered one is refused with one line: `load_champion` raises a
 DataError. The MLmodel names its code file and artifacts by their paths inside the model, not by
 paths of the machine that logged it (`_PortablePyfunc`).
 """
@@ -151,8 +151,7 @@ def load_champion(prop: str, alias: str = CHAMPION) -> Any | None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from nws.errors import DataError
-    from nws.meta.models import one_line
+    from nws.errors import DataError, one_line
 
     uri = f"models:/{registered_name(prop)}@{alias}"
     try:

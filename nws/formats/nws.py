@@ -10,7 +10,8 @@ Per net, a directory with
                         validation error %;
   stat.bin              float64 [4]: evaluations, last step, epochs, seconds.
 Per subset and split, an index CSV with the 13 columns, `weightn_conv`, `weightn_fc` and `path`.
-The error row of snapshot k is round(linspace(0, n_evals - 1, prints))[k].
+The error row of snapshot k is round(linspace(0, n_evals - 1, prints))[k]
+(`nws.snapshots.published_error_rows`).
 """
 
 from __future__ import annotations
@@ -26,12 +27,11 @@ import numpy as np
 import pandas as pd
 import xxhash
 
-from nws.errors import NWSError, ParameterError
+from nws.errors import DataError, NWSError, ParameterError
 from nws.snapshots import weight_layout
 from nws.space import PROPERTY_NAMES, NetConfig
 
 INDEX_COLUMNS = (*PROPERTY_NAMES, "weightn_conv", "weightn_fc", "path")
-ERROR_COLUMNS = ("step", "train_error", "valid_error", "test_error", "valid_error_smoothed")
 PUBLISHED_PRINTS = 20
 
 
@@ -51,20 +51,15 @@ class PublishedNet:
     checksum: str  # xxh3-128 over meta.csv, every snapshot, error.bin and stat.bin
 
 
-def snapshot_rows(n_evals: int, prints: int) -> np.ndarray:
-    """The error.bin row (0-based) of every snapshot, as the published reader computes it."""
-    return np.round(np.linspace(0, n_evals - 1, prints)).astype(np.int64)
-
-
 def read_index(path: Path) -> pd.DataFrame:
-    """An index CSV with at least the published columns."""
+    """An index CSV with at least the published columns; a DataError otherwise."""
     try:
         frame = pd.read_csv(path, dtype={"path": str})
     except (OSError, ValueError) as e:
-        raise ParameterError("csv", f"cannot read {path}: {e}") from None
+        raise DataError(f"cannot read {path}: {e}") from None
     missing = [c for c in INDEX_COLUMNS if c not in frame.columns]
     if missing:
-        raise ParameterError("csv", f"{path} lacks the columns {', '.join(missing)}")
+        raise DataError(f"{path} lacks the columns {', '.join(missing)}")
     return frame
 
 

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nws import tracking
+from nws.checks import at_least
+from nws.commands.options import param
 from nws.errors import DataError, ParameterError
-from nws.params import at_least, param
 from nws.space import PROPERTY_NAMES, get_property
+from nws.tracking.tags import SNAPSHOTS_COMPLETE, TAG_ROLE, TAG_SNAPSHOTS, TAG_SOURCE, TAG_WEIGHTS_DIGEST
 
 
 @dataclass(frozen=True)
@@ -94,13 +95,11 @@ def load_vector(options: PredictOptions) -> tuple[np.ndarray, dict[str, str], st
         run = mlflow.get_run(options.run_id.strip())
     except MlflowException:
         raise ParameterError("run_id", f"no MLflow run {options.run_id!r}") from None
-    if run.data.tags.get(tracking.TAG_SNAPSHOTS) != tracking.SNAPSHOTS_COMPLETE:
+    if run.data.tags.get(TAG_SNAPSHOTS) != SNAPSHOTS_COMPLETE:
         raise ParameterError("run_id", f"run {run.info.run_id} is not a net with complete snapshots")
-    from nws.zoo import ArtifactCache
+    from nws.zoo.cache import ArtifactCache
 
-    path = ArtifactCache().fetch(
-        run.info.run_id, run.info.artifact_uri, run.data.tags[tracking.TAG_WEIGHTS_DIGEST]
-    )
+    path = ArtifactCache().fetch(run.info.run_id, run.info.artifact_uri, run.data.tags[TAG_WEIGHTS_DIGEST])
     truth = {name: run.data.params.get(name, "") for name in PROPERTY_NAMES}
     vector = _pick(np.load(path, mmap_mode="r"), options.k, "run_id", f"run {run.info.run_id}")
     return vector, truth, run.info.run_id
@@ -110,6 +109,7 @@ def run_predict(options: PredictOptions) -> pd.DataFrame:
     import mlflow
 
     from nws.registry import load_champion, registered_name
+    from nws.tracking.runs import parent_run
 
     props = options.validate()
     vector, truth, source = load_vector(options)
@@ -129,10 +129,9 @@ def run_predict(options: PredictOptions) -> pd.DataFrame:
         value = f"{row.predicted:.6f}" if isinstance(row.predicted, float) else str(row.predicted)
         truth_text = f"  (true: {row.true})" if row.true != "" else ""
         print(f"{row.property:<15} {value:<16}{truth_text}")
-    with mlflow.start_run(
-        run_name=f"predict-{Path(source).name[:12]}", nested=mlflow.active_run() is not None
-    ):
-        mlflow.set_tags({tracking.TAG_ROLE: "prediction", "nws.source": source})
+    tags = {TAG_ROLE: "prediction", TAG_SOURCE: source}
+    name = f"predict-{Path(source).name[:12]}"
+    with parent_run(tags, run_name=name, nested=mlflow.active_run() is not None):
         mlflow.log_params({k: v for k, v in asdict(options).items() if v not in ("", 0)})
         mlflow.log_params({f"predicted_{r.property}": r.predicted for r in table.itertuples()})
         mlflow.log_text(table.to_csv(index=False), "predictions.csv")

@@ -9,39 +9,42 @@ of a worker that died itself; in target mode it starts a replacement worker.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from nws import interrupts
-from nws.sampling import CampaignSummary, SampleOptions, fail_orphaned_trials, optuna_state
+from nws.campaign.loop import CampaignSummary
+from nws.campaign.settings import CampaignSettings
+from nws.campaign.trials import fail_orphaned_trials, optuna_state, trial_counts
+from nws.errors import NWSError
+from nws.tracking.runs import parent_run
+from nws.tracking.tags import campaign_tags
 
 POLL_SECONDS = 1.0
 
 
-def worker_command(options: SampleOptions, **changes: Any) -> list[str]:
-    """`python -m nws.cli sample ...` with these options."""
-    worker = dataclasses.replace(options, **changes)
+def worker_command(params: Mapping[str, Any], **changes: Any) -> list[str]:
+    """`python -m nws.cli sample ...` with these parameter values."""
     args = [sys.executable, "-m", "nws.cli", "sample"]
-    for f in dataclasses.fields(worker):
-        value = getattr(worker, f.name)
+    for name, value in {**params, **changes}.items():
         args += [
-            f"--{f.name.replace('_', '-')}",
+            f"--{name.replace('_', '-')}",
             ("true" if value else "false") if isinstance(value, bool) else str(value),
         ]
     return args
 
 
-def _quotas(options: SampleOptions) -> list[int]:
+def _quotas(settings: CampaignSettings, workers: int) -> list[int]:
     """n_nets per worker when there is no target (the target itself is shared)."""
-    if options.target:
-        return [options.n_nets] * options.workers
-    base, extra = divmod(options.n_nets, options.workers)
-    return [base + (i < extra) for i in range(options.workers)]
+    if settings.target:
+        return [settings.n_nets] * workers
+    base, extra = divmod(settings.n_nets, workers)
+    return [base + (i < extra) for i in range(workers)]
 
 
 def _stop(workers: list[subprocess.Popen]) -> None:
@@ -61,19 +64,21 @@ def _stop(workers: list[subprocess.Popen]) -> None:
             process.wait()
 
 
-def run_workers(options: SampleOptions, study: Any) -> CampaignSummary:
+def run_workers(
+    settings: CampaignSettings, params: Mapping[str, Any], n_workers: int, study: Any
+) -> CampaignSummary:
+    """Hold the campaign's run (which records `params`, the `sample` parameters as given), start
+    `n_workers` workers under it, each `nws sample` with the same parameters, and supervise them
+    until they end."""
     import mlflow
 
-    from nws import tracking
-    from nws.sampling import _campaign_tags, trial_counts
-
-    threads = options.threads or max(1, (os.cpu_count() or 1) // options.workers)
+    threads = settings.threads or max(1, (os.cpu_count() or 1) // n_workers)
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
 
     workers: dict[subprocess.Popen, int] = {}  # each worker started, and its n_nets
 
     def start(quota: int) -> None:
-        command = worker_command(options, workers=1, n_nets=max(1, quota), threads=threads,
+        command = worker_command(params, workers=1, n_nets=max(1, quota), threads=threads,
                                  parent_run_id=run.info.run_id)  # fmt: skip
         # A stop while Popen runs is held until the worker is in `workers`, where `_stop` finds
         # it: the worker has its own session (a terminal's Ctrl-C reaches the parent only, which
@@ -81,12 +86,12 @@ def run_workers(options: SampleOptions, study: Any) -> CampaignSummary:
         with interrupts.deferred():
             workers[subprocess.Popen(command, env=env, start_new_session=True)] = quota
 
-    restarts = options.workers
+    restarts = n_workers
     failed = False
-    with tracking.parent_run(_campaign_tags(options), dataclasses.asdict(options)) as run:
+    with parent_run(campaign_tags(settings.subset, settings.name), params) as run:
         try:
             before, _, _ = trial_counts(study)
-            for quota in _quotas(options):
+            for quota in _quotas(settings, n_workers):
                 if quota > 0:
                     start(quota)
             while workers:
@@ -97,25 +102,23 @@ def run_workers(options: SampleOptions, study: Any) -> CampaignSummary:
                     if process.returncode == 0:
                         continue
                     print(f"worker {process.pid} ended with code {process.returncode}", file=sys.stderr)
-                    if not options.heartbeat_enabled:  # on an RDB storage the heartbeat does it
+                    if not settings.heartbeat_enabled:  # on an RDB storage the heartbeat does it
                         fail_orphaned_trials(study, [process.pid])
                     complete, _, _ = trial_counts(study)
-                    if options.target and complete < options.target and restarts > 0:
+                    if settings.target and complete < settings.target and restarts > 0:
                         restarts -= 1
                         start(quota)
                     else:
                         failed = True
         except BaseException:
             _stop(list(workers))
-            if not options.heartbeat_enabled:  # trials an interrupted worker could not tell
+            if not settings.heartbeat_enabled:  # trials an interrupted worker could not tell
                 fail_orphaned_trials(study, [p.pid for p in workers])
             raise
         complete, _, _ = trial_counts(study)
         finished = [t.user_attrs.get("mlflow_run_id", "") for t in study.get_trials(deepcopy=False)
                     if t.state == optuna_state("COMPLETE")][before:]  # fmt: skip
-        mlflow.set_tags({"nws.finished_nets": str(complete), "nws.workers": str(options.workers)})
-        if failed and not (options.target and complete >= options.target):
-            from nws.errors import NWSError
-
-            raise NWSError(f"campaign {options.campaign}: a worker failed ({complete} nets finished in all)")
-    return CampaignSummary(options.campaign, finished=finished, campaign_run_id=run.info.run_id)
+        mlflow.set_tags({"nws.finished_nets": str(complete), "nws.workers": str(n_workers)})
+        if failed and not (settings.target and complete >= settings.target):
+            raise NWSError(f"campaign {settings.name}: a worker failed ({complete} nets finished in all)")
+    return CampaignSummary(settings.name, finished=finished, campaign_run_id=run.info.run_id)

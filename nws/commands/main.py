@@ -2,8 +2,9 @@
 train the meta-classifiers on every property that varies, register the champions and print the
 accuracy table against chance.
 
-Its parameters are those of `sample` and `train` (declared there, once), with defaults small
-enough for a 2-core CPU; the nets are selected by the campaign's tag.
+Its parameters are those of `sample` and `train` (declared there, once), with the defaults
+overridden here (and only here) small enough for a 2-core CPU; the nets are selected by the
+campaign's tag.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import itertools
 from dataclasses import field
 from typing import Any
 
+import pandas as pd
+
 from nws import space
+from nws.commands.sample import SampleOptions
+from nws.commands.train import TrainOptions, parse_k
 from nws.errors import ParameterError
-from nws.meta.campaign import TrainOptions
-from nws.sampling import SampleOptions
+from nws.tracking.tags import TAG_CAMPAIGN, TAG_ROLE, tag_equals
 
 SAMPLE_DEFAULTS = {
     "n_nets": 24,
@@ -58,10 +62,19 @@ def _part(options: Any, target: type, **overrides: Any) -> Any:
     return target(**{**values, **overrides})
 
 
+def training_options(options: Any, experiment: str) -> TrainOptions:
+    """The `train` options of `main`: its own, the nets of its campaign (by the campaign's tag,
+    the name quoted) in `experiment`, and the campaign's seed."""
+    return _part(
+        options, TrainOptions, experiment=experiment, filter=tag_equals(TAG_CAMPAIGN, options.campaign),
+        seed=options.seed,
+    )  # fmt: skip
+
+
 def smallest_region(subset: str, region: str) -> int:
     """The fewest weights that `region` spans in any architecture the subset draws (the fixed
     subset has one): a longer slice fails `train` as soon as a net that small is selected."""
-    from nws.snapshots import weight_layout
+    from nws.snapshots import region_bounds, weight_layout
 
     base = {p.name: p.choices(subset)[0] if p.is_categorical else p.low for p in space.PROPERTIES}
     choices = [space.BY_NAME[name].choices(subset) for name in space.ARCHITECTURE]
@@ -69,24 +82,18 @@ def smallest_region(subset: str, region: str) -> int:
     for architecture in itertools.product(*choices):
         values = {**base, **dict(zip(space.ARCHITECTURE, architecture, strict=True))}
         layout = weight_layout(space.NetConfig(**values))
-        conv, fc = layout.weightn_conv, layout.weightn_fc
-        spans.append({"all": conv + fc, "conv": conv, "fc": fc}[region])
+        start, stop = region_bounds(layout.n_weights, layout.weightn_conv, region)
+        spans.append(int(stop - start))
     return min(spans)
 
 
 def check_before_sampling(options: Any, sample: SampleOptions) -> None:
     """Everything that would fail the training part after the whole zoo is sampled: the sample
-    and train parameters, a campaign name that cannot be quoted in the selection's filter, K
-    against `prints`, the slice length against the subset's architectures, properties that
-    cannot vary in this campaign and models that cannot run."""
-    from nws.zoo import parse_k
-
-    datasets, replay = sample.validate()
+    and train parameters (the campaign's name among them: it must fit in the selection's
+    filter), K against `prints`, the slice length against the subset's architectures,
+    properties that cannot vary in this campaign and models that cannot run."""
+    settings = sample.settings()
     props, models = _part(options, TrainOptions).validate()
-    if "'" in options.campaign:  # the training selects the nets by a filter quoting the name
-        raise ParameterError(
-            "campaign", f"{options.campaign!r}: main's campaign name must not hold a quote (')"
-        )
     try:
         parse_k(options.K, options.prints)
     except ParameterError:
@@ -95,8 +102,8 @@ def check_before_sampling(options: Any, sample: SampleOptions) -> None:
             f"{options.K!r} is not a range a,b within 1..{options.prints} "
             "(prints: the snapshots each net keeps)",
         ) from None
-    if options.props.strip() not in ("", "all") and replay is None:
-        drawn = {name: space.BY_NAME[name].choices(options.subset, datasets) for name in props}
+    if options.props.strip() not in ("", "all") and settings.replay is None:
+        drawn = {name: space.BY_NAME[name].choices(options.subset, list(settings.datasets)) for name in props}
         constant = [f"{name} (always {choices[0]})" for name, choices in drawn.items() if len(choices) == 1]
         if constant:
             raise ParameterError("props", f"does not vary in this campaign: {', '.join(constant)}")
@@ -115,30 +122,24 @@ def check_before_sampling(options: Any, sample: SampleOptions) -> None:
             )
 
 
-def run_main(options: Any) -> Any:
+def run_main(options: Any) -> pd.DataFrame:
     """Sample, then train on the campaign's nets; return the results table."""
     import mlflow
 
-    from nws import tracking
-    from nws.meta.campaign import format_table, run_training, say
-    from nws.sampling import run_campaign
+    from nws.commands.sample import run_campaign
+    from nws.commands.train import format_table, run_training
+    from nws.progress import say
+    from nws.tracking.runs import parent_run
 
     sample = _part(options, SampleOptions)
     check_before_sampling(options, sample)
-    tags = {tracking.TAG_ROLE: "study", tracking.TAG_CAMPAIGN: options.campaign}
-    with tracking.parent_run(tags, run_name=f"nws-main-{options.campaign}") as parent:
-        with tracking.parent_run(run_name=f"sample-{options.campaign}", nested=True):
+    tags = {TAG_ROLE: "study", TAG_CAMPAIGN: options.campaign}
+    with parent_run(tags, run_name=f"nws-main-{options.campaign}") as parent:
+        with parent_run(run_name=f"sample-{options.campaign}", nested=True):
             summary = run_campaign(sample)
         say(summary.line())
-        experiment = mlflow.get_experiment(parent.info.experiment_id).name
-        train = _part(
-            options,
-            TrainOptions,
-            experiment=experiment,
-            filter=f"tags.`{tracking.TAG_CAMPAIGN}` = '{options.campaign}'",
-            seed=options.seed,
-        )
-        with tracking.parent_run(run_name=f"meta-{options.campaign}", nested=True):
+        train = training_options(options, mlflow.get_experiment(parent.info.experiment_id).name)
+        with parent_run(run_name=f"meta-{options.campaign}", nested=True):
             table = run_training(train)
         say(format_table(table))
     return table

@@ -23,9 +23,9 @@ class WeightPropertyModel(mlflow.pyfunc.PythonModel):
     """Predicts one hyper-parameter of a net from its flat weight vector."""
 
     def load_context(self, context):
-        from nws.meta.models import MetaClassifier
+        from nws.meta import load
 
-        self.meta = MetaClassifier.load(Path(context.artifacts["meta_classifier"]))
+        self.meta = load(Path(context.artifacts["meta_classifier"]))
 
     def predict(self, context, model_input: np.ndarray, params=None):
         if isinstance(model_input, dict):  # a named tensor input

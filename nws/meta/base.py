@@ -1,14 +1,13 @@
-"""The meta-classifiers behind one interface: `dmc` (the paper's deep 1D CNN on raw slices),
-`stats` (slice statistics + gradient boosting) and `layer_stats` (per-layer statistics of whole
-snapshots + gradient boosting, for selections that share one architecture).
+"""What every meta-classifier shares: the task (`Task`), its settings (`MetaSettings`), the
+interface (`MetaClassifier`: fit, predict slices or snapshots, save) and helpers of its models.
+The models are `nws.meta.dmc` and `nws.meta.baselines`; `nws.meta.create` and `nws.meta.load` make
+them by name.
 
 Each predicts a property from weights: class probabilities, or the learning rate (regressed with
 an L1 loss on the rate scaled to [0, 1] by the space's range, reported in the original units).
 
-A saved model is data only: `meta.json` and the estimator's file, in formats whose loading runs no
-code from the file (skops with a trusted-type list, a `.keras` archive checked against the
-objects a DMC holds and read in Keras' safe mode). A registered model's data can be replaced by
-whoever may write the artifact store, so loading refuses anything else with one line.
+A saved model is data only: `meta.json` and the estimator's file, loaded without running code
+from them (`nws.meta.load`).
 """
 
 from __future__ import annotations
@@ -21,13 +20,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from nws.errors import DataError
 from nws.meta.features import layer_statistics
 from nws.meta.samples import Samples
-from nws.snapshots import WeightLayout, conv_size_for_length
+from nws.snapshots import WeightLayout, conv_size_for_length, region_bounds
 from nws.space import BY_NAME
-
-MODEL_NAMES = ("dmc", "stats", "layer_stats")
 
 
 @dataclass(frozen=True)
@@ -93,10 +89,8 @@ class MetaClassifier(ABC):
         vector = np.asarray(vector, dtype=np.float32).ravel()
         if not self.uses_slices:
             return self.predict_snapshots(vector[None])[0]
-        conv = conv_size_for_length(len(vector))
-        low, stop = {"all": (0, len(vector)), "conv": (0, conv), "fc": (conv, len(vector))}[
-            self.settings.region
-        ]
+        low, stop = (int(x) for x in region_bounds(len(vector), conv_size_for_length(len(vector)),
+                                                      self.settings.region))  # fmt: skip
         length = self.settings.slice_length
         if stop - low < length:
             raise ValueError(f"the {self.settings.region} part ({stop - low}) is shorter than a slice")
@@ -128,39 +122,6 @@ class MetaClassifier(ABC):
         }
         (directory / "meta.json").write_text(json.dumps(meta, indent=1))
         self._save_model(directory)
-
-    @staticmethod
-    def load(directory: Path) -> MetaClassifier:
-        """Read what `save` wrote; a file that is not what it wrote is a DataError (one line)."""
-        directory = Path(directory)
-        try:
-            meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
-            task = Task(meta["task"]["prop"], tuple(meta["task"]["classes"]))
-            layout = WeightLayout.from_records(meta["layout"]) if meta["layout"] else None
-            model = create(meta["model"], task, MetaSettings(**meta["settings"]), layout)
-        except (OSError, ValueError, KeyError, TypeError) as e:  # incl. UnicodeDecodeError, bad JSON
-            raise DataError(f"meta.json: not a saved meta-classifier's description ({one_line(e)})") from None
-        model._load_model(directory)
-        return model
-
-
-def create(
-    name: str, task: Task, settings: MetaSettings, layout: WeightLayout | None = None
-) -> MetaClassifier:
-    from nws.meta.baselines import LayerStatsModel, SliceStatsModel
-    from nws.meta.dmc import DMC
-
-    kinds: dict[str, type[MetaClassifier]] = {
-        "dmc": DMC,
-        "stats": SliceStatsModel,
-        "layer_stats": LayerStatsModel,
-    }
-    return kinds[name](task, settings, layout)
-
-
-def one_line(error: BaseException) -> str:
-    """An error as one line of text (messages of file parsers may span several)."""
-    return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
 def to_probabilities(model: Any, features: np.ndarray, n_classes: int) -> np.ndarray:

@@ -1,0 +1,162 @@
+"""A campaign in this process: net after net, each an Optuna trial (ask/tell on the shared study)
+and an MLflow run nested under the campaign's run, until this call's `n_nets` are trained or the
+campaign holds exactly `target` finished nets.
+
+The Optuna study is a second view of the campaign: each trial holds the net's MLflow run id and is
+told the net's final test accuracy (or fails). A trial that another worker failed meanwhile (this
+worker was judged dead) does not count: its net's run ends FAILED, and the campaign goes on.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from nws import interrupts, space
+from nws.campaign.net_job import NetJob, environment_tags
+from nws.campaign.orphans import close_orphans
+from nws.campaign.settings import CampaignSettings
+from nws.campaign.storage import open_study
+from nws.campaign.trials import TAKEN_OVER, is_surplus, trial_failed, wait_for_work
+from nws.processes import worker_name
+from nws.tracking.runs import check_tracking_server, fail_net_run, parent_run
+from nws.tracking.tags import campaign_tags
+
+
+@dataclass
+class CampaignSummary:
+    campaign: str
+    finished: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    campaign_run_id: str = ""
+
+    def line(self) -> str:
+        return (
+            f"campaign {self.campaign}: {len(self.finished)} nets finished, "
+            f"{len(self.failed)} failed (MLflow run {self.campaign_run_id})"
+        )
+
+
+def open_campaign(settings: CampaignSettings) -> Any:
+    """Everything a campaign needs before its first net, checked within seconds (the tracking
+    server answers, the datasets are there), then its study, created or continued. A campaign
+    started again first closes what a killed process of this host left RUNNING (a worker of
+    `--workers` leaves that to its parent)."""
+    from nws.data import check_available
+    from nws.training import tensorflow_environment
+
+    check_tracking_server()
+    tensorflow_environment(settings.threads)  # before loading images starts TensorFlow
+    check_available(list(settings.datasets), settings.data_dir, settings.download)
+    study = open_study(settings)
+    if not settings.parent_run_id:
+        for entry in close_orphans(study, settings.name):
+            if entry.closed:
+                print(f"closed {entry.what}: its worker {entry.worker} is gone", file=sys.stderr)
+    return study
+
+
+def train_campaign(settings: CampaignSettings, study: Any, params: Mapping[str, Any]) -> CampaignSummary:
+    """Train the campaign's nets in this process, in the campaign's run (`params`: what that run
+    records, the command's parameters as given), or nested under `parent_run_id` (a worker of
+    `--workers`, whose parent holds the campaign's run)."""
+    import mlflow
+
+    from nws.training import configure_tensorflow
+
+    configure_tensorflow(deterministic=settings.deterministic, threads=settings.threads)
+    if settings.parent_run_id:
+        summary = CampaignSummary(settings.name, campaign_run_id=settings.parent_run_id)
+        train_nets(settings, study, summary)
+        return summary
+    with parent_run(campaign_tags(settings.subset, settings.name), params) as run:
+        summary = CampaignSummary(settings.name, campaign_run_id=run.info.run_id)
+        train_nets(settings, study, summary)
+        mlflow.set_tags({"nws.finished_nets": str(len(summary.finished))})
+    return summary
+
+
+def drop_taken_over(run_id: str, summary: CampaignSummary) -> None:
+    """A net whose trial another worker failed: its run must not count as finished (it may have
+    ended FINISHED in the moment after the last check)."""
+    fail_net_run(run_id, TAKEN_OVER)
+    if run_id in summary.finished:
+        summary.finished.remove(run_id)
+    summary.failed.append(run_id)
+    print(f"run {run_id} {TAKEN_OVER}", file=sys.stderr)
+
+
+def train_nets(settings: CampaignSettings, study: Any, summary: CampaignSummary) -> None:
+    """The per-net loop: one Optuna trial per net, its outcome added to `summary`."""
+    import optuna
+
+    from nws.progress import Progress
+
+    environment = environment_tags()
+    total = settings.target or settings.n_nets
+    progress = Progress(total)
+    worker = worker_name()
+    poll = min(5.0, settings.heartbeat / 2)
+    index = 0
+    current: dict[str, Any] = {}  # the trial being trained, and its MLflow run
+
+    def objective(trial: Any) -> float:
+        trial.set_user_attr("worker", worker)  # first: a retry inherits the dead worker's name
+        if settings.target and is_surplus(study, trial.number, settings.target):
+            raise optuna.TrialPruned("surplus: the campaign's target is already being trained")
+        config = space.suggest(trial, settings.subset, list(settings.datasets))
+        net = NetJob(settings, trial.number, config, environment)
+        progress.start_net(index, net.label, settings.train.max_epochs)
+        trial.set_user_attr("seed", net.seed)
+
+        def on_start(run_id: str) -> None:
+            current["trial"], current["run_id"] = trial.number, run_id
+            trial.set_user_attr("mlflow_run_id", run_id)
+
+        outcome = net.run(observers=[progress.epoch, _stop_if_asked], on_start=on_start,
+                          still_ours=lambda: not trial_failed(study, trial.number))  # fmt: skip
+        progress.end_net(outcome.line(index, total))
+        if outcome.failure == TAKEN_OVER or (outcome.finished and trial_failed(study, trial.number)):
+            # The trial is FAIL already, so Optuna cannot tell it: the loop below drops the net.
+            raise optuna.TrialPruned(TAKEN_OVER)
+        if not outcome.finished:
+            trial.set_user_attr("failure", outcome.failure)
+            summary.failed.append(outcome.run_id)
+            return float("nan")  # Optuna fails the trial
+        summary.finished.append(outcome.run_id)
+        return outcome.test_accuracy
+
+    try:
+        while True:
+            interrupts.check()
+            if settings.target:
+                if not wait_for_work(study, settings.target, poll, settings.heartbeat_enabled):
+                    break
+            elif index >= settings.n_nets:
+                break
+            if settings.replay is not None:
+                study.enqueue_trial(settings.replay.as_dict())
+            index += 1
+            current.clear()
+            try:
+                # One trial per call: Optuna runs the heartbeat thread and fails stale trials first.
+                study.optimize(objective, n_trials=1, gc_after_trial=False)
+            except (ValueError, AssertionError):
+                # What Optuna's optimize raises when it cannot tell a trial that another worker
+                # failed meanwhile: seen by the objective, or in the moment after it checked.
+                if "trial" not in current or not trial_failed(study, current["trial"]):
+                    raise
+                drop_taken_over(current["run_id"], summary)
+            except KeyboardInterrupt:  # its net may have ended FINISHED, its trial not COMPLETE
+                if "trial" in current and trial_failed(study, current["trial"]):
+                    fail_net_run(current["run_id"], "interrupted before its trial was told")
+                raise
+    finally:
+        progress.close()
+
+
+def _stop_if_asked(_model: Any, _epoch: int, _metrics: Any) -> None:
+    """After each evaluation: stop the net if a stop signal's KeyboardInterrupt was lost."""
+    interrupts.check()

@@ -1,0 +1,146 @@
+"""One net of a campaign: its images, its training with snapshot capture, and its MLflow run,
+which ends FINISHED only once every artifact is stored (or FAILED, KILLED, with the reason)."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from nws import __version__, space
+from nws.campaign.settings import CampaignSettings
+from nws.campaign.trials import TAKEN_OVER
+from nws.space import NetConfig
+from nws.tracking import artifacts, runs
+from nws.tracking.tags import TAG_FAILURE, TAG_STOP_REASON, net_tags
+
+
+def environment_tags() -> dict[str, str]:
+    """The versions and device a net was trained with (tags of its run)."""
+    import keras
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    return {
+        "nws.version": __version__,
+        "nws.tensorflow": tf.__version__,
+        "nws.keras": keras.__version__,
+        "nws.python": platform.python_version(),
+        "nws.device": f"GPU x{len(gpus)}" if gpus else "CPU",
+    }
+
+
+@dataclass
+class NetOutcome:
+    run_id: str
+    finished: bool
+    test_accuracy: float = float("nan")
+    epochs: int = 0
+    failure: str = ""
+
+    def line(self, index: int, total: int) -> str:
+        if self.finished:
+            return (
+                f"net {index}/{total} finished: test accuracy {self.test_accuracy:.4f} after "
+                f"{self.epochs} epochs (run {self.run_id})"
+            )
+        return f"net {index}/{total} failed: {self.failure} (run {self.run_id})"
+
+
+@dataclass
+class NetJob:
+    """One net of a campaign: data, training, snapshot capture and its MLflow run."""
+
+    campaign: CampaignSettings
+    trial_number: int
+    config: NetConfig
+    environment: dict[str, str]
+
+    @property
+    def seed(self) -> int:
+        return space.trial_seed(self.campaign.seed, self.trial_number)
+
+    @property
+    def label(self) -> str:
+        c = self.config
+        return f"trial {self.trial_number} {c.dataset} {c.optimizer} {c.activation}"
+
+    def tags(self) -> dict[str, str]:
+        c = self.campaign
+        return {**net_tags(c.subset, c.name, self.trial_number, self.seed), **self.environment}
+
+    def params(self, sizes: dict[str, int]) -> dict[str, Any]:
+        c = self.campaign
+        return {
+            **self.config.as_params(),
+            "seed": self.seed,
+            "prints": c.prints,
+            "max_train_images": c.max_train_images,
+            "max_eval_images": c.max_eval_images,
+            "deterministic": c.deterministic,
+            **c.train.as_params(),
+            **sizes,
+        }
+
+    def run(
+        self,
+        observers: list[Any],
+        on_start: Callable[[str], None] | None = None,
+        still_ours: Callable[[], bool] | None = None,
+    ) -> NetOutcome:
+        """Train the net in its own MLflow run. `still_ours` is asked before the result is
+        written: False (the trial was given to another worker) ends the run FAILED instead."""
+        from nws.data import load_images, split_for_net
+        from nws.snapshots import SnapshotRecorder, layout_document, weight_layout
+        from nws.training import TrainingDiverged, train_net
+
+        c = self.campaign
+        images = load_images(self.config.dataset, c.data_dir, c.download)
+        data = split_for_net(
+            images, self.seed, c.max_train_images, c.max_eval_images, fidelity=c.train.fidelity
+        )
+        layout = weight_layout(self.config)
+        run_id = runs.start_net_run(
+            f"net-{c.name}-{self.trial_number:05d}",
+            self.tags(),
+            self.params(data.sizes()),
+            parent_run_id=c.parent_run_id or None,
+        )
+        try:  # straight after: nothing between that a stop signal could cut
+            if on_start is not None:
+                on_start(run_id)
+            with SnapshotRecorder(layout) as recorder:
+
+                def capture(model: Any, epoch: int, metrics: dict[str, float]) -> None:
+                    recorder.record(model, epoch, metrics)
+                    runs.log_epoch(epoch, metrics)
+
+                try:
+                    result = train_net(self.config, data, self.seed, c.train, [capture, *observers])
+                except TrainingDiverged as diverged:
+                    runs.end_run("FAILED", {TAG_FAILURE: f"nan_loss: {diverged}"})
+                    return NetOutcome(run_id, False, epochs=diverged.epoch, failure=str(diverged))
+                weights, snapshots = recorder.select(c.prints)
+            if still_ours is not None and not still_ours():
+                runs.end_run("FAILED", {TAG_FAILURE: TAKEN_OVER})
+                return NetOutcome(run_id, False, epochs=result.epochs, failure=TAKEN_OVER)
+            final = result.history[-1]
+            artifacts.log_net_result(
+                weights,
+                layout_document(self.config, layout, snapshots),
+                result.history,
+                {
+                    "epochs": result.epochs,
+                    "train_seconds": result.seconds,
+                    "weightn_conv": layout.weightn_conv,
+                    "weightn_fc": layout.weightn_fc,
+                    "steps_per_epoch": result.steps_per_epoch,
+                },
+                {TAG_STOP_REASON: result.stop_reason},
+            )
+            runs.end_run("FINISHED")
+        except BaseException as error:
+            runs.abort_run(run_id, error)
+            raise
+        return NetOutcome(run_id, True, final["test_accuracy"], result.epochs)

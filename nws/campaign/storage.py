@@ -1,0 +1,184 @@
+"""Where a campaign lives in Optuna: its storage (an RDB URL, or a journal file for processes on
+one machine) and its study, created on the first call and continued by every later one.
+
+The storage must never be MLflow's own tracking database: both keep an `alembic_version` table,
+so Optuna would write its tables into MLflow's. That is refused however the URL is spelled.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from nws import space
+from nws.campaign.settings import CampaignSettings
+from nws.campaign.trials import fail_and_retry
+from nws.checks import writable_directory
+from nws.errors import ParameterError
+
+DEFAULT_STORAGE = "optuna-journal.log"
+STUDY_ATTRS = ("subset", "datasets", "fidelity")
+"""Study user attributes that fix a campaign's space; a continuation must match them."""
+SERVER_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433, "oracle": 1521}
+"""Default ports, so that a URL with the port and one without name the same server."""
+
+
+def open_storage(url: str, heartbeat: int | None = None) -> Any:
+    """An Optuna storage from a URL: RDB URLs (sqlite:///, postgresql://, ...) as RDBStorage,
+    `journal:<path>` or a path as a JournalStorage file (several processes on one machine).
+
+    With `heartbeat`, an RDB storage records a heartbeat per running trial; a trial silent for
+    twice that long is failed, its MLflow run marked FAILED, and Optuna retries its configuration.
+    """
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    url = check_storage(url)
+    if "://" in url:
+        connect = {"connect_timeout": 5} if url.startswith("postgresql") else {}
+        try:
+            with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs={"connect_args": connect, "pool_pre_ping": True},
+                    heartbeat_interval=heartbeat,
+                    grace_period=2 * heartbeat if heartbeat else None,
+                    heartbeat_stale_trial_callback=fail_and_retry if heartbeat else None,
+                )
+        except Exception as e:  # SQLAlchemy raises many types for bad URLs or servers
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ParameterError("storage", f"cannot open {url}: {reason}") from None
+    return JournalStorage(JournalFileBackend(str(_journal_path(url))))
+
+
+def check_storage(url: str) -> str:
+    """The storage URL (the default if empty), refused with one line when Optuna could not or
+    must not write there: MLflow's own tracking database, however it is spelled (relative, with
+    `..`, through a link, MLflow's default `mlflow.db`), or a journal file that cannot be
+    written."""
+    import mlflow
+
+    url = url.strip() or DEFAULT_STORAGE
+    tracking = mlflow.get_tracking_uri()
+    if "://" in url:
+        same = _same_database(url, tracking)
+    else:
+        mlflow_file = _sqlite_file(tracking)
+        same = mlflow_file is not None and _same_file(_journal_path(url), mlflow_file)
+    if same:
+        raise ParameterError(
+            "storage",
+            f"{url} is MLflow's tracking database ({tracking}); give Optuna a storage of its own "
+            "(both keep an alembic_version table)",
+        )
+    return url
+
+
+def _journal_path(url: str) -> Path:
+    """A journal file's path, checked: its directory exists and can be written, and it is a
+    file that can be written if it exists."""
+    path = Path(url.removeprefix("journal:")).expanduser()
+    if path.is_dir():
+        raise ParameterError("storage", f"{path} is a directory, not a journal file")
+    if not os.path.lexists(path.parent):
+        raise ParameterError("storage", f"directory {path.parent} does not exist")
+    writable_directory("storage", path.parent)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ParameterError("storage", f"{path} is not writable")
+    return path
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL; None for anything else (a server, memory, a file store)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # not a SQLAlchemy URL: an http(s) tracking server, a file store, ...
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database.removeprefix("file:")).expanduser()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same inode when both exist (links, hard links),
+    else the same path once links and `..` are resolved."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _same_database(url: str, other: str) -> bool:
+    """Whether two SQLAlchemy URLs name one database: one SQLite file, or one database of one
+    server (user, password, driver and options aside)."""
+    from sqlalchemy.engine import make_url
+
+    files = _sqlite_file(url), _sqlite_file(other)
+    if files[0] is not None and files[1] is not None:
+        return _same_file(*files)
+    try:
+        a, b = make_url(url), make_url(other)
+    except Exception:
+        return False
+    backend = a.get_backend_name()
+    if backend == "sqlite" or backend != b.get_backend_name():
+        return False
+    return ((a.host or "").lower(), a.port or SERVER_PORTS.get(backend), a.database) == (
+        (b.host or "").lower(),
+        b.port or SERVER_PORTS.get(backend),
+        b.database,
+    )
+
+
+def open_study(settings: CampaignSettings) -> Any:
+    """Create or continue the campaign's study; refuse a continuation with another space."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(settings.storage, settings.heartbeat)
+    study = optuna.create_study(
+        study_name=settings.name,
+        storage=storage,
+        direction="maximize",
+        sampler=space.TrialSeededSampler(settings.seed),
+        load_if_exists=True,
+    )
+    wanted = {"subset": settings.subset, "datasets": ",".join(settings.datasets), "seed": settings.seed,
+              "fidelity": settings.train.fidelity}  # fmt: skip
+    existing = study.user_attrs
+    if "fidelity" not in existing and study.get_trials(deepcopy=False):
+        existing = {**existing, "fidelity": "clean"}  # begun before the option: its nets trained clean
+    for key, value in wanted.items():
+        # Key by key: workers starting together may see the study before its creator has set
+        # every attribute; the first to find one missing sets it.
+        if key not in existing:
+            study.set_user_attr(key, value)
+        elif key in STUDY_ATTRS and existing[key] != value:
+            raise ParameterError(
+                key,
+                f"campaign {settings.name!r} was started with {key}={existing[key]}; "
+                f"got {value} (use another campaign name)",
+            )
+    return study
+
+
+def load_study(name: str, url: str) -> Any:
+    """The study `name` in the storage, or None where the storage holds none (a journal file that
+    does not exist is not created)."""
+    import optuna
+
+    url = url.strip() or DEFAULT_STORAGE
+    if "://" not in url and not Path(url.removeprefix("journal:")).expanduser().is_file():
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=name, storage=open_storage(url))
+    except KeyError:
+        return None

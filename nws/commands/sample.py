@@ -1,0 +1,125 @@
+"""The `sample` entry point: train nets of a campaign. Its parameters, checked here and turned
+into `CampaignSettings`; the campaign itself runs in `nws.campaign`, in this process or (with
+`workers` > 1) in worker processes supervised by `nws.commands.workers`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from nws import space
+from nws.campaign.loop import CampaignSummary
+from nws.campaign.settings import CampaignSettings
+from nws.campaign.storage import DEFAULT_STORAGE
+from nws.checks import at_least
+from nws.commands.options import check_campaign, default_of, param
+from nws.errors import ParameterError
+from nws.fidelity import check_fidelity
+from nws.space import NetConfig
+from nws.training import TrainSettings
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """The parameters of the `sample` entry point."""
+
+    n_nets: int = param(1, "nets to train in this call")
+    subset: str = param("main", "fixed (architecture pinned) or main (architecture drawn too)")
+    datasets: str = param("offline", "comma list of datasets to draw from; 'offline' or 'paper' name groups")
+    prints: int = param(20, "snapshots kept per net (>= 2)")
+    max_epochs: int = param(default_of(TrainSettings, "max_epochs"), "most epochs per net")
+    min_epochs: int = param(
+        default_of(TrainSettings, "min_epochs"), "epochs before early stopping may stop a net"
+    )
+    seed: int = param(0, "campaign seed: hyper-parameters and net seeds derive from it")
+    campaign: str = param("default", "campaign name: the Optuna study and the nws.campaign tag")
+    storage: str = param(
+        "", f"Optuna storage: an RDB URL or a journal file path (default ./{DEFAULT_STORAGE})"
+    )
+    data_dir: str = param("", "root of the datasets' official files (default $NWS_DATA_DIR)")
+    download: bool = param(True, "download missing paper datasets")
+    max_train_images: int = param(0, "cap on training images per net (0 = all)")
+    max_eval_images: int = param(0, "cap on validation and test images per net (0 = all)")
+    config: str = param(
+        "", "replay one configuration: name=value,... (all 13) or 13 values in NWS column order"
+    )
+    lr_decay: float = param(
+        default_of(TrainSettings, "lr_decay"), "per-epoch learning-rate factor (1.0 = constant, as published)"
+    )
+    mixed_precision: bool = param(
+        default_of(TrainSettings, "mixed_precision"), "train in mixed float16 (GPU)"
+    )
+    fidelity: str = param(
+        default_of(TrainSettings, "fidelity"),
+        "paper (train as the released code did) or clean (Keras defaults, clean evaluation)",
+    )
+    deterministic: bool = param(True, "TensorFlow op determinism (bit-identical on CPU)")
+    target: int = param(0, "finished nets the campaign should hold; workers train until then (0: n_nets)")
+    workers: int = param(1, "worker processes on this machine, all on the same campaign")
+    threads: int = param(0, "TensorFlow CPU threads per worker (0: the cores split between workers)")
+    heartbeat: int = param(
+        30, "seconds between heartbeats on an RDB storage; a trial silent for 2x this is retried"
+    )
+    parent_run_id: str = param("", "MLflow run to nest the nets under (set for the workers of --workers)")
+
+    def settings(self) -> CampaignSettings:
+        """Check every parameter; the campaign they describe."""
+        from nws.campaign.storage import check_storage
+        from nws.data import resolve_datasets
+
+        at_least("n_nets", self.n_nets, 1)
+        space.check_subset(self.subset)
+        at_least("prints", self.prints, 2)
+        at_least("max_epochs", self.max_epochs, 0)
+        at_least("min_epochs", self.min_epochs, 0)
+        if self.min_epochs > self.max_epochs:
+            raise ParameterError(
+                "min_epochs", f"{self.min_epochs} is larger than max_epochs ({self.max_epochs})"
+            )
+        at_least("seed", self.seed, 0)
+        at_least("max_train_images", self.max_train_images, 0)
+        at_least("max_eval_images", self.max_eval_images, 0)
+        if not 0.0 < self.lr_decay <= 1.0:
+            raise ParameterError("lr_decay", f"{self.lr_decay} is not in (0, 1]")
+        check_fidelity(self.fidelity)
+        check_campaign(self.campaign)
+        at_least("target", self.target, 0)
+        at_least("workers", self.workers, 1)
+        at_least("threads", self.threads, 0)
+        at_least("heartbeat", self.heartbeat, 1)
+        storage = check_storage(self.storage)
+        datasets = resolve_datasets(self.datasets)
+        replay = None
+        if self.config.strip():
+            replay = NetConfig.parse(self.config)
+            if replay.dataset not in datasets:
+                datasets = resolve_datasets(replay.dataset)
+            replay.check(self.subset, datasets)
+        train = TrainSettings(
+            max_epochs=self.max_epochs,
+            min_epochs=self.min_epochs,
+            lr_decay=self.lr_decay,
+            mixed_precision=self.mixed_precision,
+            fidelity=self.fidelity,
+        )
+        return CampaignSettings(
+            name=self.campaign, subset=self.subset, datasets=tuple(datasets), replay=replay, train=train,
+            prints=self.prints, seed=self.seed, n_nets=self.n_nets, target=self.target, storage=storage,
+            heartbeat=self.heartbeat, data_dir=self.data_dir or None, download=self.download,
+            max_train_images=self.max_train_images, max_eval_images=self.max_eval_images,
+            deterministic=self.deterministic, threads=self.threads, parent_run_id=self.parent_run_id,
+        )  # fmt: skip
+
+
+def run_campaign(options: SampleOptions) -> CampaignSummary:
+    """Train a campaign's nets: `n_nets` in this call, or until the campaign holds `target`
+    finished nets; with `workers` > 1, in that many processes. Every net is an MLflow run and an
+    Optuna trial."""
+    from nws.campaign.loop import open_campaign, train_campaign
+
+    settings = options.settings()
+    study = open_campaign(settings)
+    if options.workers > 1:
+        from nws.commands.workers import run_workers
+
+        return run_workers(settings, asdict(options), options.workers, study)
+    return train_campaign(settings, study, asdict(options))

@@ -1,0 +1,214 @@
+"""The `train` entry point: meta-classifiers on nets selected by a run query. Its parameters, and
+everything that can be wrong with its input (the query, K, the slice length, a property with one
+class, a corrupted artifact), checked before the first model is trained, so bad input never
+registers anything. The training and its runs: `nws.commands.train_runs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from nws.checks import at_least, writable_directory
+from nws.commands.options import Selection, default_of, names_list, param
+from nws.commands.train_runs import Plan, train_all
+from nws.errors import ParameterError
+from nws.meta import MODEL_NAMES
+from nws.meta.base import MetaSettings
+from nws.progress import say
+from nws.snapshots import REGIONS, region_bounds
+from nws.space import PROPERTY_NAMES, get_property
+from nws.tracking.runs import parent_run
+from nws.tracking.tags import TAG_ROLE
+from nws.zoo.cache import default_cache_dir
+from nws.zoo.splits import SPLITS, Split, UnsplittableError, split_nets
+
+
+@dataclass(frozen=True)
+class TrainOptions(Selection):
+    """The parameters of the `train` entry point: the selection, then the training. The
+    meta-classifier's settings take their defaults from `MetaSettings`."""
+
+    props: str = param("all", "comma list of properties to predict, or all")
+    K: str = param("", "snapshot range a,b within 1..prints (default: every snapshot)")
+    slice_length: int = param(default_of(MetaSettings, "slice_length"), "consecutive weights per input slice")
+    region: str = param(default_of(MetaSettings, "region"), "where slices start: all, conv or fc")
+    models: str = param("dmc,stats,layer_stats", "meta-classifiers: dmc, stats, layer_stats")
+    epochs: int = param(default_of(MetaSettings, "epochs"), "DMC training epochs")
+    batch_size: int = param(default_of(MetaSettings, "batch_size"), "DMC batch size")
+    learning_rate: float = param(default_of(MetaSettings, "learning_rate"), "DMC learning rate (Adam)")
+    test_fraction: float = param(0.2, "share of each class's nets held out for testing")
+    split: str = param("random", "random (by net, seeded) or published (the nets' nws.split tags)")
+    seed: int = param(default_of(MetaSettings, "seed"), "seed of the split and the training")
+    register: bool = param(True, "register the models and move the champion alias")
+    cache_dir: str = param("", "snapshot cache (default $NWS_CACHE_DIR or ~/.cache/nws/zoo)")
+
+    def validate(self) -> tuple[list[str], list[str]]:
+        """Check the parameters that need no data; return the properties and models."""
+        at_least("epochs", self.epochs, 1)
+        at_least("batch_size", self.batch_size, 1)
+        at_least("seed", self.seed, 0)
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ParameterError("test_fraction", f"{self.test_fraction} is not in (0, 1)")
+        if not self.learning_rate > 0:
+            raise ParameterError("learning_rate", f"{self.learning_rate} is not positive")
+        if not 0.0 <= self.min_test_accuracy <= 1.0:
+            raise ParameterError("min_test_accuracy", f"{self.min_test_accuracy} is not in [0, 1]")
+        if self.split not in SPLITS:
+            raise ParameterError("split", f"{self.split!r} is not one of {', '.join(SPLITS)}")
+        if self.region not in REGIONS:
+            raise ParameterError("region", f"{self.region!r} is not one of {', '.join(REGIONS)}")
+        at_least("slice_length", self.slice_length, 1)
+        k_bounds(self.K)  # its syntax now; its range once the nets' snapshot counts are known
+        models = names_list(self.models)
+        for name in models:
+            if name not in MODEL_NAMES:
+                raise ParameterError("models", f"unknown model {name!r} (known: {', '.join(MODEL_NAMES)})")
+        if not models:
+            raise ParameterError("models", "no model given")
+        props = list(PROPERTY_NAMES) if self.props.strip() in ("", "all") else names_list(self.props)
+        for name in props:
+            try:
+                get_property(name)
+            except ParameterError:
+                raise ParameterError(
+                    "props", f"unknown property {name!r} (known: {', '.join(PROPERTY_NAMES)}, all)"
+                ) from None
+        writable_directory("cache_dir", self.cache_dir or default_cache_dir())
+        return props, models
+
+    def settings(self) -> MetaSettings:
+        return MetaSettings(
+            slice_length=self.slice_length,
+            region=self.region,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            seed=self.seed,
+        )
+
+
+def k_bounds(text: str) -> tuple[int, int] | None:
+    """The snapshot range `a,b` (1-based, inclusive; `a` alone is `a,a`) as written, checked
+    before any net is known: None when empty (every snapshot)."""
+    if not text.strip():
+        return None
+    try:
+        parts = [int(p) for p in text.replace("..", ",").split(",")]
+    except ValueError:
+        raise ParameterError("K", f"{text!r} is not a range a,b") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    a, b = parts if len(parts) == 2 else (0, 0)
+    if not 1 <= a <= b:
+        raise ParameterError("K", f"{text!r} is not a range a,b with 1 <= a <= b")
+    return a, b
+
+
+def parse_k(text: str, prints: int) -> tuple[int, int]:
+    """A snapshot range `a,b` (1-based, inclusive) within 1..prints; empty = all snapshots."""
+    bounds = k_bounds(text)
+    if bounds is None:
+        return 1, prints
+    if bounds[1] > prints:
+        raise ParameterError("K", f"{text!r} is outside 1..{prints} (the fewest snapshots of a selected net)")
+    return bounds
+
+
+def check_slice_length(nets: pd.DataFrame, used: np.ndarray, region: str, length: int) -> None:
+    """Refuse a slice longer than the shortest region among the nets that will be used."""
+    start, stop = region_bounds(nets["n_weights"], nets["weightn_conv"], region)
+    span = (stop - start)[used]
+    if length > span.min():
+        shortest = used[int(np.argmin(span))]
+        raise ParameterError(
+            "slice_length",
+            f"{length} is longer than the {region} part of run {nets['run_id'].iloc[shortest]} "
+            f"({int(span.min())} weights)",
+        )
+
+
+def split_property(nets: pd.DataFrame, prop: str, options: TrainOptions) -> Split:
+    """The split of `prop`'s nets, or one line naming the parameter that cannot be met."""
+    try:
+        return split_nets(
+            nets, prop, options.test_fraction, options.seed, published=options.split == "published"
+        )
+    except UnsplittableError as e:
+        raise ParameterError("split" if e.published else "props", str(e)) from None
+
+
+def plan(options: TrainOptions) -> Plan:
+    """Check the input against the selected nets and build their zoo: what `train_all` runs."""
+    from nws.snapshots import weight_layout
+    from nws.space import NetConfig
+    from nws.zoo.cache import ArtifactCache
+    from nws.zoo.splits import varying_properties
+    from nws.zoo.store import build_zoo
+
+    props, models = options.validate()
+    nets = options.query()
+    say(f"selected {len(nets)} nets")
+    explicit = options.props.strip() not in ("", "all")
+    varying, constant = varying_properties(nets, props)
+    if constant:
+        message = ", ".join(f"{p} (always {nets[p].iloc[0]})" for p in constant)
+        if explicit:
+            raise ParameterError("props", f"does not vary in the selection: {message}")
+        say(f"skipping properties that do not vary: {message}")
+    if not varying:
+        raise ParameterError("props", "no requested property varies in the selection")
+    k_range = parse_k(options.K, int(nets["prints"].min()))
+    splits = {}
+    for prop in varying:
+        try:
+            splits[prop] = split_property(nets, prop, options)
+        except ParameterError as reason:
+            if explicit:
+                raise
+            say(f"skipping {prop}: {str(reason).removeprefix('props: ')}")
+    if not splits:
+        raise ParameterError("props", "no property has enough nets per class (2) in the selection")
+    layout = None
+    if "layer_stats" in models:
+        if nets["n_weights"].nunique() == 1:
+            layout = weight_layout(NetConfig.from_mapping(nets.iloc[0][list(PROPERTY_NAMES)].to_dict()))
+        else:
+            say("skipping layer_stats: the selected nets do not share one architecture")
+            models = [m for m in models if m != "layer_stats"]
+            if not models:
+                raise ParameterError("models", "layer_stats needs nets of one architecture")
+    cache = ArtifactCache(Path(options.cache_dir).expanduser() if options.cache_dir else None)
+    used = np.unique(np.concatenate([np.concatenate([s.train, s.valid, s.test]) for s in splits.values()]))
+    if any(m != "layer_stats" for m in models):
+        check_slice_length(nets, used, options.region, options.slice_length)
+    zoo = build_zoo(nets, cache)
+    stats = cache.stats
+    how = f"{stats.verified} verified against their digests, {stats.downloaded} downloaded"
+    if stats.repaired:
+        how += f", {stats.repaired} damaged cache entries rebuilt"
+    say(f"zoo: {len(zoo)} nets, {zoo.size_bytes / 1e6:.1f} MB ({how})")
+    return Plan(zoo, k_range, splits, models, layout)
+
+
+def run_training(options: TrainOptions) -> pd.DataFrame:
+    """Train, evaluate, log and register; return the results table."""
+    the_plan = plan(options)
+    with parent_run({TAG_ROLE: "meta"}, asdict(options), run_name="meta-classifiers"):
+        return train_all(the_plan, options.settings(), options.register)
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """The accuracy table against chance, as printed at the end."""
+    lines = [f"{'property':<15} {'model':<12} {'net acc':>8} {'slice acc':>9} {'chance':>7}"]
+    for row in table.itertuples():
+        if row.property == "lrate":
+            lines.append(f"{row.property:<15} {row.model:<12} MAE {row.net_mae:.5f} (constant guess "
+                         f"{row.constant_guess_mae:.5f})")  # fmt: skip
+        else:
+            lines.append(f"{row.property:<15} {row.model:<12} {row.net_accuracy:8.3f} "
+                         f"{row.slice_accuracy:9.3f} {row.chance:7.3f}")  # fmt: skip
+    return "\n".join(lines)
