@@ -133,30 +133,42 @@ def weight_layout(config: NetConfig) -> WeightLayout:
 
 
 @functools.lru_cache(maxsize=1)
-def _conv_sizes() -> dict[int, int]:
-    """n_weights -> weightn_conv for every architecture of the space (batch norm on wins the two
-    lengths it shares with batch-norm-off architectures)."""
+def _architectures_by_length() -> dict[int, NetConfig]:
+    """n_weights -> a configuration of that architecture, for every architecture of the space.
+    Lengths are unique within batch norm on and within off; the two lengths the settings share go
+    to batch norm on (the only setting the study draws)."""
     import itertools
 
     from nws.space import BY_NAME
 
-    sizes: dict[int, int] = {}
+    configs: dict[int, NetConfig] = {}
     arch = [BY_NAME[n].options for n in ("filter_size", "depth_conv", "depth_fc", "width_conv", "width_fc")]
     for batch_norm in ("off", "on"):
         for k, dc, df, wc, wf in itertools.product(*arch):
             config = NetConfig("mnist", 0.001, 32, batch_norm, "off", "adam", "relu", "normal",
                                k, dc, df, wc, wf)  # fmt: skip
-            layout = weight_layout(config)
-            sizes[layout.n_weights] = layout.weightn_conv
-    return sizes
+            configs[weight_layout(config).n_weights] = config
+    return configs
 
 
-def conv_size_for_length(n_weights: int) -> int:
-    """The conv part's length of a flat vector of the NWS family, known from its length alone."""
+def architectures() -> list[NetConfig]:
+    """A configuration of every architecture of the space (batch norm on and off)."""
+    return list(_architectures_by_length().values())
+
+
+def architecture_for_length(n_weights: int) -> NetConfig:
+    """A configuration with the architecture (and batch norm) of a flat vector of the NWS family
+    of this length, which names it uniquely; its other properties are placeholders."""
     try:
-        return _conv_sizes()[n_weights]
+        return _architectures_by_length()[n_weights]
     except KeyError:
         raise ValueError(f"no architecture of the NWS space has {n_weights} weights") from None
+
+
+@functools.cache
+def conv_size_for_length(n_weights: int) -> int:
+    """The conv part's length of a flat vector of the NWS family, known from its length alone."""
+    return weight_layout(architecture_for_length(n_weights)).weightn_conv
 
 
 def _variable(model: Any, entry: TensorEntry) -> Any:

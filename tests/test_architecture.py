@@ -16,7 +16,7 @@ LAYERS = [
     ("nws.data",),
     ("nws.cnn", "nws.layers"),
     ("nws.pipeline", "nws.optimizers", "nws.training"),
-    ("nws.snapshots",),
+    ("nws.snapshots", "nws.symmetry"),
     ("nws.tracking",),
     ("nws.campaign",),
     ("nws.zoo",),

@@ -14,21 +14,14 @@ import pandas as pd
 import pytest
 
 from nws.errors import DataError
-from nws.meta.invariant import (
-    MODEL_FILE,
-    SLOTS,
-    InvariantModel,
-    UnitTable,
-    architecture_for_length,
-    max_units,
-    template,
-)
-from nws.meta.models import MetaSettings, Task
+from nws.meta.base import MetaSettings, Task
+from nws.meta.invariant import MODEL_FILE, InvariantModel
 from nws.meta.samples import Samples
-from nws.snapshots import conv_size_for_length, weight_layout
+from nws.meta.unit_features import SLOTS, UnitTable, max_units, template
+from nws.snapshots import architecture_for_length, conv_size_for_length, weight_layout
 from nws.space import NetConfig
 from nws.symmetry import permute
-from nws.zoo import Zoo
+from nws.zoo.store import Zoo
 
 ARCHITECTURES = ((3, 3, 2, 4, 64), (5, 4, 3, 8, 64))  # filter, depth conv / fc, width conv / fc
 INITIALIZATIONS = ("constant", "normal")

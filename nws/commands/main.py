@@ -20,6 +20,7 @@ from nws import space
 from nws.commands.sample import SampleOptions
 from nws.commands.train import TrainOptions, parse_k
 from nws.errors import ParameterError
+from nws.meta import KINDS
 from nws.tracking.tags import TAG_CAMPAIGN, TAG_ROLE, tag_equals
 
 SAMPLE_DEFAULTS = {
@@ -111,7 +112,7 @@ def check_before_sampling(options: Any, sample: SampleOptions) -> None:
         raise ParameterError(
             "models", f"layer_stats needs nets of one architecture; the {options.subset} subset draws it"
         )
-    if any(m != "layer_stats" for m in models):
+    if any(KINDS[m].uses_slices for m in models):
         span = smallest_region(options.subset, options.region)
         if options.slice_length > span:
             which = "architecture" if options.subset == "fixed" else "smallest architecture"

@@ -16,7 +16,7 @@ from nws.checks import at_least, writable_directory
 from nws.commands.options import Selection, default_of, names_list, param
 from nws.commands.train_runs import Plan, train_all
 from nws.errors import ParameterError
-from nws.meta import MODEL_NAMES
+from nws.meta import KINDS, MODEL_NAMES
 from nws.meta.base import MetaSettings
 from nws.progress import say
 from nws.snapshots import REGIONS, region_bounds
@@ -36,7 +36,7 @@ class TrainOptions(Selection):
     K: str = param("", "snapshot range a,b within 1..prints (default: every snapshot)")
     slice_length: int = param(default_of(MetaSettings, "slice_length"), "consecutive weights per input slice")
     region: str = param(default_of(MetaSettings, "region"), "where slices start: all, conv or fc")
-    models: str = param("dmc,stats,layer_stats", "meta-classifiers: dmc, stats, layer_stats")
+    models: str = param("dmc,stats,layer_stats", f"meta-classifiers, comma list of: {', '.join(MODEL_NAMES)}")
     epochs: int = param(default_of(MetaSettings, "epochs"), "DMC training epochs")
     batch_size: int = param(default_of(MetaSettings, "batch_size"), "DMC batch size")
     learning_rate: float = param(default_of(MetaSettings, "learning_rate"), "DMC learning rate (Adam)")
@@ -183,7 +183,7 @@ def plan(options: TrainOptions) -> Plan:
                 raise ParameterError("models", "layer_stats needs nets of one architecture")
     cache = ArtifactCache(Path(options.cache_dir).expanduser() if options.cache_dir else None)
     used = np.unique(np.concatenate([np.concatenate([s.train, s.valid, s.test]) for s in splits.values()]))
-    if any(m != "layer_stats" for m in models):
+    if any(KINDS[m].uses_slices for m in models):
         check_slice_length(nets, used, options.region, options.slice_length)
     zoo = build_zoo(nets, cache)
     stats = cache.stats

@@ -3,7 +3,10 @@
 - `base`: the task, the settings and the interface every model shares;
 - `dmc` (the paper's deep 1D CNN on raw slices), `baselines` (`stats`: slice statistics +
   gradient boosting; `layer_stats`: per-layer statistics of whole snapshots + gradient boosting,
-  for selections that share one architecture): the models;
+  for selections that share one architecture), `invariant` (a DeepSets-style network over the
+  units of every layer, unchanged when hidden units are renumbered; any architectures): the models;
+- `unit_features`, `keras_archive`: what the invariant model pools; reading a `.keras` archive
+  without running code from it;
 - `features`, `samples`: weight statistics, and the slices cut from a zoo's snapshots;
 - `evaluation`, `statistics`, `dissection`: held-out scores, their intervals and tests, figures.
 
@@ -25,12 +28,14 @@ from nws.errors import DataError, one_line
 from nws.meta.base import MetaClassifier, MetaSettings, Task
 from nws.meta.baselines import LayerStatsModel, SliceStatsModel
 from nws.meta.dmc import DMC
+from nws.meta.invariant import InvariantModel
 from nws.snapshots import WeightLayout
 
 KINDS: dict[str, type[MetaClassifier]] = {
     "dmc": DMC,
     "stats": SliceStatsModel,
     "layer_stats": LayerStatsModel,
+    "invariant": InvariantModel,
 }
 MODEL_NAMES = tuple(KINDS)
 

@@ -13,17 +13,14 @@ archive (a Lambda layer's code, a function of another module) is refused rather 
 
 from __future__ import annotations
 
-import json
-import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from nws import interrupts
-from nws.errors import DataError, one_line
 from nws.meta.base import MetaClassifier
+from nws.meta.keras_archive import load_checked
 from nws.meta.samples import Samples
 
 KERNEL = 5
@@ -213,31 +210,4 @@ class DMC(MetaClassifier):
         self.model.save(directory / MODEL_FILE)
 
     def _load_model(self, directory: Path) -> None:
-        import keras
-
-        path = directory / MODEL_FILE
-        try:
-            with zipfile.ZipFile(path) as archive:
-                strangers = sorted(
-                    set(_named_objects(json.loads(archive.read("config.json")))) - KERAS_OBJECTS
-                )
-        except (OSError, zipfile.BadZipFile, KeyError, ValueError, RecursionError) as e:
-            raise DataError(f"{MODEL_FILE}: not a Keras archive ({one_line(e)})") from None
-        if strangers:
-            raise DataError(f"{MODEL_FILE}: names objects a DMC is not made of: {', '.join(strangers)}")
-        try:
-            # Explicit safe mode, and no compile: prediction needs neither optimizer nor loss.
-            self.model = keras.models.load_model(path, compile=False, safe_mode=True)
-        except Exception as e:  # Keras' reader of untrusted input: any failure means a bad file
-            raise DataError(f"{MODEL_FILE}: cannot be loaded ({one_line(e)})") from None
-
-
-def _named_objects(node: Any) -> Iterator[str]:
-    """`module.class` of every object a Keras config names, however deeply nested."""
-    if isinstance(node, dict):
-        if "class_name" in node:
-            yield ".".join(str(part) for part in (node.get("module"), node["class_name"]) if part is not None)
-        node = list(node.values())
-    if isinstance(node, list):
-        for value in node:
-            yield from _named_objects(value)
+        self.model = load_checked(directory / MODEL_FILE, KERAS_OBJECTS, "a DMC")

@@ -74,7 +74,8 @@ def evaluate(
         if sweep:
             result.sweep = _predict_even(model, test, SWEEP_POSITIONS).astype(np.float32)
     else:
-        vectors = np.stack([test.zoo.snapshot(n, k) for n, k in zip(test.net, test.k, strict=True)])
+        # A list, not an array: a whole-snapshot model may see nets of several architectures.
+        vectors = [test.zoo.snapshot(n, k) for n, k in zip(test.net, test.k, strict=True)]
         index = np.arange(len(test))
         slice_out = snapshot_out = model.predict_snapshots(vectors)
         even = snapshot_out[:, None]

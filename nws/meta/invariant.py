@@ -33,45 +33,33 @@ DMC) and `invariant.json` (the feature standardisation); nothing runs code from 
 
 from __future__ import annotations
 
-import functools
-import itertools
 import json
 import math
-import zipfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from nws import interrupts
-from nws.cnn import layer_plan
-from nws.errors import DataError
-from nws.meta.models import MetaClassifier, one_line  # moves to nws.meta.base
+from nws.errors import DataError, one_line
+from nws.meta.base import MetaClassifier
+from nws.meta.keras_archive import load_checked
 from nws.meta.samples import Samples
-from nws.snapshots import weight_layout
-from nws.space import BY_NAME, NetConfig
+from nws.meta.unit_features import (
+    ARCHITECTURE_FEATURES,
+    ROLES,
+    SLOTS,
+    UNIT_FEATURES,
+    UnitTable,
+    max_units,
+    template,
+)
 
-ARCHITECTURE_FEATURES = ("filter_size", "depth_conv", "depth_fc", "width_conv", "width_fc")
-MAX_CONV = max(BY_NAME["depth_conv"].options)
-MAX_DENSE = max(BY_NAME["depth_fc"].options)
-SLOTS = MAX_CONV + MAX_DENSE + 1
-"""Layer slots: convs 0..4, hidden dense layers 5..8, the output layer 9."""
-ROLES = ("first_conv", "conv", "dense", "output")
-REGION_ROLES = {"all": ROLES, "conv": ("first_conv", "conv"), "fc": ("dense", "output")}
-UNIT_FEATURES = (
-    "in_mean", "in_std", "in_min", "in_q25", "in_median", "in_q75", "in_max", "in_rms",
-    "bias", "beta", "gamma", "moving_mean", "moving_variance",
-    "has_batch_norm", "log2_fan_in", "log2_units",
-)  # fmt: skip
-"""Per unit; the first 13 are weight values, compressed by sign(x) log(1 + |x|)."""
 PHI = (64, 64)
 PSI = 64
 RHO = (128, 64)
 PREDICT_BATCH = 256
-FEATURE_CHUNK = 32
-"""Vectors whose features are computed at once (float64 copies of 32 of the largest nets: 100 MB)."""
 MODEL_FILE = "invariant.keras"
 FEATURES_FILE = "invariant.json"
 FEATURES_FORMAT = "nws-invariant-features-v1"
@@ -83,153 +71,6 @@ KERAS_OBJECTS = frozenset({
     "keras.losses.MeanAbsoluteError", "__keras_tensor__",
 })  # fmt: skip
 """Every object (module.class) the config of a saved invariant model names (Keras 3.15)."""
-
-
-@functools.lru_cache(maxsize=1)
-def _configs_by_length() -> dict[int, NetConfig]:
-    """n_weights -> a configuration of that architecture, for every architecture of the space.
-    Lengths are unique within batch norm on and within off; the two lengths they share go to
-    batch norm on (the only setting the study draws), as in `nws.snapshots.conv_size_for_length`."""
-    configs: dict[int, NetConfig] = {}
-    options = [BY_NAME[name].options for name in ARCHITECTURE_FEATURES]
-    for batch_norm in ("off", "on"):
-        for values in itertools.product(*options):
-            config = NetConfig("mnist", 0.001, 32, batch_norm, "off", "adam", "relu", "normal", *values)
-            configs[weight_layout(config).n_weights] = config
-    return configs
-
-
-def architecture_for_length(n_weights: int) -> NetConfig:
-    """A configuration with the architecture (and batch norm) of a flat vector of this length;
-    its other properties are placeholders."""
-    try:
-        return _configs_by_length()[n_weights]
-    except KeyError:
-        raise ValueError(f"no architecture of the NWS space has {n_weights} weights") from None
-
-
-@functools.lru_cache(maxsize=1)
-def max_units() -> int:
-    """The most units (all weight-owning layers together) of any net of the space."""
-    return max(sum(spec.units for spec in layer_plan(c)) for c in _configs_by_length().values())
-
-
-@dataclass(frozen=True)
-class _Layer:
-    slot: int
-    role: str
-    units: int
-    fan_in: int
-    kernel: slice
-    bias: slice
-    batch_norm: tuple[slice, ...]  # beta, gamma, moving mean, moving variance; () without
-
-
-@dataclass(frozen=True)
-class Template:
-    """What the model needs of one architecture besides the weights."""
-
-    layers: tuple[_Layer, ...]
-    n_units: int
-    layer_pool: np.ndarray  # [SLOTS, MAX_UNITS]: row s averages the units of the layer in slot s
-    role_pool: np.ndarray  # [len(ROLES), SLOTS]: row r averages the slots of role r
-    architecture: np.ndarray  # [len(ARCHITECTURE_FEATURES) + 1]
-
-
-@functools.cache
-def template(n_weights: int, region: str = "all") -> Template:
-    """The template of the architecture with `n_weights` weights."""
-    config = architecture_for_length(n_weights)
-    layout = weight_layout(config)
-    entries = {(e.layer, e.tensor): slice(e.offset, e.stop) for e in layout}
-    layers, convs, denses = [], 0, 0
-    for spec in layer_plan(config):
-        if spec.kind == "conv":
-            slot, role, convs = convs, "first_conv" if convs == 0 else "conv", convs + 1
-        elif spec.kind == "dense":
-            slot, role, denses = MAX_CONV + denses, "dense", denses + 1
-        else:
-            slot, role = SLOTS - 1, "output"
-        norm = ("beta", "gamma", "moving_mean", "moving_variance") if spec.batch_norm else ()
-        layers.append(
-            _Layer(
-                slot, role, spec.units, math.prod(spec.kernel_shape[:-1]), entries[(spec.name, "kernel")],
-                entries[(spec.name, "bias")], tuple(entries[(spec.name, t)] for t in norm),
-            )
-        )  # fmt: skip
-    layer_pool = np.zeros((SLOTS, max_units()), np.float32)
-    start = 0
-    for layer in layers:
-        layer_pool[layer.slot, start : start + layer.units] = 1.0 / layer.units
-        start += layer.units
-    role_pool = np.zeros((len(ROLES), SLOTS), np.float32)
-    for r, role in enumerate(ROLES):
-        if role in REGION_ROLES[region]:
-            slots = [layer.slot for layer in layers if layer.role == role]
-            role_pool[r, slots] = 1.0 / len(slots)
-    architecture = np.array(
-        [getattr(config, name) / max(BY_NAME[name].options) for name in ARCHITECTURE_FEATURES]
-        + [float(config.batch_norm == "on")],
-        np.float32,
-    )
-    return Template(tuple(layers), start, layer_pool, role_pool, architecture)
-
-
-def _compress(x: np.ndarray) -> np.ndarray:
-    return np.sign(x) * np.log1p(np.abs(x))
-
-
-def unit_features(vectors: np.ndarray) -> np.ndarray:
-    """[n, units, len(UNIT_FEATURES)] features of the units of n vectors of one architecture, in
-    layer order (the order of the template's `layer_pool` columns)."""
-    vectors = np.atleast_2d(np.asarray(vectors, np.float64))
-    n = len(vectors)
-    parts = []
-    for layer in template(vectors.shape[1]).layers:
-        # Storage order puts a unit's incoming weights next to each other (nws.snapshots).
-        incoming = vectors[:, layer.kernel].reshape(n, layer.units, layer.fan_in)
-        columns = [incoming.mean(axis=-1), incoming.std(axis=-1)]
-        columns += list(np.quantile(incoming, (0.0, 0.25, 0.5, 0.75, 1.0), axis=-1))
-        columns.append(np.sqrt((incoming**2).mean(axis=-1)))
-        columns.append(vectors[:, layer.bias])
-        if layer.batch_norm:
-            columns += [vectors[:, part] for part in layer.batch_norm]
-        else:
-            columns += [np.zeros((n, layer.units))] * 4
-        values = _compress(np.stack(columns, axis=-1))
-        sizes = [float(bool(layer.batch_norm)), math.log2(layer.fan_in), math.log2(layer.units)]
-        constant = np.broadcast_to(np.array(sizes), (n, layer.units, len(sizes)))
-        parts.append(np.concatenate([values, constant], axis=-1))
-    return np.concatenate(parts, axis=1).astype(np.float32)
-
-
-@dataclass
-class UnitTable:
-    """The unit features of many vectors (of any architectures), packed without padding."""
-
-    features: np.ndarray  # [all units, len(UNIT_FEATURES)]
-    start: np.ndarray  # per vector, its first row
-    n_weights: np.ndarray  # per vector, its length (the architecture)
-
-    @classmethod
-    def of(cls, vectors: Sequence[np.ndarray] | np.ndarray) -> UnitTable:
-        vectors = [np.asarray(v, np.float32).ravel() for v in vectors]
-        lengths = np.array([len(v) for v in vectors], np.int64)
-        for length in np.unique(lengths):
-            architecture_for_length(int(length))  # a clear error before any work
-        counts = np.array([template(int(length)).n_units for length in lengths], np.int64)
-        start = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        features = np.empty((int(counts.sum()), len(UNIT_FEATURES)), np.float32)
-        for length in np.unique(lengths):
-            members = np.flatnonzero(lengths == length)
-            for chunk in np.array_split(members, math.ceil(len(members) / FEATURE_CHUNK)):
-                values = unit_features(np.stack([vectors[i] for i in chunk]))
-                for i, rows in zip(chunk, values, strict=True):
-                    features[start[i] : start[i] + len(rows)] = rows
-        return cls(features, start, lengths)
-
-    def __len__(self) -> int:
-        return len(self.start)
 
 
 def build_invariant(n_outputs: int) -> Any:
@@ -385,8 +226,6 @@ class InvariantModel(MetaClassifier):
         (directory / FEATURES_FILE).write_text(json.dumps(document, indent=1))
 
     def _load_model(self, directory: Path) -> None:
-        import keras
-
         try:
             document = json.loads((directory / FEATURES_FILE).read_text(encoding="utf-8"))
             if document["format"] != FEATURES_FORMAT or document["unit_features"] != list(UNIT_FEATURES):
@@ -399,23 +238,7 @@ class InvariantModel(MetaClassifier):
                 raise ValueError("means must be finite and stds positive")
         except (OSError, ValueError, KeyError, TypeError) as e:  # incl. bad JSON and UnicodeDecodeError
             raise DataError(f"{FEATURES_FILE}: not an invariant model's features ({one_line(e)})") from None
-        path = directory / MODEL_FILE
-        try:
-            with zipfile.ZipFile(path) as archive:
-                strangers = sorted(
-                    set(_named_objects(json.loads(archive.read("config.json")))) - KERAS_OBJECTS
-                )
-        except (OSError, zipfile.BadZipFile, KeyError, ValueError, RecursionError) as e:
-            raise DataError(f"{MODEL_FILE}: not a Keras archive ({one_line(e)})") from None
-        if strangers:
-            raise DataError(
-                f"{MODEL_FILE}: names objects an invariant model is not made of: {', '.join(strangers)}"
-            )
-        try:
-            # Explicit safe mode, and no compile: prediction needs neither optimizer nor loss.
-            model = keras.models.load_model(path, compile=False, safe_mode=True)
-        except Exception as e:  # Keras' reader of untrusted input: any failure means a bad file
-            raise DataError(f"{MODEL_FILE}: cannot be loaded ({one_line(e)})") from None
+        model = load_checked(directory / MODEL_FILE, KERAS_OBJECTS, "an invariant model")
         n_outputs = 1 if self.task.is_regression else len(self.task.classes)
         expected = (
             [(None, max_units(), len(UNIT_FEATURES)), (None, SLOTS, max_units()), (None, len(ROLES), SLOTS),
@@ -429,14 +252,3 @@ class InvariantModel(MetaClassifier):
 
 def _snapshots(samples: Samples) -> list[np.ndarray]:
     return [samples.zoo.snapshot(n, k) for n, k in zip(samples.net, samples.k, strict=True)]
-
-
-def _named_objects(node: Any) -> Iterator[str]:
-    """`module.class` of every object a Keras config names, however deeply nested."""
-    if isinstance(node, dict):
-        if "class_name" in node:
-            yield ".".join(str(part) for part in (node.get("module"), node["class_name"]) if part is not None)
-        node = list(node.values())
-    if isinstance(node, list):
-        for value in node:
-            yield from _named_objects(value)
