@@ -1,0 +1,169 @@
+"""Issue 18: a Small CNN Zoo directory imported as net runs (`import_cnn_zoo`), accuracy
+prediction on them (`train --props test_accuracy`), the robustness protocol, and our own zoo
+exported in that layout and read back.
+
+The zoos here are written by the tests in the published format (weights.npy, metrics.csv.gz with
+`modeldir`, `step` and `config.*` columns, layout.csv with TensorFlow variable names), tiny: a
+conv 3x3x1x4, a conv 3x3x4x4 and a dense 4x10 layer after global pooling, 238 weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from nws import cli
+from nws.tracking.tags import LAYOUT_ARTIFACT, WEIGHTS_ARTIFACT
+
+LAYOUT = [("sequential/conv2d/kernel:0", (3, 3, 1, 4)), ("sequential/conv2d/bias:0", (4,)),
+          ("sequential/conv2d_1/kernel:0", (3, 3, 4, 4)), ("sequential/conv2d_1/bias:0", (4,)),
+          ("sequential/dense/kernel:0", (4, 10)), ("sequential/dense/bias:0", (10,))]  # fmt: skip
+N_WEIGHTS = sum(int(np.prod(s)) for _, s in LAYOUT)
+STEPS = (0, 4, 12)
+
+
+def write_zoo(directory: Path, n_nets: int = 12, seed: int = 0) -> dict[str, np.ndarray]:
+    """A zoo whose nets' weight scale grows with their test accuracy, rows shuffled across
+    nets and steps; returns each net's native rows in step order."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    rows, records, nets = [], [], {}
+    for i in range(n_nets):
+        native = []
+        for k, step in enumerate(STEPS):
+            accuracy = 0.1 + 0.8 * (i / (n_nets - 1)) * (k + 1) / len(STEPS)
+            native.append(rng.normal(0, 0.05 + accuracy, N_WEIGHTS).astype(np.float32))
+            records.append({"modeldir": f"net{i}", "step": step, "test_accuracy": accuracy,
+                            "train_accuracy": min(1.0, accuracy + 0.05), "test_loss": 2 - accuracy,
+                            "train_loss": 1.9 - accuracy, "config.learning_rate": 0.001 * (i + 1),
+                            "config.activation": "relu" if i % 2 == 0 else "tanh",
+                            "config.w_init": "glorot_normal"})  # fmt: skip
+        nets[f"net{i}"] = np.stack(native)
+        rows += native
+    order = rng.permutation(len(rows))
+    np.save(directory / "weights.npy", np.stack(rows)[order])
+    pd.DataFrame(records).iloc[order].to_csv(directory / "metrics.csv.gz", index=False)
+    starts = np.cumsum([0] + [int(np.prod(s)) for _, s in LAYOUT])
+    pd.DataFrame({"varname": [v for v, _ in LAYOUT], "start_idx": starts[:-1], "end_idx": starts[1:],
+                  "shape": [str(s) for _, s in LAYOUT]}).to_csv(directory / "layout.csv", index=False)  # fmt: skip
+    return nets
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+def net_runs(status: str = "FINISHED") -> list:
+    query = f"tags.`nws.role` = 'net' and attributes.status = '{status}'"
+    return mlflow.search_runs(search_all_experiments=True, filter_string=query, output_format="list")
+
+
+def artifact(run, path: str, tmp: Path) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=path,
+                                                    dst_path=str(tmp / run.info.run_id)))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_import_reads_every_net_in_step_order_refuses_bad_ones_and_resumes(tracking_uri, tmp_path):
+    nets = write_zoo(tmp_path / "zoo")
+    weights = np.load(tmp_path / "zoo" / "weights.npy")
+    metrics = pd.read_csv(tmp_path / "zoo" / "metrics.csv.gz")
+    weights[np.flatnonzero(metrics["modeldir"] == "net3")[1], 7] = np.nan
+    metrics.loc[np.flatnonzero(metrics["modeldir"] == "net5")[0], "test_accuracy"] = 1.5
+    np.save(tmp_path / "zoo" / "weights.npy", weights)
+    metrics.to_csv(tmp_path / "zoo" / "metrics.csv.gz", index=False)
+
+    code, out, err = run_cli("import_cnn_zoo", "--dir", str(tmp_path / "zoo"), "--campaign", "tiny")
+    assert code == 1, err
+    assert "imported 10 nets, skipped 0 already imported, refused 2" in out
+    assert "refused net net3: its weights hold NaN" in err and "refused net net5: test_accuracy" in err
+    runs = {r.data.params["source"]: r for r in net_runs()}
+    assert len(runs) == 10 and "net3" not in runs
+    run = runs["net4"]
+    assert run.data.params["config.learning_rate"] == "0.005" and run.data.params["prints"] == "3"
+    assert run.data.tags["nws.campaign"] == "tiny" and run.data.tags["nws.weights_shape"] == f"3x{N_WEIGHTS}"
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "test_accuracy")
+    assert sorted(m.step for m in history if m.step) == [4, 12]
+    ours = np.load(artifact(run, WEIGHTS_ARTIFACT, tmp_path))
+    native = nets["net4"]  # in step order
+    np.testing.assert_array_equal(ours[:, :36].reshape(3, 4, 1, 3, 3),
+                                  native[:, :36].reshape(3, 3, 3, 1, 4).transpose(0, 4, 3, 1, 2))  # fmt: skip
+    np.testing.assert_array_equal(
+        ours[:, 188:228].reshape(3, 10, 4), native[:, 188:228].reshape(3, 4, 10).transpose(0, 2, 1)
+    )
+    np.testing.assert_array_equal(ours[:, 36:40], native[:, 36:40])
+    document = json.loads(artifact(run, LAYOUT_ARTIFACT, tmp_path).read_text())
+    assert [t["keras_layer"] + "/" + t["tensor"] for t in document["tensors"]][:2] == [
+        "sequential/conv2d/kernel", "sequential/conv2d/bias"]  # fmt: skip
+    assert [s["step"] for s in document["snapshots"]] == list(STEPS)
+    assert document["weightn_conv"] == 188 and document["config"]["config.w_init"] == "glorot_normal"
+
+    code, out, _ = run_cli("import_cnn_zoo", "--dir", str(tmp_path / "zoo"), "--campaign", "tiny",
+                           "--allow-refused", "true")  # fmt: skip
+    assert code == 0 and "imported 0 nets, skipped 10 already imported, refused 2" in out
+    assert len(net_runs()) == 10
+
+
+@pytest.mark.slow
+def test_a_directory_that_is_not_a_zoo_is_one_line_and_no_run(tracking_uri, tmp_path):
+    write_zoo(tmp_path / "zoo", n_nets=3)
+    (tmp_path / "zoo" / "layout.csv").unlink()
+    code, _, err = run_cli("import_cnn_zoo", "--dir", str(tmp_path / "zoo"))
+    assert code == 2 and err.strip().startswith("nws import_cnn_zoo: error: dir: ") and "no layout.csv" in err
+    write_zoo(tmp_path / "short", n_nets=3)
+    metrics = pd.read_csv(tmp_path / "short" / "metrics.csv.gz")
+    metrics.iloc[:-1].to_csv(tmp_path / "short" / "metrics.csv.gz", index=False)
+    code, _, err = run_cli("import_cnn_zoo", "--dir", str(tmp_path / "short"))
+    assert code == 2 and "metrics.csv.gz has 8 rows, weights.npy 9" in err
+    code, _, err = run_cli("import_cnn_zoo", "--dir", str(tmp_path / "missing"))
+    assert code == 2 and "is not a directory" in err
+    assert not net_runs() and not mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+@pytest.mark.slow
+def test_train_predicts_test_accuracy_of_an_imported_zoo_and_the_robustness_protocol(tracking_uri, tmp_path):
+    write_zoo(tmp_path / "zoo", n_nets=16)
+    assert run_cli("import_cnn_zoo", "--dir", str(tmp_path / "zoo"))[0] == 0
+    code, out, err = run_cli(
+        "train", "--props", "test_accuracy,generalization_gap", "--K", "3,3", "--models",
+        "stats,layer_stats,invariant,dmc", "--slice-length", "32", "--epochs", "3", "--test-fraction", "0.25",
+        "--robustness", "permute,rescale", "--cache-dir", str(tmp_path / "cache"),
+    )  # fmt: skip
+    assert code == 0, err
+    parent = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`nws.role` = 'meta'",
+                                output_format="list")[0]  # fmt: skip
+    metrics = parent.data.metrics
+    for model in ("stats", "layer_stats", "invariant", "dmc"):
+        for prop in ("test_accuracy", "generalization_gap"):
+            for score in ("tau", "r2", "mae"):
+                assert f"{score}_{prop}_{model}" in metrics
+                assert metrics[f"{score}_ci_low_{prop}_{model}"] <= metrics[f"{score}_ci_high_{prop}_{model}"]
+            assert f"tau_{prop}_{model}_permute" in metrics and f"netmae_{prop}_{model}_rescale" in metrics
+    # The weight scale grows with the accuracy, which the per-layer statistics read.
+    assert metrics["tau_test_accuracy_layer_stats"] > 0.5
+    # Renumbering hidden units changes nothing for the invariant model (nor for layer statistics).
+    for model in ("invariant", "layer_stats"):
+        assert metrics[f"netmae_test_accuracy_{model}_permute"] == pytest.approx(
+            metrics[f"netmae_test_accuracy_{model}"], abs=1e-5)  # fmt: skip
+    child = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string=(
+        "tags.`nws.property` = 'test_accuracy' and tags.`nws.model` = 'invariant'"))[0]  # fmt: skip
+    assert (
+        child.data.metrics["n_permuted"] == 4 and 0 < child.data.metrics["n_rescaled"] < 4
+    )  # relu nets only
+    results = pd.read_csv(artifact(parent, "results.csv", tmp_path))
+    assert {"tau", "tau_ci_low", "r2", "mae", "net_mae_permute", "tau_rescale"} <= set(results.columns)
+    assert "tau" in out and "permute:" in out
+    model = mlflow.pyfunc.load_model("models:/nws-meta-test-accuracy@champion")
+    weights = np.load(artifact(net_runs()[0], WEIGHTS_ARTIFACT, tmp_path))
+    predicted = model.predict(weights[-1:])
+    assert predicted.shape == (1,) and 0.0 <= float(predicted[0]) <= 1.0
