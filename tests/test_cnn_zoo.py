@@ -41,7 +41,7 @@ def write_zoo(directory: Path, n_nets: int = 12, seed: int = 0) -> dict[str, np.
             accuracy = 0.1 + 0.8 * (i / (n_nets - 1)) * (k + 1) / len(STEPS)
             native.append(rng.normal(0, 0.05 + accuracy, N_WEIGHTS).astype(np.float32))
             records.append({"modeldir": f"net{i}", "step": step, "test_accuracy": accuracy,
-                            "train_accuracy": min(1.0, accuracy + 0.05), "test_loss": 2 - accuracy,
+                            "train_accuracy": min(1.0, accuracy + 0.02 * (i % 4)), "test_loss": 2 - accuracy,
                             "train_loss": 1.9 - accuracy, "config.learning_rate": 0.001 * (i + 1),
                             "config.activation": "relu" if i % 2 == 0 else "tanh",
                             "config.w_init": "glorot_normal"})  # fmt: skip
@@ -51,8 +51,9 @@ def write_zoo(directory: Path, n_nets: int = 12, seed: int = 0) -> dict[str, np.
     np.save(directory / "weights.npy", np.stack(rows)[order])
     pd.DataFrame(records).iloc[order].to_csv(directory / "metrics.csv.gz", index=False)
     starts = np.cumsum([0] + [int(np.prod(s)) for _, s in LAYOUT])
-    pd.DataFrame({"varname": [v for v, _ in LAYOUT], "start_idx": starts[:-1], "end_idx": starts[1:],
-                  "shape": [str(s) for _, s in LAYOUT]}).to_csv(directory / "layout.csv", index=False)  # fmt: skip
+    layout = {"varname": [v for v, _ in LAYOUT], "start_idx": starts[:-1], "end_idx": starts[1:],
+              "shape": [str(s) for _, s in LAYOUT]}  # fmt: skip
+    pd.DataFrame(layout).to_csv(directory / "layout.csv", index=False)
     return nets
 
 
@@ -135,7 +136,7 @@ def test_train_predicts_test_accuracy_of_an_imported_zoo_and_the_robustness_prot
     write_zoo(tmp_path / "zoo", n_nets=16)
     assert run_cli("import_cnn_zoo", "--dir", str(tmp_path / "zoo"))[0] == 0
     code, out, err = run_cli(
-        "train", "--props", "test_accuracy,generalization_gap", "--K", "3,3", "--models",
+        "train", "--props", "test_accuracy", "--K", "3,3", "--models",
         "stats,layer_stats,invariant,dmc", "--slice-length", "32", "--epochs", "3", "--test-fraction", "0.25",
         "--robustness", "permute,rescale", "--cache-dir", str(tmp_path / "cache"),
     )  # fmt: skip
@@ -144,11 +145,15 @@ def test_train_predicts_test_accuracy_of_an_imported_zoo_and_the_robustness_prot
                                 output_format="list")[0]  # fmt: skip
     metrics = parent.data.metrics
     for model in ("stats", "layer_stats", "invariant", "dmc"):
-        for prop in ("test_accuracy", "generalization_gap"):
-            for score in ("tau", "r2", "mae"):
-                assert f"{score}_{prop}_{model}" in metrics
-                assert metrics[f"{score}_ci_low_{prop}_{model}"] <= metrics[f"{score}_ci_high_{prop}_{model}"]
-            assert f"tau_{prop}_{model}_permute" in metrics and f"netmae_{prop}_{model}_rescale" in metrics
+        for score in ("tau", "r2", "mae"):
+            value, low, high = (
+                metrics[f"{score}{part}_test_accuracy_{model}"] for part in ("", "_ci_low", "_ci_high")
+            )
+            assert low <= value <= high or np.isnan(value)  # NaN: a model that predicts one value
+        assert (
+            f"tau_test_accuracy_{model}_permute" in metrics
+            and f"netmae_test_accuracy_{model}_rescale" in metrics
+        )
     # The weight scale grows with the accuracy, which the per-layer statistics read.
     assert metrics["tau_test_accuracy_layer_stats"] > 0.5
     # Renumbering hidden units changes nothing for the invariant model (nor for layer statistics).
@@ -167,3 +172,32 @@ def test_train_predicts_test_accuracy_of_an_imported_zoo_and_the_robustness_prot
     weights = np.load(artifact(net_runs()[0], WEIGHTS_ARTIFACT, tmp_path))
     predicted = model.predict(weights[-1:])
     assert predicted.shape == (1,) and 0.0 <= float(predicted[0]) <= 1.0
+
+
+def test_snapshot_targets_are_read_per_snapshot_and_checked_over_k():
+    from nws.errors import DataError
+    from nws.zoo.targets import check_values, snapshot_values
+
+    documents = [{"snapshots": [{"snapshot": 1, "train_accuracy": 0.5, "test_accuracy": 0.4},
+                                {"snapshot": 2, "train_accuracy": 0.9, "test_accuracy": 0.7}]},
+                 {"snapshots": [{"snapshot": 2, "train_accuracy": 0.8, "test_accuracy": 0.8}]}]  # fmt: skip
+    np.testing.assert_allclose(snapshot_values(documents, "test_accuracy", 2), [[0.4, 0.7], [np.nan, 0.8]])
+    np.testing.assert_allclose(
+        snapshot_values(documents, "generalization_gap", 2), [[0.1, 0.2], [np.nan, 0.0]]
+    )
+    check_values(snapshot_values(documents, "test_accuracy", 2), ["a", "b"], "test_accuracy", (2, 2))
+    with pytest.raises(DataError, match="run b: no test_accuracy at snapshot 1"):
+        check_values(snapshot_values(documents, "test_accuracy", 2), ["a", "b"], "test_accuracy", (1, 2))
+
+
+def test_regression_scores_have_intervals_over_nets():
+    from nws.meta.regression import regression_scores
+
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(0, 1, 40)
+    scores = regression_scores(truth, truth + rng.normal(0, 0.05, 40), np.arange(40) // 2, seed=1)
+    assert scores["tau"] > 0.8 and scores["tau_ci_low"] < scores["tau"] < scores["tau_ci_high"] <= 1
+    assert scores["r2"] > 0.9 and 0 < scores["mae_ci_low"] < scores["mae"] < scores["mae_ci_high"]
+    assert regression_scores(truth, -truth, np.arange(40))["tau"] == pytest.approx(-1.0)
+    same = regression_scores(truth, np.full(40, 0.5), np.arange(40))
+    assert np.isnan(same["tau"]) and same["mae"] == pytest.approx(np.abs(truth - 0.5).mean())

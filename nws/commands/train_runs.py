@@ -88,7 +88,9 @@ def _log_parent_metrics(row: dict[str, Any]) -> None:
     if prop in SNAPSHOT_TARGETS:
         mlflow.log_metrics({f"{score}{part}_{prop}_{model}": row[f"{score}{part}"] for score in SCORES
                             for part in ("", "_ci_low", "_ci_high")})  # fmt: skip
-        mlflow.log_metric(f"mae_{prop}_constant", row["constant_guess_mae"])
+        mlflow.log_metrics(
+            {f"netmae_{prop}_{model}": row["net_mae"], f"mae_{prop}_constant": row["constant_guess_mae"]}
+        )
     elif prop == "lrate":
         mlflow.log_metrics({f"mae_lrate_{model}": row["slice_mae"], f"netmae_lrate_{model}": row["net_mae"],
                             "mae_lrate_constant": row["constant_guess_mae"]})  # fmt: skip
