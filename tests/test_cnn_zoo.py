@@ -201,3 +201,42 @@ def test_regression_scores_have_intervals_over_nets():
     assert regression_scores(truth, -truth, np.arange(40))["tau"] == pytest.approx(-1.0)
     same = regression_scores(truth, np.full(40, 0.5), np.arange(40))
     assert np.isnan(same["tau"]) and same["mae"] == pytest.approx(np.abs(truth - 0.5).mean())
+
+
+@pytest.mark.slow
+def test_our_zoo_exported_as_a_small_cnn_zoo_imports_back_with_equal_values(
+    in_meta_zoo, tmp_path, monkeypatch
+):
+    from nws.commands.export_nws import ExportOptions, run_export
+
+    originals = {}
+    for run in net_runs():
+        originals[run.info.run_id] = np.load(artifact(run, WEIGHTS_ARTIFACT, tmp_path / "original"))
+    layout = json.loads(artifact(net_runs()[0], LAYOUT_ARTIFACT, tmp_path).read_text())["tensors"]
+    run_export(ExportOptions(out=str(tmp_path / "full"), format="cnn_zoo"))
+    run_export(ExportOptions(out=str(tmp_path / "kb"), format="cnn_zoo", kernels_only=True))
+    kept = [t for t in layout if t["tensor"] in ("kernel", "bias")]
+    varnames = pd.read_csv(tmp_path / "kb" / "layout.csv")["varname"]
+    assert len(kept) < len(layout) and all(v.endswith(("kernel:0", "bias:0")) for v in varnames)
+    metrics = pd.read_csv(tmp_path / "full" / "metrics.csv.gz")
+    assert {"config.learning_rate", "config.w_init", "config.optimizer", "config.activation", "step"} <= set(
+        metrics.columns
+    )
+    for name in ("full", "kb"):
+        uri = f"sqlite:///{tmp_path / name}.db"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        assert run_cli("import_cnn_zoo", "--dir", str(tmp_path / name))[0] == 0
+        runs = net_runs()
+        assert len(runs) == len(originals)
+        for run in runs:
+            original = originals[run.data.params["source"]]  # our export names each net by its run id
+            imported = np.load(artifact(run, WEIGHTS_ARTIFACT, tmp_path / name))
+            if name == "full":
+                np.testing.assert_array_equal(imported, original)
+            else:
+                expected = np.concatenate(
+                    [original[:, t["offset"] : t["offset"] + t["size"]] for t in kept], axis=1
+                )
+                np.testing.assert_array_equal(imported, expected)
+            assert run.data.params["config.optimizer"] in ("adam", "rmsprop", "momentum")

@@ -160,13 +160,20 @@ class CnnZoo:
         import xxhash
 
         metrics = self.metrics.iloc[rows]
-        order = np.argsort(pd.to_numeric(metrics["step"], errors="coerce").to_numpy(), kind="stable")
+        # Step order; a zoo of ours may repeat a step (more snapshots than evaluations), which its
+        # `snapshot` column orders.
+        keys = [
+            pd.to_numeric(metrics[c], errors="coerce").to_numpy()
+            for c in ("snapshot", "step")
+            if c in metrics
+        ]
+        order = np.lexsort(keys)
         rows, metrics = rows[order], metrics.iloc[order]
         steps = pd.to_numeric(metrics["step"], errors="coerce").to_numpy()
         if len(rows) != checkpoints:
             raise Refused(f"{len(rows)} checkpoints, not {checkpoints}")
-        if not np.isfinite(steps).all() or (steps < 0).any() or len(np.unique(steps)) != len(steps):
-            raise Refused(f"steps {list(metrics['step'])} are not distinct non-negative numbers")
+        if not np.isfinite(steps).all() or (steps < 0).any():
+            raise Refused(f"steps {list(metrics['step'])} are not all non-negative numbers")
         for column in ACCURACIES:
             values = pd.to_numeric(metrics[column], errors="coerce").to_numpy()
             if not (np.isfinite(values).all() and ((values >= 0) & (values <= 1)).all()):
