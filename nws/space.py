@@ -124,6 +124,23 @@ BY_NAME: dict[str, Property] = {p.name: p for p in PROPERTIES}
 ARCHITECTURE: tuple[str, ...] = tuple(p.name for p in PROPERTIES if p.is_architecture)
 
 
+SNAPSHOT_TARGETS: dict[str, tuple[float, float]] = {
+    "test_accuracy": (0.0, 1.0),
+    "generalization_gap": (-1.0, 1.0),
+}
+"""What a meta-model can regress besides the 13 properties: a net's state at each snapshot rather
+than how it was made (issue 18). The value of snapshot k is the net's test accuracy, or its train
+minus test accuracy, at that snapshot's epoch; the range scales the regression target."""
+
+
+def value_range(name: str) -> tuple[float, float]:
+    """The range a regressed value lies in: a snapshot target's, or a uniform property's."""
+    if name in SNAPSHOT_TARGETS:
+        return SNAPSHOT_TARGETS[name]
+    prop = BY_NAME[name]
+    return prop.low, prop.high
+
+
 def get_property(name: str) -> Property:
     try:
         return BY_NAME[name]
