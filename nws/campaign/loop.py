@@ -44,11 +44,14 @@ def open_campaign(settings: CampaignSettings) -> Any:
     server answers, the datasets are there), then its study, created or continued. A campaign
     started again first closes what a killed process of this host left RUNNING (a worker of
     `--workers` leaves that to its parent)."""
+    from nws.backend import TENSORFLOW, jax_environment, tensorflow_environment
     from nws.data import check_available
-    from nws.training import tensorflow_environment
 
     check_tracking_server()
-    tensorflow_environment(settings.threads)  # before loading images starts TensorFlow
+    if settings.backend == TENSORFLOW:
+        tensorflow_environment(settings.threads)  # before loading images starts TensorFlow
+    else:
+        jax_environment(settings.deterministic, settings.threads)  # before anything starts JAX
     check_available(list(settings.datasets), settings.data_dir, settings.download)
     study = open_study(settings)
     if not settings.parent_run_id:
@@ -64,9 +67,9 @@ def train_campaign(settings: CampaignSettings, study: Any, params: Mapping[str, 
     `--workers`, whose parent holds the campaign's run)."""
     import mlflow
 
-    from nws.training import configure_tensorflow
+    from nws.backend import configure
 
-    configure_tensorflow(deterministic=settings.deterministic, threads=settings.threads)
+    configure(deterministic=settings.deterministic, threads=settings.threads)
     if settings.parent_run_id:
         summary = CampaignSummary(settings.name, campaign_run_id=settings.parent_run_id)
         train_nets(settings, study, summary)

@@ -3,12 +3,11 @@ which ends FINISHED only once every artifact is stored (or FAILED, KILLED, with 
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nws import __version__, space
+from nws import space
 from nws.campaign.settings import CampaignSettings
 from nws.campaign.trials import TAKEN_OVER
 from nws.space import NetConfig
@@ -17,18 +16,10 @@ from nws.tracking.tags import TAG_FAILURE, TAG_STOP_REASON, net_tags
 
 
 def environment_tags() -> dict[str, str]:
-    """The versions and device a net was trained with (tags of its run)."""
-    import keras
-    import tensorflow as tf
+    """The versions and device a net was trained with (tags of its run), the backend among them."""
+    from nws.backend import environment_tags as tags
 
-    gpus = tf.config.list_physical_devices("GPU")
-    return {
-        "nws.version": __version__,
-        "nws.tensorflow": tf.__version__,
-        "nws.keras": keras.__version__,
-        "nws.python": platform.python_version(),
-        "nws.device": f"GPU x{len(gpus)}" if gpus else "CPU",
-    }
+    return tags()
 
 
 @dataclass
@@ -79,6 +70,7 @@ class NetJob:
             "max_train_images": c.max_train_images,
             "max_eval_images": c.max_eval_images,
             "deterministic": c.deterministic,
+            "backend": c.backend,
             **c.train.as_params(),
             **sizes,
         }

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from nws import space
+from nws.backend import check_backend, select
 from nws.commands.sample import SampleOptions
 from nws.commands.train import TrainOptions, parse_k
 from nws.errors import ParameterError
@@ -133,6 +134,7 @@ def run_main(options: Any) -> pd.DataFrame:
     from nws.tracking.runs import parent_run
 
     sample = _part(options, SampleOptions)
+    select(check_backend(options.backend))  # before anything imports Keras
     check_before_sampling(options, sample)
     tags = {TAG_ROLE: "study", TAG_CAMPAIGN: options.campaign}
     with parent_run(tags, run_name=f"nws-main-{options.campaign}") as parent:
