@@ -24,7 +24,7 @@ LAYERS = [
     ("nws.space",),
     ("nws.data",),
     ("nws.cnn", "nws.layers"),
-    ("nws.augmentation", "nws.pipeline", "nws.optimizers", "nws.training"),
+    ("nws.augmentation", "nws.pipeline", "nws.optimizers", "nws.training", "nws.pack"),
     ("nws.snapshots", "nws.symmetry"),
     ("nws.tracking",),
     ("nws.campaign",),
