@@ -75,17 +75,10 @@ class NetJob:
             **sizes,
         }
 
-    def run(
-        self,
-        observers: list[Any],
-        on_start: Callable[[str], None] | None = None,
-        still_ours: Callable[[], bool] | None = None,
-    ) -> NetOutcome:
-        """Train the net in its own MLflow run. `still_ours` is asked before the result is
-        written: False (the trial was given to another worker) ends the run FAILED instead."""
+    def start(self) -> tuple[Any, Any, str]:
+        """The net's images, its weight layout and its MLflow run, started in this thread."""
         from nws.data import load_images, split_for_net
-        from nws.snapshots import SnapshotRecorder, layout_document, weight_layout
-        from nws.training import TrainingDiverged, train_net
+        from nws.snapshots import weight_layout
 
         c = self.campaign
         images = load_images(self.config.dataset, c.data_dir, c.download)
@@ -99,6 +92,20 @@ class NetJob:
             self.params(data.sizes()),
             parent_run_id=c.parent_run_id or None,
         )
+        return data, layout, run_id
+
+    def run(
+        self,
+        observers: list[Any],
+        on_start: Callable[[str], None] | None = None,
+        still_ours: Callable[[], bool] | None = None,
+    ) -> NetOutcome:
+        """Train the net in its own MLflow run. `still_ours` is asked before the result is
+        written: False (the trial was given to another worker) ends the run FAILED instead."""
+        from nws.snapshots import SnapshotRecorder
+        from nws.training import TrainingDiverged, train_net
+
+        data, layout, run_id = self.start()
         try:  # straight after: nothing between that a stop signal could cut
             if on_start is not None:
                 on_start(run_id)
@@ -109,30 +116,45 @@ class NetJob:
                     runs.log_epoch(epoch, metrics)
 
                 try:
-                    result = train_net(self.config, data, self.seed, c.train, [capture, *observers])
+                    result = train_net(
+                        self.config, data, self.seed, self.campaign.train, [capture, *observers]
+                    )
                 except TrainingDiverged as diverged:
-                    runs.end_run("FAILED", {TAG_FAILURE: f"nan_loss: {diverged}"})
-                    return NetOutcome(run_id, False, epochs=diverged.epoch, failure=str(diverged))
-                weights, snapshots = recorder.select(c.prints)
-            if still_ours is not None and not still_ours():
-                runs.end_run("FAILED", {TAG_FAILURE: TAKEN_OVER})
-                return NetOutcome(run_id, False, epochs=result.epochs, failure=TAKEN_OVER)
-            final = result.history[-1]
-            artifacts.log_net_result(
-                weights,
-                layout_document(self.config, layout, snapshots),
-                result.history,
-                {
-                    "epochs": result.epochs,
-                    "train_seconds": result.seconds,
-                    "weightn_conv": layout.weightn_conv,
-                    "weightn_fc": layout.weightn_fc,
-                    "steps_per_epoch": result.steps_per_epoch,
-                },
-                {TAG_STOP_REASON: result.stop_reason},
-            )
-            runs.end_run("FINISHED")
+                    return self.diverged(run_id, diverged)
+                return self.finish(run_id, layout, recorder, result, still_ours)
         except BaseException as error:
             runs.abort_run(run_id, error)
             raise
+
+    def diverged(self, run_id: str, diverged: Any) -> NetOutcome:
+        """End the net's run FAILED: its loss became NaN (`TrainingDiverged`)."""
+        runs.end_run("FAILED", {TAG_FAILURE: f"nan_loss: {diverged}"})
+        return NetOutcome(run_id, False, epochs=diverged.epoch, failure=str(diverged))
+
+    def finish(
+        self, run_id: str, layout: Any, recorder: Any, result: Any, still_ours: Callable[[], bool] | None
+    ) -> NetOutcome:
+        """Store a trained net's artifacts, then end its run FINISHED (FAILED when its trial was
+        taken over meanwhile). The caller aborts the run on an error."""
+        from nws.snapshots import layout_document
+
+        weights, snapshots = recorder.select(self.campaign.prints)
+        if still_ours is not None and not still_ours():
+            runs.end_run("FAILED", {TAG_FAILURE: TAKEN_OVER})
+            return NetOutcome(run_id, False, epochs=result.epochs, failure=TAKEN_OVER)
+        final = result.history[-1]
+        artifacts.log_net_result(
+            weights,
+            layout_document(self.config, layout, snapshots),
+            result.history,
+            {
+                "epochs": result.epochs,
+                "train_seconds": result.seconds,
+                "weightn_conv": layout.weightn_conv,
+                "weightn_fc": layout.weightn_fc,
+                "steps_per_epoch": result.steps_per_epoch,
+            },
+            {TAG_STOP_REASON: result.stop_reason},
+        )
+        runs.end_run("FINISHED")
         return NetOutcome(run_id, True, final["test_accuracy"], result.epochs)
