@@ -146,6 +146,13 @@ class PackTrainer:
         correct = jnp.sum(jnp.argmax(logits, -1) == y)
         return keep(new_tv, tv), keep(new_ntv, ntv), keep(new_ov, ov), loss, correct
 
+    def step(self, index: np.ndarray) -> tuple[Any, Any]:
+        """One optimizer step of every active net on its images `index[i]` (into the pack's
+        concatenated training images); per net the batch's loss and correct predictions."""
+        tv, ntv, ov, loss, correct = self._step(*self.state, index, self.active)
+        self.state = [tv, ntv, ov]
+        return loss, correct
+
     def train(self, observers: Sequence[Sequence[Observer]]) -> list[TrainResult | TrainingDiverged]:
         """Train every net to its own end; per net its TrainResult, or TrainingDiverged when its
         loss became NaN. `observers[i]` see net i at each of its evaluations, as with `train_net`.
@@ -170,9 +177,7 @@ class PackTrainer:
                     if net.step == 0:
                         net.order = net.sampler.epoch()
                     index[i] = self.offsets[i] + net.order[net.step * batch : (net.step + 1) * batch]
-            tv, ntv, ov = self.state
-            tv, ntv, ov, loss, correct = self._step(tv, ntv, ov, index, self.active)
-            self.state = [tv, ntv, ov]
+            loss, correct = self.step(index)
             loss_sum, correct_sum = loss_sum + loss, correct_sum + correct
             ending = []
             for i, net in enumerate(self.nets):

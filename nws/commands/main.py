@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from nws import space
-from nws.backend import check_backend, select
+from nws.backend import select
 from nws.commands.sample import SampleOptions
 from nws.commands.train import TrainOptions, parse_k
 from nws.errors import ParameterError
@@ -134,8 +134,8 @@ def run_main(options: Any) -> pd.DataFrame:
     from nws.tracking.runs import parent_run
 
     sample = _part(options, SampleOptions)
-    select(check_backend(options.backend))  # before anything imports Keras
     check_before_sampling(options, sample)
+    select(sample.backend)  # before anything imports Keras
     tags = {TAG_ROLE: "study", TAG_CAMPAIGN: options.campaign}
     with parent_run(tags, run_name=f"nws-main-{options.campaign}") as parent:
         with parent_run(run_name=f"sample-{options.campaign}", nested=True):

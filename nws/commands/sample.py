@@ -127,8 +127,8 @@ def run_campaign(options: SampleOptions) -> CampaignSummary:
     Optuna trial."""
     from nws.campaign.loop import open_campaign, train_campaign
 
-    select(check_backend(options.backend))  # before anything imports Keras
     settings = options.settings()
+    select(settings.backend)  # before anything imports Keras
     study = open_campaign(settings)
     if options.workers > 1:
         from nws.commands.workers import run_workers
