@@ -101,6 +101,41 @@ def snapshot_mae_rows(
     return pd.DataFrame(rows)
 
 
+def when_rows(
+    prop: str, model: str, per_snapshot: pd.DataFrame, baseline: float, *, seed: int = 0
+) -> pd.DataFrame:
+    """`when` rows from an `Evaluation.per_snapshot` table (one row per test snapshot: net, k, and
+    snapshot_correct, or abs_error for the learning rate): per k, a count over the test nets with
+    its Wilson interval, or their mean absolute error with its bootstrap interval."""
+    if "snapshot_correct" not in per_snapshot:
+        errors = {int(k): part.to_numpy() for k, part in per_snapshot.groupby("k")["abs_error"]}
+        return snapshot_mae_rows(prop, model, errors, baseline, seed=seed)
+    rows = []
+    for k, hits in per_snapshot.groupby("k")["snapshot_correct"]:
+        stats = count_statistics(int(hits.sum()), len(hits), baseline)
+        rows.append({"property": prop, "model": model, "k": int(k), "n_nets": len(hits),
+                     ACCURACY: stats.estimate, "ci_low": stats.ci_low, "ci_high": stats.ci_high,
+                     "baseline": baseline})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def how_much_rows(results: pd.DataFrame) -> pd.DataFrame:
+    """`how_much` rows from the results table's rows that have a slice length (whole-snapshot
+    models have none): each row's per-net score, its interval and its baseline."""
+    if results.empty or "slice_length" not in results:
+        return pd.DataFrame()
+    rows = []
+    for row in results[finite(results["slice_length"])].to_dict("records"):
+        accuracy = finite([row.get(ACCURACY_COLUMN)]).all()
+        measure, column, base = (
+            (ACCURACY, ACCURACY_COLUMN, "chance") if accuracy else (MAE, MAE_COLUMN, "constant_guess_mae")
+        )
+        rows.append({"property": row["property"], "model": row["model"],
+                     "slice_length": int(row["slice_length"]), measure: row[column],
+                     "ci_low": row["ci_low"], "ci_high": row["ci_high"], "baseline": row[base]})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 def best_models(results: pd.DataFrame) -> dict[str, str]:
     """Per property, the model with the best per-net score (highest accuracy or lowest MAE; a
     tie goes to the smaller p-value). The best of several models is chosen on the test nets, so
