@@ -235,5 +235,5 @@ def format_table(table: pd.DataFrame) -> str:
         format_statistics_table(table),
         "per net [95 % CI]: Wilson interval over test nets (MAE: bootstrap over test nets)",
         "p-value: one-sided exact binomial test over test nets against chance = 1/classes "
-        "(lrate: sign-flip test against the constant guess); * p < 0.01, the only rows called learned",
+        "(lrate: sign-flip test against the constant guess); * marks p < 0.01",
     ])  # fmt: skip

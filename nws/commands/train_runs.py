@@ -200,6 +200,8 @@ def train_one(
             title = (f"{prop} / {name}: {int(result.confusion.sum())} test nets\n"
                      f"(each: argmax of its mean probability over {over})")  # fmt: skip
             mlflow.log_image(_image(confusion_png(result.confusion, split.classes, title)), "confusion.png")
+            counts = pd.DataFrame(result.confusion, index=list(split.classes), columns=list(split.classes))
+            mlflow.log_text(counts.rename_axis("true/predicted").to_csv(), "confusion.csv")
         stats = result.statistics
         found = Findings(prop, name, stats)
         if not sweep:
