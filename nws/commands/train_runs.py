@@ -197,8 +197,8 @@ def train_one(
         mlflow.log_text(result.per_net.to_csv(index=False), "per_net.csv")
         if result.confusion is not None:
             over = "its snapshots and their slices" if uses_slices else "its snapshots"
-            title = (f"{prop} / {name}: {int(result.confusion.sum())} test nets\n"
-                     f"(each: argmax of its mean probability over {over})")  # fmt: skip
+            title = (f"{prop} / {name}: {int(result.confusion.sum())} test nets\n(each: argmax of "
+                     f"its mean probability\nover {over})")  # fmt: skip
             mlflow.log_image(_image(confusion_png(result.confusion, split.classes, title)), "confusion.png")
             counts = pd.DataFrame(result.confusion, index=list(split.classes), columns=list(split.classes))
             mlflow.log_text(counts.rename_axis("true/predicted").to_csv(), "confusion.csv")

@@ -214,9 +214,9 @@ def confusion_png(confusion: np.ndarray, classes: tuple[str, ...], title: str) -
     from sklearn.metrics import ConfusionMatrixDisplay
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(classes), 1.0 + 0.6 * len(classes)))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 + 0.6 * len(classes)), 1.6 + 0.6 * len(classes)))
     ConfusionMatrixDisplay(confusion, display_labels=list(classes)).plot(ax=ax, colorbar=False)
-    ax.set_title(title)
+    ax.set_title(title, fontsize="medium")
     plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
     return _png(fig)
 
@@ -252,7 +252,7 @@ def results_png(table: pd.DataFrame) -> bytes:
         part = rows[rows["model"] == name].drop_duplicates("property").set_index("property").reindex(props)
         where = x + i * width - 0.4 + width / 2
         value = part["net_accuracy"].to_numpy(dtype=float)
-        significant = part["significant"].fillna(False).to_numpy(dtype=bool)
+        significant = part["significant"].eq(True).to_numpy()
         bars = ax.bar(where, value, width, label=name)
         colour = bars.patches[0].get_facecolor() if bars.patches else None
         for bar, strong in zip(bars.patches, significant, strict=True):
@@ -266,8 +266,8 @@ def results_png(table: pd.DataFrame) -> bytes:
     ax.set_xticks(x, props, rotation=30, ha="right")
     ax.set_ylim(0, 1.12)
     ax.set_ylabel("per-net accuracy (95 % CI)")
-    ax.set_title("* p < 0.01, one-sided exact binomial test over test nets; pale: not significant",
+    ax.set_title("* p < 0.01 (one-sided exact binomial test over test nets)\npale: not significant",
                  fontsize=9)  # fmt: skip
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(True, axis="y")
     return _png(fig)
