@@ -8,15 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nws.meta.dissection import (
-    WhereCurve,
-    best_models,
-    dissection_figure,
-    dissection_markdown,
-    dissection_png,
-    snapshot_mae_rows,
-    snapshot_rows,
-)
+from nws.meta.dissection import WhereCurve, best_models, snapshot_mae_rows, snapshot_rows
+from nws.meta.dissection_figure import dissection_figure, dissection_png
+from nws.meta.dissection_markdown import dissection_markdown
 from nws.meta.statistics import count_statistics, mae_statistics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

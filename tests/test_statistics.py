@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from nws.errors import DataError, ParameterError
+from nws.meta.results_table import format_statistics_table
 from nws.meta.statistics import (
     NOT_SIGNIFICANT,
     accuracy_statistics,
     bootstrap_mean_ci,
     count_statistics,
-    format_statistics_table,
     mae_statistics,
     per_net_statistics,
     sign_flip_pvalue,
@@ -164,7 +164,12 @@ def test_metric_names_rows_and_table():
         "pvalue_batch_size_stats": stats.pvalue,
         "n_test_nets_batch_size": 10.0,
     }
-    assert set(stats.run_metrics()) == {"net_accuracy_ci_low", "net_accuracy_ci_high", "net_accuracy_pvalue"}
+    assert stats.run_metrics() == {
+        "ci_low": stats.ci_low,
+        "ci_high": stats.ci_high,
+        "pvalue": stats.pvalue,
+        "n_test_nets": 10.0,
+    }
     lrate = mae_statistics(np.zeros(4), np.array([1.0, -2.0, 3.0, 4.5]), 4.0)
     rows = [
         {"property": "batch_size", "model": "stats", **stats.row()},
@@ -174,8 +179,13 @@ def test_metric_names_rows_and_table():
     lines = format_statistics_table(rows).splitlines()
     assert len(lines) == 4
     assert "10" in lines[1] and "0.900 [0.596, 0.982]" in lines[1] and "0.250" in lines[1]
-    assert "3.0e-05" in lines[1] and lines[1].endswith("learned (p<0.01)")
-    assert lines[2].endswith("not significant")
+    assert "3.0e-05" in lines[1] and lines[1].endswith("* learned (p<0.01)")
+    assert lines[2].endswith("not significant") and "*" not in lines[2]
+    assert "L" not in lines[0].split()  # one slice length: no column for it
+    swept = [{**rows[0], "slice_length": length} for length in (500, 5000)]
+    swept.append({**rows[2], "slice_length": None})  # a whole-snapshot model's row
+    lines = format_statistics_table(swept).splitlines()
+    assert lines[0].split()[2] == "L" and [line.split()[2] for line in lines[1:]] == ["500", "5000", "-"]
     assert "MAE 2.62500" in lines[3] and "MAE 4.00000" in lines[3] and "0.125" in lines[3]
     assert lines[3].endswith("not significant")
 

@@ -92,7 +92,7 @@ def smallest_region(subset: str, region: str) -> int:
 def check_before_sampling(options: Any, sample: SampleOptions) -> None:
     """Everything that would fail the training part after the whole zoo is sampled: the sample
     and train parameters (the campaign's name among them: it must fit in the selection's
-    filter), K against `prints`, the slice length against the subset's architectures,
+    filter), K against `prints`, the slice lengths against the subset's architectures,
     properties that cannot vary in this campaign and models that cannot run."""
     settings = sample.settings()
     props, models = _part(options, TrainOptions).validate()
@@ -113,15 +113,19 @@ def check_before_sampling(options: Any, sample: SampleOptions) -> None:
         raise ParameterError(
             "models", f"layer_stats needs nets of one architecture; the {options.subset} subset draws it"
         )
+    sweep = _part(options, TrainOptions).sweep_lengths()
     if any(KINDS[m].uses_slices for m in models):
         span = smallest_region(options.subset, options.region)
-        if options.slice_length > span:
-            which = "architecture" if options.subset == "fixed" else "smallest architecture"
-            raise ParameterError(
-                "slice_length",
-                f"{options.slice_length} is longer than the {options.region} part of the {options.subset} "
-                f"subset's {which} ({span} weights)",
-            )
+        which = "architecture" if options.subset == "fixed" else "smallest architecture"
+        for name, length in [("slice_length", options.slice_length), *(("slice_lengths", s) for s in sweep)]:
+            if length > span:
+                raise ParameterError(
+                    name,
+                    f"{length} is longer than the {options.region} part of the {options.subset} "
+                    f"subset's {which} ({span} weights)",
+                )
+    elif sweep:
+        raise ParameterError("slice_lengths", "no slice model (dmc, stats) among the models to sweep")
 
 
 def run_main(options: Any) -> pd.DataFrame:

@@ -37,6 +37,9 @@ class TrainOptions(Selection):
     )
     K: str = param("", "snapshot range a,b within 1..prints (default: every snapshot)")
     slice_length: int = param(default_of(MetaSettings, "slice_length"), "consecutive weights per input slice")
+    slice_lengths: str = param(
+        "", "comma list of further slice lengths for the dissection's how-much sweep (default: none)"
+    )
     region: str = param(default_of(MetaSettings, "region"), "where slices start: all, conv or fc")
     models: str = param("dmc,stats,layer_stats", f"meta-classifiers, comma list of: {', '.join(MODEL_NAMES)}")
     epochs: int = param(default_of(MetaSettings, "epochs"), "DMC training epochs")
@@ -79,6 +82,7 @@ class TrainOptions(Selection):
         if self.region not in REGIONS:
             raise ParameterError("region", f"{self.region!r} is not one of {', '.join(REGIONS)}")
         at_least("slice_length", self.slice_length, 1)
+        self.sweep_lengths()
         k_bounds(self.K)  # its syntax now; its range once the nets' snapshot counts are known
         models = names_list(self.models)
         for name in models:
@@ -98,6 +102,10 @@ class TrainOptions(Selection):
         self.transforms()
         writable_directory("cache_dir", self.cache_dir or default_cache_dir())
         return props, models
+
+    def sweep_lengths(self) -> list[int]:
+        """The slice lengths of the how-much sweep beyond `slice_length`, ascending."""
+        return [length for length in parse_slice_lengths(self.slice_lengths) if length != self.slice_length]
 
     def settings(self) -> MetaSettings:
         return MetaSettings(
@@ -127,6 +135,17 @@ def k_bounds(text: str) -> tuple[int, int] | None:
     return a, b
 
 
+def parse_slice_lengths(text: str) -> list[int]:
+    """`slice_lengths` as written, `a,b,...`: positive integers, ascending, without repeats."""
+    try:
+        lengths = sorted({int(part) for part in names_list(text)})
+    except ValueError:
+        lengths = [0]
+    if lengths and lengths[0] < 1:
+        raise ParameterError("slice_lengths", f"{text!r} is not a comma list of positive integers")
+    return lengths
+
+
 def parse_k(text: str, prints: int) -> tuple[int, int]:
     """A snapshot range `a,b` (1-based, inclusive) within 1..prints; empty = all snapshots."""
     bounds = k_bounds(text)
@@ -137,14 +156,16 @@ def parse_k(text: str, prints: int) -> tuple[int, int]:
     return bounds
 
 
-def check_slice_length(nets: pd.DataFrame, used: np.ndarray, region: str, length: int) -> None:
+def check_slice_length(
+    nets: pd.DataFrame, used: np.ndarray, region: str, length: int, parameter: str = "slice_length"
+) -> None:
     """Refuse a slice longer than the shortest region among the nets that will be used."""
     start, stop = region_bounds(nets["n_weights"], nets["weightn_conv"], region)
     span = (stop - start)[used]
     if length > span.min():
         shortest = used[int(np.argmin(span))]
         raise ParameterError(
-            "slice_length",
+            parameter,
             f"{length} is longer than the {region} part of run {nets['run_id'].iloc[shortest]} "
             f"({int(span.min())} weights)",
         )
@@ -218,8 +239,13 @@ def plan(options: TrainOptions) -> Plan:
                 raise ParameterError("models", "layer_stats needs nets of one architecture")
     cache = ArtifactCache(Path(options.cache_dir).expanduser() if options.cache_dir else None)
     used = np.unique(np.concatenate([np.concatenate([s.train, s.valid, s.test]) for s in splits.values()]))
+    sweep = options.sweep_lengths()
     if any(KINDS[m].uses_slices for m in models):
         check_slice_length(nets, used, options.region, options.slice_length)
+        for length in sweep:
+            check_slice_length(nets, used, options.region, length, "slice_lengths")
+    elif sweep:
+        raise ParameterError("slice_lengths", "no slice model (dmc, stats) among the models to sweep")
     zoo = build_zoo(nets, cache)
     stats = cache.stats
     how = f"{stats.verified} verified against their digests, {stats.downloaded} downloaded"
@@ -228,7 +254,7 @@ def plan(options: TrainOptions) -> Plan:
     say(f"zoo: {len(zoo)} nets, {zoo.size_bytes / 1e6:.1f} MB ({how})")
     robustness = options.transforms()
     activations = _activations(nets, documents) if "rescale" in robustness else []
-    return Plan(zoo, k_range, splits, models, layout, robustness, activations)
+    return Plan(zoo, k_range, splits, models, layout, robustness, activations, sweep)
 
 
 def _activations(nets: pd.DataFrame, documents: list[dict]) -> list[str]:
@@ -248,24 +274,27 @@ def run_training(options: TrainOptions) -> pd.DataFrame:
 
 
 def format_table(table: pd.DataFrame) -> str:
-    """The accuracy table against chance, as printed at the end; a snapshot target's line gives
-    Kendall's tau with its interval, R2 and MAE; the robustness protocol's figures follow."""
-    lines = [f"{'property':<15} {'model':<12} {'net acc':>8} {'slice acc':>9} {'chance':>7}"]
-    for row in table.to_dict("records"):
-        head = f"{row['property']:<15} {row['model']:<12}"
+    """The results table as printed at the end: per-net scores with their intervals and tests;
+    a snapshot target's line also gives Kendall's tau with its interval and R2; the robustness
+    protocol's figures follow their row."""
+    from nws.meta.results_table import format_statistics_table
+
+    lines = format_statistics_table(table).splitlines()
+    for i, row in enumerate(table.to_dict("records"), start=1):
+        extra = ""
         if row["property"] in SNAPSHOT_TARGETS:
-            line = (f"{head} tau {row['tau']:.3f} [{row['tau_ci_low']:.3f}, {row['tau_ci_high']:.3f}] "
-                    f"R2 {row['r2']:.3f} MAE {row['mae']:.4f} "
-                    f"(constant guess {row['constant_guess_mae']:.4f})")  # fmt: skip
-        elif row["property"] == "lrate":
-            line = f"{head} MAE {row['net_mae']:.5f} (constant guess {row['constant_guess_mae']:.5f})"
-        else:
-            line = f"{head} {row['net_accuracy']:8.3f} {row['slice_accuracy']:9.3f} {row['chance']:7.3f}"
+            tau = f"tau {row['tau']:.3f} [{row['tau_ci_low']:.3f}, {row['tau_ci_high']:.3f}]"
+            extra += f"; {tau}, R2 {row['r2']:.3f}"
         for name in ("permute", "rescale"):
             for measure in ("tau", "net_mae", "net_accuracy"):
                 value = row.get(f"{measure}_{name}")
                 if value is not None and value == value:  # present and not NaN
-                    line += f"; {name}: {measure} {value:.3f}"
+                    extra += f"; {name}: {measure} {value:.3f}"
                     break
-        lines.append(line)
-    return "\n".join(lines)
+        lines[i] += extra
+    return "\n".join([
+        *lines,
+        "per net [95 % CI]: Wilson interval over test nets (MAE: bootstrap over test nets)",
+        "p-value: one-sided exact binomial test over test nets against chance = 1/classes "
+        "(lrate and accuracy targets: sign-flip test against the constant guess); * marks p < 0.01",
+    ])  # fmt: skip

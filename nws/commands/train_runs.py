@@ -1,14 +1,16 @@
 """The runs `train` logs once its input is checked (`nws.commands.train.plan`): one child run per
 (property, model) that trains the model, evaluates it on the held-out nets, logs what it found and
-registers it, and on the parent run one metric per (property, model), `selection.csv`,
-`results.csv` and `results.png`."""
+its statistics, and registers it; one more child run per (property, slice model) for each length
+of the how-much sweep (tagged `nws.slice_length`, not registered); and on the parent run the
+metrics of every (property, model), `selection.csv`, `results.csv`, `results.png`,
+`dissection.png` and `dissection.md`. The dissection reuses the evaluations: nothing is retrained."""
 
 from __future__ import annotations
 
 import io
 import json
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,19 @@ class Plan:
     layout: Any  # the shared architecture's layout, or None
     robustness: tuple[str, ...] = ()  # transformations of the test nets to evaluate again on
     activations: list[str] = field(default_factory=list)  # per net, for `rescale`
+    sweep_lengths: list[int] = field(default_factory=list)  # the how-much sweep beyond slice_length
+
+
+@dataclass
+class Findings:
+    """What one child run adds to the dissection: its per-snapshot rows (when) and its position
+    sweep (where); None for a child of the how-much sweep, whose row is all the dissection reads."""
+
+    prop: str
+    model: str
+    statistics: Any  # the per-net score's NetStatistics
+    when: pd.DataFrame | None = None
+    where: Any = None  # a dissection.WhereCurve, or None for whole-snapshot models
 
 
 def selection_table(plan: Plan) -> pd.DataFrame:
@@ -55,19 +70,57 @@ def train_all(plan: Plan, settings: MetaSettings, register: bool) -> pd.DataFram
     mlflow.log_params({"n_nets": len(plan.zoo), "k_first": plan.k_range[0],
                        "k_last": plan.k_range[1]})  # fmt: skip
     mlflow.log_text(selection_table(plan).to_csv(index=False), "selection.csv")
-    rows = []
+    from nws.meta import KINDS
+
+    rows, findings = [], []
     for prop, split in plan.splits.items():
         for name in plan.models:
             interrupts.check()  # a stop that a library swallowed on the way
-            rows.append(train_one(plan, prop, split, name, settings, register))
-            _log_parent_metrics(rows[-1])
+            row, found = train_one(plan, prop, split, name, settings, register)
+            rows.append(row)
+            findings.append(found)
+            _log_parent_metrics(row, found.statistics)
+            for length in plan.sweep_lengths if KINDS[name].uses_slices else ():
+                interrupts.check()
+                swept = replace(settings, slice_length=length)
+                rows.append(train_one(plan, prop, split, name, swept, False, sweep=True)[0])
     table = pd.DataFrame(rows)
     mlflow.log_text(table.to_csv(index=False), "results.csv")
     from nws.meta.evaluation import results_png
 
-    if table["chance"].notna().any():
-        mlflow.log_image(_image(results_png(table)), "results.png")
+    main = main_rows(table, settings.slice_length)
+    if main["chance"].notna().any():
+        mlflow.log_image(_image(results_png(main)), "results.png")
+    _log_dissection(table, main, findings)
     return table
+
+
+def main_rows(table: pd.DataFrame, slice_length: int) -> pd.DataFrame:
+    """The rows at the main slice length (and those of whole-snapshot models): the how-much
+    sweep's rows are in results.csv and the dissection only."""
+    return table[table["slice_length"].isna() | (table["slice_length"] == slice_length)]
+
+
+def _log_dissection(table: pd.DataFrame, main: pd.DataFrame, findings: list[Findings]) -> None:
+    """dissection.png and dissection.md: when (each property's best model by snapshot k), where
+    (the position sweep of its best slice model) and how much (every slice length)."""
+    import mlflow
+
+    from nws.meta.dissection import best_models, how_much_rows
+    from nws.meta.dissection_figure import dissection_png
+    from nws.meta.dissection_markdown import dissection_markdown
+
+    best = best_models(main)
+    whens = [f.when for f in findings if f.when is not None and not f.when.empty]
+    when = pd.concat(whens, ignore_index=True) if whens else None
+    swept = {(f.prop, f.model): f.where for f in findings if f.where is not None}
+    where = {}
+    if swept:
+        with_sweep = main[[(p, m) in swept for p, m in zip(main["property"], main["model"], strict=True)]]
+        where = {prop: swept[prop, model] for prop, model in best_models(with_sweep).items()}
+    how_much = how_much_rows(table)
+    mlflow.log_image(_image(dissection_png(when, where, how_much, best)), "dissection.png")
+    mlflow.log_text(dissection_markdown(main, when, where, how_much, best), "dissection.md")
 
 
 def _image(png: bytes) -> Any:
@@ -76,21 +129,22 @@ def _image(png: bytes) -> Any:
     return Image.open(io.BytesIO(png))
 
 
-def _log_parent_metrics(row: dict[str, Any]) -> None:
+def _log_parent_metrics(row: dict[str, Any], statistics: Any) -> None:
+    """The (property, model)'s metrics on the parent run: its scores, their interval and test
+    (`NetStatistics.parent_metrics`) and its baseline; learning-rate names only for `lrate`."""
     import mlflow
 
     from nws.meta.regression import SCORES
 
     prop, model = row["property"], row["model"]
+    mlflow.log_metrics(statistics.parent_metrics(prop, model))
     mlflow.log_metrics({f"{key}_{prop}_{model}_{name}": row[f"{measure}_{name}"]
                         for key, measure in ROBUST_MEASURES.items() for name in ROBUSTNESS_NAMES
                         if f"{measure}_{name}" in row})  # fmt: skip
     if prop in SNAPSHOT_TARGETS:
         mlflow.log_metrics({f"{score}{part}_{prop}_{model}": row[f"{score}{part}"] for score in SCORES
                             for part in ("", "_ci_low", "_ci_high")})  # fmt: skip
-        mlflow.log_metrics(
-            {f"netmae_{prop}_{model}": row["net_mae"], f"mae_{prop}_constant": row["constant_guess_mae"]}
-        )
+        mlflow.log_metrics({f"mae_{prop}_constant": row["constant_guess_mae"]})
     elif prop == "lrate":
         mlflow.log_metrics({f"mae_lrate_{model}": row["slice_mae"], f"netmae_lrate_{model}": row["net_mae"],
                             "mae_lrate_constant": row["constant_guess_mae"]})  # fmt: skip
@@ -101,13 +155,21 @@ def _log_parent_metrics(row: dict[str, Any]) -> None:
 
 
 def train_one(
-    plan: Plan, prop: str, split: Split, name: str, settings: MetaSettings, register: bool
-) -> dict[str, Any]:
+    plan: Plan,
+    prop: str,
+    split: Split,
+    name: str,
+    settings: MetaSettings,
+    register: bool,
+    sweep: bool = False,
+) -> tuple[dict[str, Any], Findings]:
     """Train, evaluate, log and (with `register`) register model `name` for `prop`: its row of
-    the results table."""
+    the results table and what it adds to the dissection. A child of the how-much sweep
+    (`sweep`) is named and tagged by its slice length and skips the position sweep."""
     import mlflow
 
-    from nws.meta import create
+    from nws.meta import KINDS, create
+    from nws.meta.dissection import when_rows
     from nws.meta.evaluation import confusion_png, evaluate
     from nws.meta.samples import Samples
     from nws.registry import log_meta_classifier
@@ -118,9 +180,15 @@ def train_one(
         part: Samples.of(zoo, nets, split.labels, plan.k_range, settings.region, settings.slice_length)
         for part, nets in (("train", split.train), ("valid", split.valid), ("test", split.test))
     }
-    say(f"{prop} / {name}: {len(split.train)} train, {len(split.valid)} valid, {len(split.test)} test nets")
+    uses_slices = KINDS[name].uses_slices
+    length = f" (L = {settings.slice_length})" if sweep else ""
+    say(f"{prop} / {name}{length}: {len(split.train)} train, {len(split.valid)} valid, "
+        f"{len(split.test)} test nets")  # fmt: skip
     tags = {TAG_ROLE: "meta-classifier", "nws.property": prop, "nws.model": name}
-    with parent_run(tags, run_name=f"{prop}-{name}", nested=True) as child:
+    if uses_slices:
+        tags["nws.slice_length"] = str(settings.slice_length)
+    run_name = f"{prop}-{name}-L{settings.slice_length}" if sweep else f"{prop}-{name}"
+    with parent_run(tags, run_name=run_name, nested=True) as child:
         mlflow.log_params({
             "property": prop, "model": name, **{f"meta_{k}": v for k, v in asdict(settings).items()},
             "classes": ",".join(split.classes) or "regression", "k_first": plan.k_range[0],
@@ -132,23 +200,33 @@ def train_one(
         for key, values in model.history.items():
             for epoch, value in enumerate(values, start=1):
                 mlflow.log_metric(f"train_{key}", value, step=epoch)
-        result = evaluate(model, samples["test"], split.labels[split.train], settings.seed)
-        result.metrics.update(_robustness(plan, model, split, settings))
+        result = evaluate(model, samples["test"], split.labels[split.train], settings.seed, sweep=not sweep)
+        if not sweep:
+            result.metrics.update(_robustness(plan, model, split, settings))
         mlflow.log_metrics(result.metrics)
         metric = "accuracy_by_snapshot" if not task.is_regression else "mae_by_snapshot"
         for k, value in result.by_snapshot.items():
             mlflow.log_metric(metric, value, step=int(k))
         mlflow.log_text(result.per_net.to_csv(index=False), "per_net.csv")
         if result.confusion is not None:
-            mlflow.log_image(_image(confusion_png(result.confusion, split.classes, f"{prop} / {name}")),
-                             "confusion.png")  # fmt: skip
+            over = "its snapshots and their slices" if uses_slices else "its snapshots"
+            title = (f"{prop} / {name}: {int(result.confusion.sum())} test nets\n(each: argmax of "
+                     f"its mean probability\nover {over})")  # fmt: skip
+            mlflow.log_image(_image(confusion_png(result.confusion, split.classes, title)), "confusion.png")
+            counts = pd.DataFrame(result.confusion, index=list(split.classes), columns=list(split.classes))
+            mlflow.log_text(counts.rename_axis("true/predicted").to_csv(), "confusion.csv")
+        stats = result.statistics
+        found = Findings(prop, name, stats)
+        if not sweep:
+            found.when = when_rows(prop, name, result.per_snapshot, stats.baseline, seed=settings.seed)
         if result.sweep is not None:
-            _log_sweep(result, samples["test"], task, plan, settings.region, f"{prop} / {name}")
+            found.where = _log_sweep(result, samples["test"], task, plan, settings, name)
         metric, value, higher_is_better = result.registry_metric
         registration = log_meta_classifier(model, register, value, metric, higher_is_better)
-        row = {"property": prop, "model": name, "run_id": child.info.run_id, **result.metrics,
+        row = {"property": prop, "model": name, "run_id": child.info.run_id,
+               "slice_length": settings.slice_length if uses_slices else np.nan, **result.metrics,
                "chance": result.metrics.get("chance", np.nan), "n_train_nets": len(split.train),
-               "n_test_nets": len(split.test)}  # fmt: skip
+               **stats.row()}  # fmt: skip
         if registration:
             mlflow.set_tags({"nws.registered_model": registration.name,
                              "nws.registered_version": registration.version,
@@ -159,7 +237,7 @@ def train_one(
                 comparison=registration.comparison,
             )
             say(f"  registered {registration.name} v{registration.version}: {registration.comparison}")
-    return row
+    return row, found
 
 
 ROBUSTNESS_NAMES = ("permute", "rescale")
@@ -192,9 +270,11 @@ def _robustness(plan: Plan, model: Any, split: Split, settings: MetaSettings) ->
     return out
 
 
-def _log_sweep(result: Any, test: Any, task: Task, plan: Plan, region: str, title: str) -> None:
+def _log_sweep(result: Any, test: Any, task: Task, plan: Plan, settings: MetaSettings, model: str) -> Any:
+    """position_sweep.npy, .png and .json on the child run; its curve for the dissection."""
     import mlflow
 
+    from nws.meta.dissection import ACCURACY, MAE, WhereCurve
     from nws.meta.evaluation import sweep_accuracy, sweep_png
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -203,10 +283,13 @@ def _log_sweep(result: Any, test: Any, task: Task, plan: Plan, region: str, titl
         mlflow.log_artifact(str(path))
     curve = sweep_accuracy(result, test.label)
     boundary = None
-    if region == "all":
+    if settings.region == "all":
         zoo = plan.zoo
         boundary = float(np.mean(zoo.conv[test.net] / zoo.lengths[test.net]))
     chance = 1.0 / len(task.classes) if task.classes else float("nan")
     ylabel = "mean absolute error" if task.is_regression else "accuracy"
+    title = f"{task.prop} / {model}"
     mlflow.log_image(_image(sweep_png(curve, chance, boundary, title, ylabel)), "position_sweep.png")
     mlflow.log_text(json.dumps({"positions": len(curve), "curve": curve.tolist()}), "position_sweep.json")
+    measure = MAE if task.is_regression else ACCURACY
+    return WhereCurve(curve, boundary, result.statistics.baseline, model, measure)

@@ -6,6 +6,10 @@
 3. per snapshot and per net: 64 evenly spaced slices per snapshot, their probabilities averaged
    (per net: over all its snapshots in K); the fraction of correct slices is kept per net.
 
+The per-net score gets its interval and its one-sided test against chance (or the constant
+guess) over the test nets (`nws.meta.statistics`): slices and snapshots of one net are not
+independent, so the confusion matrix and every statistic count nets.
+
 Whole-snapshot models (`layer_stats`) have no slices: protocols 1 and 3 use the snapshot itself.
 For the learning rate, accuracy becomes mean absolute error, beside a constant guess, plus the
 released code's own lr figure (`paper_pairwise_mae`), so that numbers can be set beside the paper's.
@@ -25,6 +29,7 @@ import pandas as pd
 from nws.meta.base import MetaClassifier
 from nws.meta.regression import regression_scores
 from nws.meta.samples import Samples
+from nws.meta.statistics import NetStatistics, per_net_statistics
 from nws.space import SNAPSHOT_TARGETS
 
 NET_SLICES = 64
@@ -39,8 +44,10 @@ class Evaluation:
     metrics: dict[str, float] = field(default_factory=dict)
     by_snapshot: dict[int, float] = field(default_factory=dict)  # k -> accuracy (or MAE)
     per_net: pd.DataFrame = field(default_factory=pd.DataFrame)
+    per_snapshot: pd.DataFrame = field(default_factory=pd.DataFrame)  # net, k, snapshot_correct or abs_error
     sweep: np.ndarray | None = None  # [test snapshots, positions, classes] or [.., positions]
-    confusion: np.ndarray | None = None  # [true, predicted] counts over test snapshots
+    confusion: np.ndarray | None = None  # [true, predicted] counts over test nets
+    statistics: NetStatistics | None = None  # the per-net score's interval and test
 
     @property
     def registry_metric(self) -> tuple[str, float, bool]:
@@ -89,8 +96,14 @@ def evaluate(
         result.metrics.update(_paper_pairwise_metrics(slice_out, truth[index], train_labels, seed))
         if model.task.prop in SNAPSHOT_TARGETS:
             result.metrics.update(regression_scores(truth, snapshot_out, test.net, seed=seed))
+        result.statistics = per_net_statistics(
+            result.per_net, constant_guess=float(np.median(train_labels)), seed=seed
+        )
     else:
         _classification_metrics(model, result, slice_out, snapshot_out, even, truth, index, nets)
+        result.statistics = per_net_statistics(result.per_net, chance=result.metrics["chance"])
+    result.metrics.update(result.statistics.run_metrics())
+    result.per_snapshot = nets.drop(columns=["truth", "prediction", "correct_fraction"], errors="ignore")
     zoo_nets = test.zoo.nets
     result.per_net["run_id"] = zoo_nets["run_id"].to_numpy()[result.per_net["net"]]
     result.per_net["net_test_accuracy"] = zoo_nets["test_accuracy"].to_numpy()[result.per_net["net"]]
@@ -117,7 +130,7 @@ def _classification_metrics(model, result, slice_out, snapshot_out, even, truth,
         "n_classes": float(len(classes)),
     }
     result.by_snapshot = nets.groupby("k")["snapshot_correct"].mean().astype(float).to_dict()
-    result.confusion = confusion_matrix(truth, snapshot_pred, labels=range(len(classes)))
+    result.confusion = confusion_matrix(net_truth.to_numpy(), net_pred, labels=range(len(classes)))
     per_net = nets.groupby("net").agg(truth=("truth", "first"), correct_fraction=("correct_fraction", "mean"))
     per_net["true_value"] = [classes[i] for i in per_net["truth"]]
     per_net["predicted_value"] = [classes[i] for i in net_pred]
@@ -208,9 +221,9 @@ def confusion_png(confusion: np.ndarray, classes: tuple[str, ...], title: str) -
     from sklearn.metrics import ConfusionMatrixDisplay
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(classes), 1.0 + 0.6 * len(classes)))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 + 0.6 * len(classes)), 1.6 + 0.6 * len(classes)))
     ConfusionMatrixDisplay(confusion, display_labels=list(classes)).plot(ax=ax, colorbar=False)
-    ax.set_title(title)
+    ax.set_title(title, fontsize="medium")
     plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
     return _png(fig)
 
@@ -233,7 +246,8 @@ def sweep_png(curve: np.ndarray, chance: float, boundary: float | None, title: s
 
 
 def results_png(table: pd.DataFrame) -> bytes:
-    """Per-net accuracy of every (property, model) against chance."""
+    """Per-net accuracy of every (property, model) with its 95 % interval against chance; a
+    significant score (p < 0.01, see `nws.meta.statistics`) is marked `*`, the others are pale."""
     plt = _pyplot()
     rows = table[table["chance"].notna()]
     models = sorted(rows["model"].unique())
@@ -242,15 +256,25 @@ def results_png(table: pd.DataFrame) -> bytes:
     width = 0.8 / max(1, len(models))
     x = np.arange(len(props))
     for i, name in enumerate(models):
-        values = [
-            rows[(rows["property"] == p) & (rows["model"] == name)]["net_accuracy"].max() for p in props
-        ]
-        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=name)
+        part = rows[rows["model"] == name].drop_duplicates("property").set_index("property").reindex(props)
+        where = x + i * width - 0.4 + width / 2
+        value = part["net_accuracy"].to_numpy(dtype=float)
+        significant = part["significant"].eq(True).to_numpy()
+        bars = ax.bar(where, value, width, label=name)
+        colour = bars.patches[0].get_facecolor() if bars.patches else None
+        for bar, strong in zip(bars.patches, significant, strict=True):
+            bar.set_alpha(1.0 if strong else 0.35)
+        low, high = part["ci_low"].to_numpy(dtype=float), part["ci_high"].to_numpy(dtype=float)
+        ax.errorbar(where, value, yerr=[value - low, high - value], fmt="none", ecolor="black", capsize=3)
+        for at, top in zip(where[significant], high[significant], strict=True):
+            ax.text(at, min(top + 0.02, 1.04), "*", ha="center", va="bottom", color=colour, fontsize=12)
     chance = [rows[rows["property"] == p]["chance"].iloc[0] for p in props]
     ax.scatter(x, chance, color="black", marker="_", s=600, label="chance", zorder=3)
     ax.set_xticks(x, props, rotation=30, ha="right")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("per-net accuracy")
-    ax.legend(fontsize="small")
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("per-net accuracy (95 % CI)")
+    ax.set_title("* p < 0.01 (one-sided exact binomial test over test nets)\npale: not significant",
+                 fontsize=9)  # fmt: skip
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(True, axis="y")
     return _png(fig)

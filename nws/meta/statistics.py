@@ -23,7 +23,6 @@ numpy and scipy only: no MLflow, no Keras, so the numbers can be checked quickly
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,13 +97,14 @@ class NetStatistics:
         }
 
     def run_metrics(self) -> dict[str, float]:
-        """The same statistics for the (property, model) child run, beside its net_accuracy/net_mae
-        (its n_test_nets is already a parameter of that run)."""
-        prefix = self.estimate_column
+        """The same statistics for the (property, model) child run, beside its net_accuracy or
+        net_mae, under the results table's column names. Classification and learning-rate runs
+        share these names, so comparing any two child runs shows no column empty by design."""
         return {
-            f"{prefix}_ci_low": self.ci_low,
-            f"{prefix}_ci_high": self.ci_high,
-            f"{prefix}_pvalue": self.pvalue,
+            "ci_low": self.ci_low,
+            "ci_high": self.ci_high,
+            "pvalue": self.pvalue,
+            "n_test_nets": float(self.n),
         }
 
     def row(self) -> dict[str, Any]:
@@ -313,37 +313,3 @@ def format_pvalue(pvalue: float) -> str:
     if not math.isfinite(pvalue):
         return "-"
     return f"{pvalue:.1e}" if pvalue < 1e-3 else f"{pvalue:.3f}"
-
-
-def format_statistics_table(table: Any) -> str:
-    """The results as printed at the end: per (property, model) the number of test nets, the
-    per-net accuracy (or MAE) with its 95 % interval, chance (or the constant guess's MAE), the
-    one-sided p-value and the verdict. `table`: a DataFrame or rows with the `NetStatistics.row`
-    columns plus `property` and `model`."""
-    rows: Iterable[Mapping[str, Any]] = table.to_dict("records") if hasattr(table, "to_dict") else table
-    header = (
-        f"{'property':<15} {'model':<12} {'nets':>4}  {'per net [95 % CI]':<32} "
-        f"{'chance / constant':<17} {'p-value':>8}  verdict"
-    )
-    lines = [header]
-    for row in rows:
-        if _is_number(row.get("net_mae")) and not _is_number(row.get("net_accuracy")):
-            score = f"MAE {row['net_mae']:.5f} [{row['ci_low']:.5f}, {row['ci_high']:.5f}]"
-            base = f"MAE {row['constant_guess_mae']:.5f}"
-        else:
-            score = f"acc {row['net_accuracy']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
-            base = f"{row['chance']:.3f}"
-        pvalue = float(row["pvalue"])
-        word = row.get("verdict") or verdict(pvalue)
-        lines.append(
-            f"{row['property']:<15} {row['model']:<12} {int(row['n_test_nets']):>4}  {score:<32} "
-            f"{base:<17} {format_pvalue(pvalue):>8}  {word}"
-        )
-    return "\n".join(lines)
-
-
-def _is_number(value: Any) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
