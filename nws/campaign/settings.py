@@ -32,6 +32,7 @@ class CampaignSettings:
     deterministic: bool  # TensorFlow op determinism
     threads: int  # TensorFlow CPU threads (0: TensorFlow's choice)
     parent_run_id: str  # the run to nest nets under, held by another process ("": this one's)
+    experiment: str = ""  # the MLflow experiment option ("": nws.tracking.experiments' rule)
 
     @property
     def heartbeat_enabled(self) -> bool:

@@ -32,6 +32,10 @@ class SampleOptions:
     )
     seed: int = param(0, "campaign seed: hyper-parameters and net seeds derive from it")
     campaign: str = param("default", "campaign name: the Optuna study and the nws.campaign tag")
+    experiment: str = param(
+        "",
+        "MLflow experiment of the runs (default $MLFLOW_EXPERIMENT_NAME or $MLFLOW_EXPERIMENT_ID, else nws)",
+    )
     storage: str = param(
         "", f"Optuna storage: an RDB URL or a journal file path (default ./{DEFAULT_STORAGE})"
     )
@@ -107,6 +111,7 @@ class SampleOptions:
             heartbeat=self.heartbeat, data_dir=self.data_dir or None, download=self.download,
             max_train_images=self.max_train_images, max_eval_images=self.max_eval_images,
             deterministic=self.deterministic, threads=self.threads, parent_run_id=self.parent_run_id,
+            experiment=self.experiment,
         )  # fmt: skip
 
 
