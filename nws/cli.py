@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from nws import interrupts
+from nws import interrupts, logs
 from nws.commands.options import parse_bool
 from nws.errors import NWSError, ParameterError
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+logs.quiet_environment()  # before anything imports TensorFlow, Keras or MLflow
 
 
 @dataclass(frozen=True)
@@ -29,6 +26,7 @@ class Command:
     help: str
     options: type
     run: Callable[[Any], int]
+    tensorflow: bool = True  # started (quietly, `nws.logs`) once the parameters are parsed
 
 
 def _sample(options: Any) -> int:
@@ -101,11 +99,11 @@ def _commands() -> dict[str, Command]:
         Command("predict", "predict a net's hyper-parameters with the registered champions",
                 PredictOptions, _predict),
         Command("import_nws", "import the published NWS dataset as MLflow net runs", ImportOptions,
-                _import_nws),
+                _import_nws, tensorflow=False),
         Command("export_nws", "export net runs in the published NWS or the Small CNN Zoo layout",
-                ExportOptions, _export_nws),
+                ExportOptions, _export_nws, tensorflow=False),
         Command("cleanup", "list a campaign's RUNNING runs and trials, close those whose process is gone",
-                CleanupOptions, _cleanup),
+                CleanupOptions, _cleanup, tensorflow=False),
     ]  # fmt: skip
     return {c.name: c for c in commands}
 
@@ -154,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     values = {k: v for k, v in vars(args).items() if k != "command"}
     restore_signals = interrupts.install()
     try:
+        if command.tensorflow:
+            logs.start_tensorflow()
         return command.run(command.options(**values))
     except NWSError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

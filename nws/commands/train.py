@@ -191,7 +191,11 @@ def plan(options: TrainOptions) -> Plan:
     if stats.repaired:
         how += f", {stats.repaired} damaged cache entries rebuilt"
     say(f"zoo: {len(zoo)} nets, {zoo.size_bytes / 1e6:.1f} MB ({how})")
-    return Plan(zoo, k_range, splits, models, layout)
+    from nws.zoo.query import filter_string
+
+    where = options.experiment.strip() or "the working experiment"
+    selection = f"{filter_string(options.filter, options.min_test_accuracy)} (experiments: {where})"
+    return Plan(zoo, k_range, splits, models, layout, selection)
 
 
 def run_training(options: TrainOptions) -> pd.DataFrame:

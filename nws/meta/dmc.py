@@ -84,6 +84,17 @@ def build_dmc(length: int, n_outputs: int) -> Any:
     return keras.Model(inputs, outputs, name="dmc")
 
 
+def array_batches(arrays: Any, batch_size: int) -> Any:
+    """Arrays as a tf.data stream of batches, for Keras' `predict` and validation.
+
+    Given arrays, Keras builds its own stream with a parallel map, which tf.data turns into a
+    sequential one under op determinism, logging an error-level "NodeDef mentions attribute
+    use_unbounded_threadpool" line per call; this stream has no map."""
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices(arrays).batch(batch_size)
+
+
 def slice_dataset(samples: Samples, batch_size: int, seed: int) -> Any:
     """An endless tf.data stream of (slices, targets), a new random slice for every sample of
     every batch, produced in a background thread ahead of the training step."""
@@ -144,7 +155,8 @@ class DMC(MetaClassifier):
             rng = np.random.default_rng(self.settings.seed + 1)
             valid = self._targets(valid)
             everything = np.arange(len(valid))
-            validation = (valid.random_slices(everything, rng), valid.label)
+            label = valid.label.astype(np.float32) if self.task.is_regression else valid.label
+            validation = array_batches((valid.random_slices(everything, rng), label), 256)
         history = self.model.fit(
             slice_dataset(train, batch, self.settings.seed).map(
                 lambda x, y: (x, tf.cast(y, tf.float32) if self.task.is_regression else y)
@@ -152,7 +164,6 @@ class DMC(MetaClassifier):
             epochs=self.settings.epochs,
             steps_per_epoch=steps,
             validation_data=validation,
-            validation_batch_size=256,
             callbacks=[interrupts.between_steps()],
             shuffle=False,
             verbose=0,
@@ -200,7 +211,7 @@ class DMC(MetaClassifier):
         import keras
 
         with interrupts.deferred():  # as in `fit`
-            out = self.model.predict(np.asarray(x, np.float32), batch_size=256, verbose=0,
+            out = self.model.predict(array_batches(np.asarray(x, np.float32), 256), verbose=0,
                                      callbacks=[interrupts.between_steps()])  # fmt: skip
         if self.task.is_regression:
             return self.task.unscale(out[:, 0])
