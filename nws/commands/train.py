@@ -18,7 +18,7 @@ from nws.commands.train_runs import Plan, train_all
 from nws.errors import ParameterError
 from nws.meta import KINDS, MODEL_NAMES
 from nws.meta.base import MetaSettings
-from nws.progress import say
+from nws.progress import Steps, say
 from nws.snapshots import REGIONS, region_bounds
 from nws.space import PROPERTY_NAMES, get_property
 from nws.tracking.runs import parent_run
@@ -44,6 +44,10 @@ class TrainOptions(Selection):
     split: str = param("random", "random (by net, seeded) or published (the nets' nws.split tags)")
     seed: int = param(default_of(MetaSettings, "seed"), "seed of the split and the training")
     register: bool = param(True, "register the models and move the champion alias")
+    save_optimizer: bool = param(
+        default_of(MetaSettings, "save_optimizer"),
+        "keep the DMC's optimizer state in its model file (three times the size; to resume training)",
+    )
     cache_dir: str = param("", "snapshot cache (default $NWS_CACHE_DIR or ~/.cache/nws/zoo)")
 
     def validate(self) -> tuple[list[str], list[str]]:
@@ -88,6 +92,7 @@ class TrainOptions(Selection):
             batch_size=self.batch_size,
             learning_rate=self.learning_rate,
             seed=self.seed,
+            save_optimizer=self.save_optimizer,
         )
 
 
@@ -185,7 +190,8 @@ def plan(options: TrainOptions) -> Plan:
     used = np.unique(np.concatenate([np.concatenate([s.train, s.valid, s.test]) for s in splits.values()]))
     if any(KINDS[m].uses_slices for m in models):
         check_slice_length(nets, used, options.region, options.slice_length)
-    zoo = build_zoo(nets, cache)
+    with Steps("zoo: verifying snapshot files", len(nets), "nets") as steps:
+        zoo = build_zoo(nets, cache, progress=steps.advance)
     stats = cache.stats
     how = f"{stats.verified} verified against their digests, {stats.downloaded} downloaded"
     if stats.repaired:

@@ -121,7 +121,9 @@ def train_one(
         for key, values in model.history.items():
             for epoch, value in enumerate(values, start=1):
                 mlflow.log_metric(f"train_{key}", value, step=epoch)
-        result = evaluate(model, samples["test"], split.labels[split.train], settings.seed)
+        result = evaluate(
+            model, samples["test"], split.labels[split.train], settings.seed, label=f"{prop} / {name}"
+        )
         mlflow.log_metrics(result.metrics)
         metric = "accuracy_by_snapshot" if not task.is_regression else "mae_by_snapshot"
         for k, value in result.by_snapshot.items():

@@ -20,8 +20,9 @@ import numpy as np
 
 from nws import interrupts
 from nws.meta.base import MetaClassifier
-from nws.meta.keras_archive import load_checked
+from nws.meta.keras_archive import load_checked, save_keras
 from nws.meta.samples import Samples
+from nws.progress import Steps
 
 KERNEL = 5
 HEAD = (1024, 1024, 1024, 1024, 64)
@@ -157,17 +158,19 @@ class DMC(MetaClassifier):
             everything = np.arange(len(valid))
             label = valid.label.astype(np.float32) if self.task.is_regression else valid.label
             validation = array_batches((valid.random_slices(everything, rng), label), 256)
-        history = self.model.fit(
-            slice_dataset(train, batch, self.settings.seed).map(
-                lambda x, y: (x, tf.cast(y, tf.float32) if self.task.is_regression else y)
-            ),
-            epochs=self.settings.epochs,
-            steps_per_epoch=steps,
-            validation_data=validation,
-            callbacks=[interrupts.between_steps()],
-            shuffle=False,
-            verbose=0,
-        )
+        epochs = Steps(f"{self.task.prop} / dmc training", self.settings.epochs, "epochs")
+        with epochs:
+            history = self.model.fit(
+                slice_dataset(train, batch, self.settings.seed).map(
+                    lambda x, y: (x, tf.cast(y, tf.float32) if self.task.is_regression else y)
+                ),
+                epochs=self.settings.epochs,
+                steps_per_epoch=steps,
+                validation_data=validation,
+                callbacks=[interrupts.between_steps(), epochs.keras_callback()],
+                shuffle=False,
+                verbose=0,
+            )
         self.history = {k: [float(v) for v in vs] for k, vs in history.history.items()}
         self._recalibrate_batch_norm(train, batch)
 
@@ -218,7 +221,7 @@ class DMC(MetaClassifier):
         return keras.ops.convert_to_numpy(keras.ops.softmax(out, axis=-1))
 
     def _save_model(self, directory: Path) -> None:
-        self.model.save(directory / MODEL_FILE)
+        save_keras(self.model, directory / MODEL_FILE, self.settings.save_optimizer)
 
     def _load_model(self, directory: Path) -> None:
         self.model = load_checked(directory / MODEL_FILE, KERAS_OBJECTS, "a DMC")
