@@ -11,7 +11,16 @@ from collections.abc import Iterable, Mapping
 from tests.conftest import ROOT
 
 LAYERS = [
-    ("nws", "nws.errors", "nws.interrupts", "nws.logs", "nws.progress", "nws.processes", "nws.checks", "nws.fidelity"),
+    (
+        "nws",
+        "nws.errors",
+        "nws.interrupts",
+        "nws.logs",
+        "nws.progress",
+        "nws.processes",
+        "nws.checks",
+        "nws.fidelity",
+    ),
     ("nws.space",),
     ("nws.data",),
     ("nws.cnn", "nws.layers"),

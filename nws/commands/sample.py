@@ -39,7 +39,9 @@ class SampleOptions:
     storage: str = param(
         "", f"Optuna storage: an RDB URL or a journal file path (default ./{DEFAULT_STORAGE})"
     )
-    data_dir: str = param("", "root of the datasets' official files (default $NWS_DATA_DIR)")
+    data_dir: str = param(
+        "", "root of the datasets' official files (default $NWS_DATA_DIR, else ~/.cache/nws/data)"
+    )
     download: bool = param(True, "download missing paper datasets")
     max_train_images: int = param(0, "cap on training images per net (0 = all)")
     max_eval_images: int = param(0, "cap on validation and test images per net (0 = all)")
