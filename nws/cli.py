@@ -7,20 +7,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from nws import interrupts
+from nws import interrupts, logs
 from nws.commands.options import parse_bool
 from nws.errors import NWSError, ParameterError
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+logs.quiet_environment()  # before anything imports TensorFlow, Keras or MLflow
+
+
+DESCRIPTION = (
+    "nws: zoos of small CNNs with Optuna-drawn hyper-parameters, tracked with MLflow, and "
+    "meta-classifiers that tell from a net's weights which hyper-parameters made it. One sub-command "
+    "per MLflow entry point, with the same parameters (mlflow run . -e NAME -P key=value)."
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,8 @@ class Command:
     help: str
     options: type
     run: Callable[[Any], int]
+    example: str
+    tensorflow: bool = True  # started (quietly, `nws.logs`) once the parameters are parsed
 
 
 def _sample(options: Any) -> int:
@@ -104,21 +110,29 @@ def _commands() -> dict[str, Command]:
 
     commands = [
         Command("main", "the whole study on the offline datasets: sample, train, register", MainOptions,
-                _main),
+                _main,
+                example='nws main --n-nets 48 --max-epochs 10'),
         Command("sample", "train a zoo of nets with Optuna-drawn hyper-parameters", SampleOptions,
-                _sample),
+                _sample,
+                example='nws sample --n-nets 8 --subset fixed --datasets digits,shapes --campaign zoo1'),
         Command("train", "train meta-classifiers on nets selected by an MLflow query", TrainOptions,
-                _train),
+                _train,
+                example='nws train --filter "tags.`nws.campaign` = \'zoo1\'" --K 4,6 --models dmc,stats'),
         Command("predict", "predict a net's hyper-parameters with the registered champions",
-                PredictOptions, _predict),
+                PredictOptions, _predict,
+                example="nws predict --run-id <a net's run id>"),
         Command("import_nws", "import the published NWS dataset as MLflow net runs", ImportOptions,
-                _import_nws),
+                _import_nws, tensorflow=False,
+                example='nws import_nws --csv nws_fixed_train.csv,nws_fixed_test.csv --root /data/nws'),
         Command("import_cnn_zoo", "import a Small CNN Zoo directory as MLflow net runs", ImportZooOptions,
-                _import_cnn_zoo),
+                _import_cnn_zoo,
+                example="nws import_cnn_zoo --dir /data/small-cnn-zoo/cifar10 --campaign cifar10-gs"),
         Command("export_nws", "export net runs in the published NWS or the Small CNN Zoo layout",
-                ExportOptions, _export_nws),
+                ExportOptions, _export_nws, tensorflow=False,
+                example='nws export_nws --filter "tags.`nws.campaign` = \'main\'" --out nws-export'),
         Command("cleanup", "list a campaign's RUNNING runs and trials, close those whose process is gone",
-                CleanupOptions, _cleanup),
+                CleanupOptions, _cleanup, tensorflow=False,
+                example='nws cleanup --campaign zoo1 --dry-run true'),
     ]  # fmt: skip
     return {c.name: c for c in commands}
 
@@ -141,12 +155,28 @@ def _bool_type(name: str) -> Callable[[str], bool]:
     return convert
 
 
+def _help_text(text: str, default: Any) -> str:
+    """An option's help with its default said once, as the README writes it: true/false for a
+    boolean, `empty` for an empty string; a help text that explains its default keeps its own."""
+    if "(default" in text:
+        return text
+    if isinstance(default, bool):
+        shown = "true" if default else "false"
+    else:
+        shown = str(default) if default != "" else "empty"
+    return f"{text} (default: {shown})"
+
+
 def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="nws", description=__doc__.splitlines()[0])
+    parser = _OneLineParser(prog="nws", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     for command in commands.values():
-        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        p = sub.add_parser(
+            command.name, help=command.help, description=command.help,
+            epilog=f"example:\n  {command.example}", formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
         for f in dataclasses.fields(command.options):
+            is_bool = str(f.type) == "bool"
             kind = {"int": int, "float": float, "bool": _bool_type(f.name)}.get(str(f.type), str)
             flags = dict.fromkeys([f"--{f.name.replace('_', '-')}", f"--{f.name}"])
             p.add_argument(
@@ -154,7 +184,8 @@ def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
                 dest=f.name,
                 type=kind,
                 default=f.default,
-                help=f"{f.metadata.get('help', '')} (default: {f.default!r})",
+                metavar="{true,false}" if is_bool else None,
+                help=_help_text(f.metadata.get("help", ""), f.default),
             )
     return parser
 
@@ -167,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     values = {k: v for k, v in vars(args).items() if k != "command"}
     restore_signals = interrupts.install()
     try:
+        if command.tensorflow:
+            logs.start_tensorflow()
         return command.run(command.options(**values))
     except NWSError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

@@ -108,6 +108,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
             parameters={**ZOO_PARAMETERS, "storage": storage},
             env_manager="local",
             synchronous=True,
+            experiment_name="nws",  # as the README's `mlflow run . --experiment-name nws`
         )
         mlflow.set_tracking_uri(None)
     made = Zoo(root, uri, storage, ZOO_PARAMETERS)

@@ -15,6 +15,7 @@ LAYERS = [
         "nws",
         "nws.errors",
         "nws.interrupts",
+        "nws.logs",
         "nws.progress",
         "nws.processes",
         "nws.checks",

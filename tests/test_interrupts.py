@@ -251,11 +251,12 @@ def test_main_interrupted_ends_its_runs_killed_and_failing_ends_them_failed(trac
 
     from nws.commands.main import run_main
     from nws.errors import ParameterError
+    from nws.tracking.experiments import working_experiment
 
     client = MlflowClient()
 
     def mid_net() -> bool:
-        nets = client.search_runs(["0"], "tags.`nws.role` = 'net'")
+        nets = client.search_runs([working_experiment()], "tags.`nws.role` = 'net'")
         return bool(nets) and bool(client.get_metric_history(nets[0].info.run_id, "train_accuracy"))
 
     restore = interrupts.install()
@@ -292,7 +293,8 @@ def test_train_interrupted_ends_its_run_and_the_model_being_trained_killed(in_me
         return bool(client.search_runs([experiment], "tags.`nws.role` = 'meta-classifier'"))
 
     plain = "params.initialization != 'glorot_uniform' and params.initialization != 'glorot_normal'"
-    options = TrainOptions(filter=plain, props="initialization", K="1,1", slice_length=128, models="dmc",
+    options = TrainOptions(experiment="nws", filter=plain, props="initialization", K="1,1", slice_length=128,
+                           models="dmc",
                            epochs=5000, batch_size=16, register=False)  # fmt: skip
     restore = interrupts.install()
     try:

@@ -46,7 +46,7 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
     main_job, tests = blocks[0], blocks[1]
-    assert main_job.endswith("mlflow run . --env-manager local")
+    assert main_job.endswith("mlflow run . --env-manager local --experiment-name nws")
     assert tests.endswith("python -m pytest")
     ci = (ROOT / ".ci" / "run").read_text()
     assert 'pip install -q -e ".[dev]"' in ci

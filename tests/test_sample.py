@@ -231,10 +231,10 @@ def test_a_campaign_named_with_a_quote_finds_its_own_runs(tracking_uri, tmp_path
         options = tiny_options(n_nets=1, campaign=name, storage=storage, max_epochs=0, min_epochs=0)
         finished[name] = run_campaign(options).finished
     for name, nets in finished.items():
-        selected = training_options(MainOptions(campaign=name), "Default").query()
+        selected = training_options(MainOptions(campaign=name), "nws").query()
         assert list(selected["run_id"]) == nets and set(selected["campaign"]) == {name}
         tags = {TAG_ROLE: "net", TAG_CAMPAIGN: name, TAG_WORKER: worker_name(gone.pid)}
-        orphan = client.create_run("0", tags=tags)
+        orphan = client.create_run(client.get_experiment_by_name("nws").experiment_id, tags=tags)
         (entry,) = run_cleanup(CleanupOptions(campaign=name, storage=storage))
         assert (entry.what, entry.closed) == (f"net run {orphan.info.run_id}", True)
         assert client.get_run(orphan.info.run_id).info.status == "FAILED"

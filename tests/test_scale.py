@@ -274,7 +274,8 @@ def test_journal_campaign_stopped_and_resumed_ends_at_the_target(tmp_path, monke
     unended = [(r.info.run_name, r.info.status, r.data.tags.get("nws.worker"))
                for r in net_runs(client, "resume") if r.info.status not in ended]  # fmt: skip
     assert not unended, (unended, stopping[-6000:])
-    campaigns = client.search_runs(["0"], "tags.`nws.role` = 'campaign'")
+    nws = client.get_experiment_by_name("nws").experiment_id
+    campaigns = client.search_runs([nws], "tags.`nws.role` = 'campaign'")
     assert sorted(r.info.status for r in campaigns) == ["FINISHED", "KILLED"]
 
 
@@ -376,7 +377,8 @@ def test_cleanup_lists_a_killed_processs_runs_and_trial_and_closes_them(orphans,
     assert [r.info.status for r in before["net"] + before["campaign"]] == ["RUNNING", "RUNNING"]
     assert {r.data.tags["nws.worker"] for r in before["net"] + before["campaign"]} == {worker}
     client = MlflowClient()
-    elsewhere, alive = (client.create_run("0", tags={"nws.campaign": "orphan-a", "nws.role": "net",
+    nws = client.get_experiment_by_name("nws").experiment_id
+    elsewhere, alive = (client.create_run(nws, tags={"nws.campaign": "orphan-a", "nws.role": "net",
                                                      "nws.worker": name}).info.run_id
                         for name in ("elsewhere:7", f"{socket.gethostname()}:{os.getpid()}"))  # fmt: skip
     command = ["cleanup", "--campaign", "orphan-a", "--storage", storage]

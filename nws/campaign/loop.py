@@ -21,6 +21,7 @@ from nws.campaign.settings import CampaignSettings
 from nws.campaign.storage import open_study
 from nws.campaign.trials import TAKEN_OVER, drop_taken_over, is_surplus, trial_failed, wait_for_work
 from nws.processes import worker_name
+from nws.tracking.experiments import working_experiment
 from nws.tracking.runs import check_tracking_server, fail_net_run, parent_run
 from nws.tracking.tags import campaign_tags
 
@@ -55,7 +56,8 @@ def open_campaign(settings: CampaignSettings) -> Any:
     check_available(list(settings.datasets), settings.data_dir, settings.download)
     study = open_study(settings)
     if not settings.parent_run_id:
-        for entry in close_orphans(study, settings.name):
+        experiment_id = working_experiment(settings.experiment)
+        for entry in close_orphans(study, settings.name, experiment_ids=[experiment_id]):
             if entry.closed:
                 print(f"closed {entry.what}: its worker {entry.worker} is gone", file=sys.stderr)
     return study
@@ -74,7 +76,9 @@ def train_campaign(settings: CampaignSettings, study: Any, params: Mapping[str, 
         summary = CampaignSummary(settings.name, campaign_run_id=settings.parent_run_id)
         train_nets(settings, study, summary)
         return summary
-    with parent_run(campaign_tags(settings.subset, settings.name), params) as run:
+    with parent_run(
+        campaign_tags(settings.subset, settings.name), params, experiment=settings.experiment
+    ) as run:
         summary = CampaignSummary(settings.name, campaign_run_id=run.info.run_id)
         train_nets(settings, study, summary)
         mlflow.set_tags({"nws.finished_nets": str(len(summary.finished))})

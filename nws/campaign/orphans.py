@@ -38,17 +38,20 @@ def _closes(state: str, all_hosts: bool) -> bool:
     return state == GONE or (all_hosts and state in (OTHER_HOST, UNKNOWN))
 
 
-def close_orphans(study: Any, campaign: str, all_hosts: bool = False, dry_run: bool = False) -> list[Entry]:
+def close_orphans(
+    study: Any, campaign: str, all_hosts: bool = False, dry_run: bool = False, *, experiment_ids: list[str]
+) -> list[Entry]:
     """Every RUNNING trial of `study` (None: no study) and RUNNING MLflow run tagged with
-    `campaign`; those whose worker is gone (with `all_hosts`, also those of other hosts or of no
-    known worker) are closed: a trial is failed and its configuration queued again (its net's run
-    ends FAILED), a run ends FAILED with `nws.failure` naming the worker."""
+    `campaign` in the experiments `experiment_ids`; those whose worker is gone (with `all_hosts`,
+    also those of other hosts or of no known worker) are closed: a trial is failed and its
+    configuration queued again (its net's run ends FAILED), a run ends FAILED with `nws.failure`
+    naming the worker."""
     import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient()
     query = f"{tag_equals(TAG_CAMPAIGN, campaign)} and attributes.status = 'RUNNING'"
-    runs = mlflow.search_runs(search_all_experiments=True, filter_string=query, output_format="list")
+    runs = mlflow.search_runs(experiment_ids=experiment_ids, filter_string=query, output_format="list")
     entries = []
     if study is not None:
         for trial in study.get_trials(deepcopy=False, states=(optuna_state("RUNNING"),)):

@@ -34,6 +34,7 @@ class CampaignSettings:
     parent_run_id: str  # the run to nest nets under, held by another process ("": this one's)
     backend: str = "tensorflow"  # the Keras backend that trains the nets (nws.backend)
     pack: int = 1  # nets trained together in one compiled step (JAX; nws.pack)
+    experiment: str = ""  # the MLflow experiment option ("": nws.tracking.experiments' rule)
 
     @property
     def heartbeat_enabled(self) -> bool:

@@ -16,6 +16,10 @@ class CleanupOptions:
     """The parameters of the `cleanup` entry point."""
 
     campaign: str = param("default", "the campaign whose runs and trials to check")
+    experiment: str = param(
+        "",
+        "MLflow experiment of its runs (default $MLFLOW_EXPERIMENT_NAME or $MLFLOW_EXPERIMENT_ID, else nws)",
+    )
     storage: str = param(
         "", f"its Optuna storage: an RDB URL or a journal file (default ./{DEFAULT_STORAGE})"
     )
@@ -29,6 +33,7 @@ def run_cleanup(options: CleanupOptions) -> list[Entry]:
     """List a campaign's RUNNING runs and trials, close those whose process is gone."""
     from nws.campaign.orphans import close_orphans
     from nws.campaign.storage import load_study
+    from nws.tracking.experiments import working_experiment
     from nws.tracking.runs import check_tracking_server
 
     check_campaign(options.campaign)
@@ -39,7 +44,10 @@ def run_cleanup(options: CleanupOptions) -> list[Entry]:
         print(
             f"no Optuna study {options.campaign!r} in {where}: only MLflow runs are checked", file=sys.stderr
         )
-    entries = close_orphans(study, options.campaign, options.all_hosts, options.dry_run)
+    experiment_id = working_experiment(options.experiment)
+    entries = close_orphans(
+        study, options.campaign, options.all_hosts, options.dry_run, experiment_ids=[experiment_id]
+    )
     for entry in entries:
         print(entry.line(options.dry_run))
     closed = sum(e.closed for e in entries)

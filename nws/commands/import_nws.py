@@ -26,6 +26,10 @@ class ImportOptions:
     prints: int = param(nws_format.PUBLISHED_PRINTS, "snapshots per net (weights/001.bin ...)")
     workers: int = param(2, "worker processes importing nets in parallel (1: in this process)")
     allow_refused: bool = param(False, "exit 0 even when some nets were refused")
+    experiment: str = param(
+        "",
+        "MLflow experiment of the runs (default $MLFLOW_EXPERIMENT_NAME or $MLFLOW_EXPERIMENT_ID, else nws)",
+    )
 
     def csv_paths(self) -> list[Path]:
         paths = [Path(p.strip()).expanduser() for p in self.csv.split(",") if p.strip()]
@@ -62,7 +66,7 @@ def run_import(options: ImportOptions) -> ImportSummary:
     """Import the listed nets (`nws.formats.importer.import_nets`)."""
     from nws.formats.importer import import_nets
 
-    return import_nets(options.jobs(), options.prints, options.workers, asdict(options))
+    return import_nets(options.jobs(), options.prints, options.workers, asdict(options), options.experiment)
 
 
 def print_refusals(summary: ImportSummary) -> None:

@@ -38,7 +38,8 @@ SAMPLE_DEFAULTS = {
 TRAIN_DEFAULTS = {"K": "4,6", "slice_length": 512, "epochs": 30}
 """The last three snapshots (epochs 3-5); slices of 512 weights keep the DMC affordable on a CPU."""
 TRAIN_FROM_CAMPAIGN = ("experiment", "filter", "seed")
-"""Train parameters that `main` sets itself: the nets are the campaign's, the seed is shared."""
+"""Train parameters that `main` sets itself: the nets are the campaign's in the experiment of its
+runs (sample's `experiment`), the seed is shared."""
 
 
 def _fields(options: type, defaults: dict[str, Any], skip: tuple[str, ...] = ()) -> list[tuple]:
@@ -141,7 +142,7 @@ def run_main(options: Any) -> pd.DataFrame:
     check_before_sampling(options, sample)
     select(sample.backend)  # before anything imports Keras
     tags = {TAG_ROLE: "study", TAG_CAMPAIGN: options.campaign}
-    with parent_run(tags, run_name=f"nws-main-{options.campaign}") as parent:
+    with parent_run(tags, run_name=f"nws-main-{options.campaign}", experiment=options.experiment) as parent:
         with parent_run(run_name=f"sample-{options.campaign}", nested=True):
             summary = run_campaign(sample)
         say(summary.line())

@@ -60,7 +60,11 @@ class Selection:
     """Which net runs form the zoo: the built-in condition AND the user's filter. The
     parameters of every entry point that selects nets (`train`, `export_nws`) start with these."""
 
-    experiment: str = param("", "MLflow experiments to select nets from, comma list (default: all)")
+    experiment: str = param(
+        "",
+        "MLflow experiments to select nets from, comma list, or * for all (default: the one runs go to: "
+        "$MLFLOW_EXPERIMENT_NAME or $MLFLOW_EXPERIMENT_ID, else nws)",
+    )
     filter: str = param("", "MLflow search filter, AND-ed with: finished net runs with complete snapshots")
     min_test_accuracy: float = param(0.0, "leave out nets below this test accuracy")
 
@@ -69,9 +73,14 @@ class Selection:
         selects none: an unknown experiment, a filter MLflow refuses or one that matches nothing."""
         from mlflow.exceptions import MlflowException
 
+        from nws.tracking.experiments import ALL_EXPERIMENTS, experiment_name, working_experiment
         from nws.zoo.query import UnknownExperiment, filter_string, query_nets
 
-        experiments = names_list(self.experiment) if self.experiment.strip() else None
+        experiments: list[str] | None = names_list(self.experiment)
+        if ALL_EXPERIMENTS in experiments:
+            experiments = None
+        elif not experiments:
+            experiments = [experiment_name(working_experiment())]
         try:
             nets = query_nets(experiments, self.filter, self.min_test_accuracy)
         except UnknownExperiment as e:

@@ -30,6 +30,10 @@ class PredictOptions:
     k: int = param(0, "which snapshot (1-based) of the run or file; 0 = the last")
     props: str = param("all", "comma list of properties, or all")
     alias: str = param("champion", "the registered models' alias to use")
+    experiment: str = param(
+        "",
+        "MLflow experiment of the runs (default $MLFLOW_EXPERIMENT_NAME or $MLFLOW_EXPERIMENT_ID, else nws)",
+    )
 
     def validate(self) -> list[str]:
         if bool(self.run_id.strip()) == bool(self.snapshot.strip()):
@@ -131,7 +135,9 @@ def run_predict(options: PredictOptions) -> pd.DataFrame:
         print(f"{row.property:<15} {value:<16}{truth_text}")
     tags = {TAG_ROLE: "prediction", TAG_SOURCE: source}
     name = f"predict-{Path(source).name[:12]}"
-    with parent_run(tags, run_name=name, nested=mlflow.active_run() is not None):
+    with parent_run(
+        tags, run_name=name, nested=mlflow.active_run() is not None, experiment=options.experiment
+    ):
         mlflow.log_params({k: v for k, v in asdict(options).items() if v not in ("", 0)})
         mlflow.log_params({f"predicted_{r.property}": r.predicted for r in table.itertuples()})
         mlflow.log_text(table.to_csv(index=False), "predictions.csv")

@@ -33,10 +33,16 @@ class SampleOptions:
     )
     seed: int = param(0, "campaign seed: hyper-parameters and net seeds derive from it")
     campaign: str = param("default", "campaign name: the Optuna study and the nws.campaign tag")
+    experiment: str = param(
+        "",
+        "MLflow experiment of the runs (default $MLFLOW_EXPERIMENT_NAME or $MLFLOW_EXPERIMENT_ID, else nws)",
+    )
     storage: str = param(
         "", f"Optuna storage: an RDB URL or a journal file path (default ./{DEFAULT_STORAGE})"
     )
-    data_dir: str = param("", "root of the datasets' official files (default $NWS_DATA_DIR)")
+    data_dir: str = param(
+        "", "root of the datasets' official files (default $NWS_DATA_DIR, else ~/.cache/nws/data)"
+    )
     download: bool = param(True, "download missing paper datasets")
     max_train_images: int = param(0, "cap on training images per net (0 = all)")
     max_eval_images: int = param(0, "cap on validation and test images per net (0 = all)")
@@ -118,6 +124,7 @@ class SampleOptions:
             max_train_images=self.max_train_images, max_eval_images=self.max_eval_images,
             deterministic=self.deterministic, threads=self.threads, parent_run_id=self.parent_run_id,
             backend=self.backend, pack=self.pack,
+            experiment=self.experiment,
         )  # fmt: skip
 
 

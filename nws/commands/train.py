@@ -18,7 +18,7 @@ from nws.commands.train_runs import Plan, train_all
 from nws.errors import ParameterError
 from nws.meta import KINDS, MODEL_NAMES
 from nws.meta.base import MetaSettings
-from nws.progress import say
+from nws.progress import Steps, say
 from nws.snapshots import REGIONS, region_bounds
 from nws.space import PROPERTY_NAMES, SNAPSHOT_TARGETS, get_property
 from nws.tracking.runs import parent_run
@@ -49,6 +49,10 @@ class TrainOptions(Selection):
     split: str = param("random", "random (by net, seeded) or published (the nets' nws.split tags)")
     seed: int = param(default_of(MetaSettings, "seed"), "seed of the split and the training")
     register: bool = param(True, "register the models and move the champion alias")
+    save_optimizer: bool = param(
+        default_of(MetaSettings, "save_optimizer"),
+        "keep the DMC's optimizer state in its model file (three times the size; to resume training)",
+    )
     cache_dir: str = param("", "snapshot cache (default $NWS_CACHE_DIR or ~/.cache/nws/zoo)")
     robustness: str = param(
         "", "also evaluate on test nets transformed at random: comma list of permute, rescale"
@@ -115,6 +119,7 @@ class TrainOptions(Selection):
             batch_size=self.batch_size,
             learning_rate=self.learning_rate,
             seed=self.seed,
+            save_optimizer=self.save_optimizer,
         )
 
 
@@ -246,7 +251,8 @@ def plan(options: TrainOptions) -> Plan:
             check_slice_length(nets, used, options.region, length, "slice_lengths")
     elif sweep:
         raise ParameterError("slice_lengths", "no slice model (dmc, stats) among the models to sweep")
-    zoo = build_zoo(nets, cache)
+    with Steps("zoo: verifying snapshot files", len(nets), "nets") as steps:
+        zoo = build_zoo(nets, cache, progress=steps.advance)
     stats = cache.stats
     how = f"{stats.verified} verified against their digests, {stats.downloaded} downloaded"
     if stats.repaired:
@@ -254,7 +260,11 @@ def plan(options: TrainOptions) -> Plan:
     say(f"zoo: {len(zoo)} nets, {zoo.size_bytes / 1e6:.1f} MB ({how})")
     robustness = options.transforms()
     activations = _activations(nets, documents) if "rescale" in robustness else []
-    return Plan(zoo, k_range, splits, models, layout, robustness, activations, sweep)
+    from nws.zoo.query import filter_string
+
+    where = options.experiment.strip() or "the working experiment"
+    selection = f"{filter_string(options.filter, options.min_test_accuracy)} (experiments: {where})"
+    return Plan(zoo, k_range, splits, models, layout, robustness, activations, sweep, selection)
 
 
 def _activations(nets: pd.DataFrame, documents: list[dict]) -> list[str]:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from nws import interrupts
+from nws.meta import KINDS
 from nws.meta.base import MetaSettings, Task
 from nws.progress import say
 from nws.space import PROPERTY_NAMES, SNAPSHOT_TARGETS
@@ -51,6 +52,7 @@ class Findings:
     statistics: Any  # the per-net score's NetStatistics
     when: pd.DataFrame | None = None
     where: Any = None  # a dissection.WhereCurve, or None for whole-snapshot models
+    selection: str = ""  # the run query that selected the nets, as the registry records it
 
 
 def selection_table(plan: Plan) -> pd.DataFrame:
@@ -200,7 +202,14 @@ def train_one(
         for key, values in model.history.items():
             for epoch, value in enumerate(values, start=1):
                 mlflow.log_metric(f"train_{key}", value, step=epoch)
-        result = evaluate(model, samples["test"], split.labels[split.train], settings.seed, sweep=not sweep)
+        result = evaluate(
+            model,
+            samples["test"],
+            split.labels[split.train],
+            settings.seed,
+            sweep=not sweep,
+            label=f"{prop} / {name}",
+        )
         if not sweep:
             result.metrics.update(_robustness(plan, model, split, settings))
         mlflow.log_metrics(result.metrics)
@@ -222,7 +231,12 @@ def train_one(
         if result.sweep is not None:
             found.where = _log_sweep(result, samples["test"], task, plan, settings, name)
         metric, value, higher_is_better = result.registry_metric
-        registration = log_meta_classifier(model, register, value, metric, higher_is_better)
+        about = version_tags(
+            plan, prop, split, name, settings, result.metrics.get("chance"), child.info.run_id
+        )
+        registration = log_meta_classifier(
+            model, register, value, metric, higher_is_better, about, version_description(about, metric, value)
+        )
         row = {"property": prop, "model": name, "run_id": child.info.run_id,
                "slice_length": settings.slice_length if uses_slices else np.nan, **result.metrics,
                "chance": result.metrics.get("chance", np.nan), "n_train_nets": len(split.train),
@@ -268,6 +282,38 @@ def _robustness(plan: Plan, model: Any, split: Split, settings: MetaSettings) ->
         out[f"n_{name}d"] = float(changed)
         say(f"  {name}: {changed} of {len(split.test)} test nets transformed")
     return out
+
+
+def version_tags(
+    plan: Plan, prop: str, split: Split, name: str, settings: MetaSettings, chance: Any, run_id: str
+) -> dict[str, str]:
+    """What a registered version is: model type, property, chance, and how its nets were chosen."""
+    chance_text = f"{chance:.4f}" if chance is not None and np.isfinite(chance) else "n/a (regression)"
+    return {
+        "nws.model": name,
+        "nws.property": prop,
+        "nws.chance": chance_text,
+        "nws.selection": plan.selection,
+        "nws.k": f"{plan.k_range[0]},{plan.k_range[1]}",
+        "nws.slice_length": str(settings.slice_length)
+        if KINDS[name].uses_slices
+        else "n/a (whole snapshots)",
+        "nws.region": settings.region,
+        "nws.nets": f"{len(plan.zoo)} selected, {len(split.train)} train, {len(split.valid)} valid, "
+        f"{len(split.test)} test",
+        "nws.source_run": run_id,
+    }
+
+
+def version_description(about: dict[str, str], metric: str, value: float) -> str:
+    """The version page's text: the same facts as the tags, in one paragraph."""
+    return (
+        f"{about['nws.model']} meta-classifier predicting {about['nws.property']} from a net's weights. "
+        f"Held-out {metric} {value:.4f} (chance {about['nws.chance']}). Nets: {about['nws.nets']}, "
+        f"selected by {about['nws.selection']}; snapshots K={about['nws.k']}, slice length "
+        f"{about['nws.slice_length']}, region {about['nws.region']}. "
+        f"Trained in run {about['nws.source_run']}."
+    )
 
 
 def _log_sweep(result: Any, test: Any, task: Task, plan: Plan, settings: MetaSettings, model: str) -> Any:

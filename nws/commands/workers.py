@@ -88,7 +88,9 @@ def run_workers(
 
     restarts = n_workers
     failed = False
-    with parent_run(campaign_tags(settings.subset, settings.name), params) as run:
+    with parent_run(
+        campaign_tags(settings.subset, settings.name), params, experiment=settings.experiment
+    ) as run:
         try:
             before, _, _ = trial_counts(study)
             for quota in _quotas(settings, n_workers):

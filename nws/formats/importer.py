@@ -318,15 +318,17 @@ def _bounded(
         yield from finished(done)
 
 
-def import_nets(jobs: list[ImportJob], prints: int, workers: int, params: Mapping[str, Any]) -> ImportSummary:
+def import_nets(
+    jobs: list[ImportJob], prints: int, workers: int, params: Mapping[str, Any], experiment: str = ""
+) -> ImportSummary:
     """Import the nets of `jobs` (`prints` snapshots each) with `workers` worker processes, under
     an import run that records `params` (the command's parameters as given) and ends with the
-    counts and `refusals.csv`."""
+    counts and `refusals.csv`; `experiment`: the option naming the experiment of the runs."""
     import mlflow
 
     pool = _worker_pool(workers)
     try:
-        with parent_run({TAG_ROLE: "import"}, params, run_name="import-nws") as parent:
+        with parent_run({TAG_ROLE: "import"}, params, run_name="import-nws", experiment=experiment) as parent:
             target = ImportTarget(
                 mlflow.get_tracking_uri(), parent.info.experiment_id, parent.info.run_id, prints
             )

@@ -58,6 +58,7 @@ class MetaSettings:
     learning_rate: float = 1e-3
     stats_slices: int = 16  # random slices per training snapshot for the stats model
     seed: int = 0
+    save_optimizer: bool = False  # keep a Keras model's optimizer state (2x its weights) in its file
 
 
 @dataclass

@@ -20,8 +20,9 @@ import numpy as np
 
 from nws import interrupts
 from nws.meta.base import MetaClassifier
-from nws.meta.keras_archive import load_checked
+from nws.meta.keras_archive import load_checked, save_keras
 from nws.meta.samples import Samples
+from nws.progress import Steps
 
 KERNEL = 5
 HEAD = (1024, 1024, 1024, 1024, 64)
@@ -84,6 +85,17 @@ def build_dmc(length: int, n_outputs: int) -> Any:
     return keras.Model(inputs, outputs, name="dmc")
 
 
+def array_batches(arrays: Any, batch_size: int) -> Any:
+    """Arrays as a tf.data stream of batches, for Keras' `predict` and validation.
+
+    Given arrays, Keras builds its own stream with a parallel map, which tf.data turns into a
+    sequential one under op determinism, logging an error-level "NodeDef mentions attribute
+    use_unbounded_threadpool" line per call; this stream has no map."""
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices(arrays).batch(batch_size)
+
+
 def slice_dataset(samples: Samples, batch_size: int, seed: int) -> Any:
     """An endless tf.data stream of (slices, targets), a new random slice for every sample of
     every batch, produced in a background thread ahead of the training step."""
@@ -144,19 +156,21 @@ class DMC(MetaClassifier):
             rng = np.random.default_rng(self.settings.seed + 1)
             valid = self._targets(valid)
             everything = np.arange(len(valid))
-            validation = (valid.random_slices(everything, rng), valid.label)
-        history = self.model.fit(
-            slice_dataset(train, batch, self.settings.seed).map(
-                lambda x, y: (x, tf.cast(y, tf.float32) if self.task.is_regression else y)
-            ),
-            epochs=self.settings.epochs,
-            steps_per_epoch=steps,
-            validation_data=validation,
-            validation_batch_size=256,
-            callbacks=[interrupts.between_steps()],
-            shuffle=False,
-            verbose=0,
-        )
+            label = valid.label.astype(np.float32) if self.task.is_regression else valid.label
+            validation = array_batches((valid.random_slices(everything, rng), label), 256)
+        epochs = Steps(f"{self.task.prop} / dmc training", self.settings.epochs, "epochs")
+        with epochs:
+            history = self.model.fit(
+                slice_dataset(train, batch, self.settings.seed).map(
+                    lambda x, y: (x, tf.cast(y, tf.float32) if self.task.is_regression else y)
+                ),
+                epochs=self.settings.epochs,
+                steps_per_epoch=steps,
+                validation_data=validation,
+                callbacks=[interrupts.between_steps(), epochs.keras_callback()],
+                shuffle=False,
+                verbose=0,
+            )
         self.history = {k: [float(v) for v in vs] for k, vs in history.history.items()}
         self._recalibrate_batch_norm(train, batch)
 
@@ -200,14 +214,14 @@ class DMC(MetaClassifier):
         import keras
 
         with interrupts.deferred():  # as in `fit`
-            out = self.model.predict(np.asarray(x, np.float32), batch_size=256, verbose=0,
+            out = self.model.predict(array_batches(np.asarray(x, np.float32), 256), verbose=0,
                                      callbacks=[interrupts.between_steps()])  # fmt: skip
         if self.task.is_regression:
             return self.task.unscale(out[:, 0])
         return keras.ops.convert_to_numpy(keras.ops.softmax(out, axis=-1))
 
     def _save_model(self, directory: Path) -> None:
-        self.model.save(directory / MODEL_FILE)
+        save_keras(self.model, directory / MODEL_FILE, self.settings.save_optimizer)
 
     def _load_model(self, directory: Path) -> None:
         self.model = load_checked(directory / MODEL_FILE, KERAS_OBJECTS, "a DMC")

@@ -72,7 +72,31 @@ def evaluate(
     seed: int,
     slice_draws: int = 8,
     sweep: bool = True,
+    label: str = "",
 ) -> Evaluation:
+    """The model on the held-out snapshots; with a `label`, its progress is shown per pass."""
+    from nws.progress import Steps
+
+    if not label:
+        return _evaluate(model, test, train_labels, seed, slice_draws, sweep, None)
+    passes = (2 + sweep) if model.uses_slices else 1
+    with Steps(f"{label} evaluation", passes, "passes") as steps:
+        return _evaluate(model, test, train_labels, seed, slice_draws, sweep, steps)
+
+
+def _evaluate(
+    model: MetaClassifier,
+    test: Samples,
+    train_labels: np.ndarray,
+    seed: int,
+    slice_draws: int,
+    sweep: bool,
+    steps: Any,
+) -> Evaluation:
+    def passed(note: str) -> None:
+        if steps is not None:
+            steps.advance(1, note)
+
     regression = model.task.is_regression
     truth = test.label
     result = Evaluation()
@@ -80,15 +104,19 @@ def evaluate(
         rng = np.random.default_rng(seed)
         index = np.repeat(np.arange(len(test)), slice_draws)
         slice_out = model.predict_slices(test.random_slices(index, rng))
+        passed("random slices")
         even = _predict_even(model, test, NET_SLICES)
+        passed("evenly spaced slices")
         snapshot_out = even.mean(axis=1)
         if sweep:
             result.sweep = _predict_even(model, test, SWEEP_POSITIONS).astype(np.float32)
+            passed("position sweep")
     else:
         # A list, not an array: a whole-snapshot model may see nets of several architectures.
         vectors = [test.zoo.snapshot(n, k) for n, k in zip(test.net, test.k, strict=True)]
         index = np.arange(len(test))
         slice_out = snapshot_out = model.predict_snapshots(vectors)
+        passed("whole snapshots")
         even = snapshot_out[:, None]
     nets = pd.DataFrame({"net": test.net, "k": test.k, "truth": truth})
     if regression:

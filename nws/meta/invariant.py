@@ -44,7 +44,7 @@ import numpy as np
 from nws import interrupts
 from nws.errors import DataError, one_line
 from nws.meta.base import MetaClassifier
-from nws.meta.keras_archive import load_checked
+from nws.meta.keras_archive import load_checked, save_keras
 from nws.meta.samples import Samples
 from nws.meta.unit_features import (
     ARCHITECTURE_FEATURES,
@@ -55,6 +55,7 @@ from nws.meta.unit_features import (
     max_units,
     template,
 )
+from nws.progress import Steps
 
 PHI = (64, 64)
 PSI = 64
@@ -184,16 +185,18 @@ class InvariantModel(MetaClassifier):
             validation = self._batches(valid, self._targets(np.asarray(valid_labels)), batch, None)
             validation_steps = math.ceil(len(valid) / batch)
         rng = np.random.default_rng(self.settings.seed)
-        history = self.model.fit(
-            self._batches(table, self._targets(labels), batch, rng),
-            epochs=self.settings.epochs,
-            steps_per_epoch=len(table) // batch,
-            validation_data=validation,
-            validation_steps=validation_steps,
-            callbacks=[interrupts.between_steps()],
-            shuffle=False,  # the batches are shuffled already
-            verbose=0,
-        )
+        epochs = Steps(f"{self.task.prop} / invariant training", self.settings.epochs, "epochs")
+        with epochs:
+            history = self.model.fit(
+                self._batches(table, self._targets(labels), batch, rng),
+                epochs=self.settings.epochs,
+                steps_per_epoch=len(table) // batch,
+                validation_data=validation,
+                validation_steps=validation_steps,
+                callbacks=[interrupts.between_steps(), epochs.keras_callback()],
+                shuffle=False,  # the batches are shuffled already
+                verbose=0,
+            )
         self.history = {k: [float(v) for v in vs] for k, vs in history.history.items()}
 
     def predict_snapshots(self, vectors: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
@@ -216,7 +219,7 @@ class InvariantModel(MetaClassifier):
 
     def _save_model(self, directory: Path) -> None:
         assert self.feature_mean is not None and self.feature_std is not None
-        self.model.save(directory / MODEL_FILE)
+        save_keras(self.model, directory / MODEL_FILE, self.settings.save_optimizer)
         document = {
             "format": FEATURES_FORMAT,
             "unit_features": list(UNIT_FEATURES),

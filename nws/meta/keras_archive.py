@@ -30,6 +30,18 @@ def named_objects(node: Any) -> Iterator[str]:
             yield from named_objects(value)
 
 
+def save_keras(model: Any, path: Path, with_optimizer: bool) -> None:
+    """Save a functional Keras model as a `.keras` file: by default the inference model only (its
+    layers and weights, no compile settings, no optimizer state: Adam's two moments per weight
+    would triple the file), with `with_optimizer` as trained."""
+    import keras
+
+    if with_optimizer:
+        model.save(path)
+    else:
+        keras.Model(model.inputs, model.outputs, name=model.name).save(path)
+
+
 def load_checked(path: Path, allowed: frozenset[str], kind: str) -> Any:
     """The Keras model in `path`, when its config names only `allowed` objects (`kind` says what
     the model is, for the error line)."""

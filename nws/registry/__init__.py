@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,9 +83,16 @@ class Registration:
 
 
 def log_meta_classifier(
-    model: Any, register: bool, value: float, metric: str, higher_is_better: bool
+    model: Any,
+    register: bool,
+    value: float,
+    metric: str,
+    higher_is_better: bool,
+    about: Mapping[str, str] | None = None,
+    description: str = "",
 ) -> Registration | None:
-    """Log `model` into the active run as a pyfunc model; register and maybe promote it."""
+    """Log `model` into the active run as a pyfunc model; register and maybe promote it. The
+    version gets `description` and the tags `about` (what it is, how its nets were selected)."""
     import mlflow
 
     import nws
@@ -108,9 +116,30 @@ def log_meta_classifier(
     if not register:
         return None
     name = registered_name(model.task.prop)
-    version = mlflow.register_model(info.model_uri, name)
+    version = _create_version(name, info, dict(about or {}), description)
     champion, comparison = promote_if_better(name, version.version, value, metric, higher_is_better)
     return Registration(name, version.version, info.model_uri, champion, comparison)
+
+
+def _create_version(name: str, info: Any, tags: dict[str, str], description: str) -> Any:
+    """A new version of `name` from the logged model, linked to the run that logged it (a version
+    registered from a `models:/` URI by `mlflow.register_model` names no run). The client's calls
+    print nothing, where `register_model` prints two lines per version."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        client.create_registered_model(
+            name, description=f"nws meta-classifiers of {name.removeprefix('nws-meta-')}"
+        )
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    return client.create_model_version(
+        name, source=info.model_uri, run_id=info.run_id, tags=tags, description=description,
+        model_id=info.model_id,
+    )  # fmt: skip
 
 
 def promote_if_better(

@@ -16,6 +16,7 @@ from typing import Any
 
 from nws import interrupts
 from nws.processes import worker_name
+from nws.tracking.experiments import working_experiment
 from nws.tracking.tags import EPOCH_METRICS, TAG_FAILURE, TAG_WORKER
 
 
@@ -52,6 +53,7 @@ def parent_run(
     params: Mapping[str, Any] | None = None,
     run_name: str | None = None,
     nested: bool = False,
+    experiment: str = "",
 ) -> Iterator[Any]:
     """The run an entry point works in (a campaign's, `train`'s, `main`'s, an import's), with
     one rule for how it ends: KILLED on an interrupt, FAILED on an error (its reason in
@@ -61,6 +63,8 @@ def parent_run(
     and leaves ending that one to its owner; otherwise it starts one (inside `mlflow run` that
     resumes the project run, which `mlflow run` would end FAILED on an interrupt and MLflow's
     exit hook FINISHED) and ends it here. `nested` always starts a new run under the active one.
+    A new run goes to the working experiment (`nws.tracking.experiments`; `experiment` is the
+    entry point's option), a nested one to its parent's.
     The run is tagged with this process (`nws.worker`), so one left RUNNING by a killed process
     can be told from a live one. Params the run already holds (MLproject parameters) are not
     logged again. A stop while the run is made is held until it is known here.
@@ -70,7 +74,10 @@ def parent_run(
         run = None if nested else mlflow.active_run()
         owned = run is None
         if owned:
-            run = mlflow.start_run(run_name=run_name, nested=nested)
+            where = _experiment_for(experiment, nested)
+            run = mlflow.start_run(run_name=run_name, nested=nested, experiment_id=where)
+        elif experiment.strip():
+            working_experiment(experiment)  # refuses an experiment other than the active run's
     run_id = run.info.run_id
     try:
         mlflow.set_tags({**(tags or {}), TAG_WORKER: worker_name()})
@@ -86,6 +93,15 @@ def parent_run(
         raise
 
 
+def _experiment_for(option: str, nested: bool) -> str:
+    """Where a new run goes: a nested run beside its parent, any other by the working rule."""
+    if nested:
+        active = _mlflow().active_run()
+        if active is not None:
+            return active.info.experiment_id
+    return working_experiment(option)
+
+
 def start_net_run(
     run_name: str, tags: Mapping[str, str], params: Mapping[str, Any], parent_run_id: str | None = None
 ) -> str:
@@ -96,10 +112,13 @@ def start_net_run(
     run_id = ""
     try:
         with interrupts.deferred():  # until its id is known here
+            where = working_experiment(parent_run_id=parent_run_id or "")
             if parent_run_id:
-                run = mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id, tags=dict(tags))
+                run = mlflow.start_run(
+                    run_name=run_name, parent_run_id=parent_run_id, tags=dict(tags), experiment_id=where
+                )
             else:
-                run = mlflow.start_run(run_name=run_name, nested=True, tags=dict(tags))
+                run = mlflow.start_run(run_name=run_name, nested=True, tags=dict(tags), experiment_id=where)
             run_id = run.info.run_id
         mlflow.log_params(dict(params))
     except BaseException as error:  # Ctrl-C included
