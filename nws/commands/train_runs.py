@@ -40,6 +40,7 @@ class Plan:
     robustness: tuple[str, ...] = ()  # transformations of the test nets to evaluate again on
     activations: list[str] = field(default_factory=list)  # per net, for `rescale`
     sweep_lengths: list[int] = field(default_factory=list)  # the how-much sweep beyond slice_length
+    selection: str = ""  # the run query that selected the nets, as the registry records it
 
 
 @dataclass
@@ -52,7 +53,6 @@ class Findings:
     statistics: Any  # the per-net score's NetStatistics
     when: pd.DataFrame | None = None
     where: Any = None  # a dissection.WhereCurve, or None for whole-snapshot models
-    selection: str = ""  # the run query that selected the nets, as the registry records it
 
 
 def selection_table(plan: Plan) -> pd.DataFrame:
