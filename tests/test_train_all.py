@@ -87,18 +87,28 @@ def test_main_samples_trains_registers_and_prints_the_table(tracking_uri, tmp_pa
         "main", "--n-nets", "12", "--datasets", "digits", "--max-epochs", "0", "--min-epochs", "0",
         "--prints", "3", "--max-train-images", "64", "--max-eval-images", "32", "--K", "1,3",
         "--props", "initialization,lrate", "--models", "stats", "--slice-length", "256",
-        "--storage", str(tmp_path / "optuna.log"), "--campaign", "tiny-main",
+        "--slice-lengths", "128", "--storage", str(tmp_path / "optuna.log"), "--campaign", "tiny-main",
     ])  # fmt: skip
     assert code == 0
     out = capsys.readouterr().out
     assert "campaign tiny-main: 12 nets finished, 0 failed" in out
-    assert "property        model         net acc slice acc  chance" in out
-    assert "initialization  stats" in out and "lrate           stats" in out
+    assert "per net [95 % CI]" in out and "p-value" in out and "binomial" in out
+    assert "initialization  stats           256" in out and "lrate           stats           128" in out
     study = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                filter_string="tags.`nws.role` = 'study'")  # fmt: skip
     assert len(study) == 1 and study[0].info.status == "FINISHED"
     parent = f"tags.mlflow.parentRunId = '{study[0].info.run_id}'"
     children = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string=parent)
     assert sorted(r.data.tags["nws.role"] for r in children) == ["campaign", "meta"]
+    meta = next(r for r in children if r.data.tags["nws.role"] == "meta")
     client = MlflowClient()
+    assert {"dissection.png", "dissection.md"} <= {a.path for a in client.list_artifacts(meta.info.run_id)}
+    assert {"pvalue_initialization_stats", "pvalue_lrate_stats", "n_test_nets_lrate"} <= set(
+        meta.data.metrics
+    )
+    swept = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                               filter_string=f"tags.mlflow.parentRunId = '{meta.info.run_id}'")  # fmt: skip
+    assert sorted(r.info.run_name for r in swept) == [
+        "initialization-stats", "initialization-stats-L128", "lrate-stats", "lrate-stats-L128"
+    ]  # fmt: skip
     assert client.get_model_version_by_alias("nws-meta-initialization", "champion") is not None
