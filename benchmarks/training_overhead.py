@@ -8,7 +8,8 @@ Compares per-epoch wall time (median over epochs after the first, which includes
   nws+log    the full net job: snapshot capture to disk and MLflow logging (local SQLite).
 Targets: nws / plain <= 1.10; (nws+log - nws) / nws < 3 %.
 
-Run: python benchmarks/training_overhead.py [--dataset shapes] [--epochs 8] [--repeats 2]
+Run: python benchmarks/training_overhead.py [--backend tensorflow|jax] [--dataset shapes] [--epochs 8]
+     [--repeats 2]
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ def plain_fit(config, data, epochs: int, seed: int) -> float:
     import keras
     import numpy as np
 
+    from nws.backend import seed as seed_backend
     from nws.data import BalancedSampler
     from nws.training import TrainSettings, compile_model
 
-    keras.utils.set_random_seed(seed)
+    seed_backend(seed)
     index = BalancedSampler(data.y_train, seed).epoch()
     x = data.x_train[index].astype(np.float32) / 255.0
     y = data.y_train[index]
@@ -105,24 +107,31 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-train-images", type=int, default=0)
+    parser.add_argument("--backend", default="tensorflow", help="Keras backend: tensorflow or jax")
     args = parser.parse_args()
+
+    from nws.backend import configure, select
+
+    select(args.backend)  # before Keras is imported
 
     import mlflow
 
     from nws.commands.sample import SampleOptions
     from nws.data import load_images, split_for_net
     from nws.space import NetConfig
-    from nws.training import configure_tensorflow
 
-    configure_tensorflow()
+    configure()
     tmp = tempfile.mkdtemp(prefix="nws-bench-")
     atexit.register(shutil.rmtree, tmp, True)  # gigabytes: never left behind
     os.chdir(tmp)  # MLflow's artifact root (./mlruns) goes there too
     mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
     config = NetConfig.parse(FIXED.format(d=args.dataset))
     data = split_for_net(load_images(args.dataset), 0, args.max_train_images)
-    options = SampleOptions(max_train_images=args.max_train_images, prints=20)
-    print(f"dataset {args.dataset}: {data.sizes()}, fixed architecture, {args.epochs} epochs")
+    options = SampleOptions(max_train_images=args.max_train_images, prints=20, backend=args.backend)
+    sizes = data.sizes()
+    print(
+        f"backend {args.backend}, dataset {args.dataset}: {sizes}, fixed architecture, {args.epochs} epochs"
+    )
     results: dict[str, list[float]] = {"plain": [], "nws": [], "nws+log": []}
     for repeat in range(args.repeats):  # interleaved, so drift hits every variant alike
         results["plain"].append(plain_fit(config, data, args.epochs, repeat))

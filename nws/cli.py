@@ -61,6 +61,16 @@ def _import_nws(options: Any) -> int:
     return 1 if summary.refused and not options.allow_refused else 0
 
 
+def _import_cnn_zoo(options: Any) -> int:
+    from nws.commands.import_cnn_zoo import run_import_zoo
+
+    summary = run_import_zoo(options)
+    for refusal in summary.refused:
+        print(f"refused net {refusal['path']}: {refusal['reason']}", file=sys.stderr)
+    print(summary.line())
+    return 1 if summary.refused and not options.allow_refused else 0
+
+
 def _export_nws(options: Any) -> int:
     from nws.commands.export_nws import run_export
 
@@ -85,6 +95,7 @@ def _main(options: Any) -> int:
 def _commands() -> dict[str, Command]:
     from nws.commands.cleanup import CleanupOptions
     from nws.commands.export_nws import ExportOptions
+    from nws.commands.import_cnn_zoo import ImportZooOptions
     from nws.commands.import_nws import ImportOptions
     from nws.commands.main import MainOptions
     from nws.commands.predict import PredictOptions
@@ -102,6 +113,8 @@ def _commands() -> dict[str, Command]:
                 PredictOptions, _predict),
         Command("import_nws", "import the published NWS dataset as MLflow net runs", ImportOptions,
                 _import_nws),
+        Command("import_cnn_zoo", "import a Small CNN Zoo directory as MLflow net runs", ImportZooOptions,
+                _import_cnn_zoo),
         Command("export_nws", "export net runs in the published NWS or the Small CNN Zoo layout",
                 ExportOptions, _export_nws),
         Command("cleanup", "list a campaign's RUNNING runs and trials, close those whose process is gone",

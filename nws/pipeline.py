@@ -21,6 +21,8 @@ def build_augmenter(seed: int) -> Any:
     import keras
     from keras import layers
 
+    from nws.augmentation import NoiseAndClip
+
     side = IMAGE_SHAPE[0]
     shear = math.tan(math.radians(3.0))
     geometry = {"fill_mode": "constant", "fill_value": 0.0}
@@ -35,33 +37,10 @@ def build_augmenter(seed: int) -> Any:
             layers.RandomHue((0.0, 0.16), value_range=(0.0, 1.0), seed=seed + 6),
             # Saturation factor f multiplies saturation by f / (1 - f): 0.2308..0.6 -> 0.3..1.5.
             layers.RandomSaturation((0.3 / 1.3, 0.6), value_range=(0.0, 1.0), seed=seed + 7),
-            _noise_and_clip_layer()(max_stddev=0.03, seed=seed + 8),
+            NoiseAndClip(max_stddev=0.03, seed=seed + 8),
         ],
         name="augmentation",
     )
-
-
-def _noise_and_clip_layer() -> type:
-    import keras
-
-    class NoiseAndClip(keras.layers.Layer):
-        """Gaussian noise with a standard deviation drawn per image in [0, max], then clip."""
-
-        def __init__(self, max_stddev: float, seed: int, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            self.max_stddev = max_stddev
-            self.seed_generator = keras.random.SeedGenerator(seed)
-
-        def call(self, images: Any, training: bool = True) -> Any:
-            ops = keras.ops
-            if training:
-                std = keras.random.uniform(
-                    (ops.shape(images)[0], 1, 1, 1), 0.0, self.max_stddev, seed=self.seed_generator
-                )
-                images = images + std * keras.random.normal(ops.shape(images), seed=self.seed_generator)
-            return ops.clip(images, 0.0, 1.0)
-
-    return NoiseAndClip
 
 
 def _index_batches(sampler: BalancedSampler, batch_size: int, steps: int) -> Iterator[np.ndarray]:
@@ -120,3 +99,65 @@ def evaluation_augmenter_seed(seed: int) -> int:
     """The seed of a net's evaluation augmentation: a stream of its own, apart from its training
     augmentation (`seed`) and from every other net's (net seeds are consecutive integers)."""
     return int(np.random.SeedSequence([seed, 1]).generate_state(1)[0] >> 2)
+
+
+# Without tf.data (any backend; used on JAX): numpy batches for `fit`, a PyDataset to evaluate,
+# and the augmentation inside the model that is trained or evaluated.
+
+
+def balanced_batches(data: NetData, batch_size: int, seed: int) -> tuple[Iterator[Any], int]:
+    """An endless stream of (float32 images in [0, 1], labels) over class-balanced epochs, and
+    the steps per epoch: `training_dataset`'s stream, the gather done in numpy."""
+    sampler = BalancedSampler(data.y_train, seed)
+    batch_size = min(batch_size, sampler.epoch_size)
+    steps = sampler.epoch_size // batch_size
+
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for index in _index_batches(sampler, batch_size, steps):
+            yield scaled(data.x_train[index]), data.y_train[index]
+
+    return batches(), steps
+
+
+def scaled(images: np.ndarray) -> np.ndarray:
+    """uint8 images as float32 in [0, 1]."""
+    return np.multiply(images, np.float32(1 / 255), dtype=np.float32)
+
+
+def evaluation_batches(x: np.ndarray, y: np.ndarray, batch_size: int, drop_remainder: bool = False) -> Any:
+    """`evaluation_dataset`'s batches as a Keras PyDataset: uint8 images scaled per batch, so no
+    float32 copy of a whole test set is held. Augmentation, where wanted, is in the model
+    evaluated (`evaluation_model`)."""
+    import keras
+
+    count = len(y) // batch_size if drop_remainder else -(-len(y) // batch_size)
+
+    class EvaluationBatches(keras.utils.PyDataset):
+        def __len__(self) -> int:
+            return count
+
+        def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+            part = slice(i * batch_size, (i + 1) * batch_size)
+            return scaled(x[part]), y[part]
+
+    return EvaluationBatches(workers=1, use_multiprocessing=False)
+
+
+def training_model(net: Any, augmenter: Any) -> Any:
+    """The model that `fit` trains when augmentation is on: the augmenter (active in training
+    only), then the net, whose variables it shares; snapshots and evaluation use the net."""
+    import keras
+
+    inputs = keras.Input(IMAGE_SHAPE, name="image")
+    return keras.Model(inputs, net(augmenter(inputs)), name="nws_cnn_training")
+
+
+def evaluation_model(net: Any, augmenter: Any) -> Any:
+    """The model evaluated under fidelity `paper` with augmentation on: the net on images
+    augmented by its own evaluation augmenter, as the released code evaluated."""
+    import keras
+
+    from nws.augmentation import AlwaysAugment
+
+    inputs = keras.Input(IMAGE_SHAPE, name="image")
+    return keras.Model(inputs, net(AlwaysAugment(augmenter)(inputs)), name="nws_cnn_evaluation")

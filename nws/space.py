@@ -13,7 +13,6 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import numpy as np
-import optuna
 
 from nws.errors import ParameterError
 
@@ -122,6 +121,23 @@ PROPERTIES: tuple[Property, ...] = (
 PROPERTY_NAMES: tuple[str, ...] = tuple(p.name for p in PROPERTIES)
 BY_NAME: dict[str, Property] = {p.name: p for p in PROPERTIES}
 ARCHITECTURE: tuple[str, ...] = tuple(p.name for p in PROPERTIES if p.is_architecture)
+
+
+SNAPSHOT_TARGETS: dict[str, tuple[float, float]] = {
+    "test_accuracy": (0.0, 1.0),
+    "generalization_gap": (-1.0, 1.0),
+}
+"""What a meta-model can regress besides the 13 properties: a net's state at each snapshot rather
+than how it was made (issue 18). The value of snapshot k is the net's test accuracy, or its train
+minus test accuracy, at that snapshot's epoch; the range scales the regression target."""
+
+
+def value_range(name: str) -> tuple[float, float]:
+    """The range a regressed value lies in: a snapshot target's, or a uniform property's."""
+    if name in SNAPSHOT_TARGETS:
+        return SNAPSHOT_TARGETS[name]
+    prop = BY_NAME[name]
+    return prop.low, prop.high
 
 
 def get_property(name: str) -> Property:
@@ -243,24 +259,38 @@ def draw_seed(campaign_seed: int, trial_number: int, name: str) -> int:
     return int(np.random.SeedSequence(key).generate_state(1)[0])
 
 
-class TrialSeededSampler(optuna.samplers.BaseSampler):
-    """Optuna's RandomSampler, reseeded per (campaign seed, trial number, property).
+def _trial_seeded_sampler_class() -> type:
+    import optuna
 
-    A plain `RandomSampler(seed)` keeps its state in the sampler object, so workers that share a
-    study with the same seed draw identical configurations. Keying each draw on the trial number
-    makes a configuration a pure function of the campaign seed and the trial, whichever worker
-    draws it and in whatever order.
-    """
+    class TrialSeededSampler(optuna.samplers.BaseSampler):
+        """Optuna's RandomSampler, reseeded per (campaign seed, trial number, property).
 
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
+        A plain `RandomSampler(seed)` keeps its state in the sampler object, so workers that share a
+        study with the same seed draw identical configurations. Keying each draw on the trial number
+        makes a configuration a pure function of the campaign seed and the trial, whichever worker
+        draws it and in whatever order.
+        """
 
-    def infer_relative_search_space(self, study, trial):
-        return {}
+        def __init__(self, seed: int) -> None:
+            self.seed = seed
 
-    def sample_relative(self, study, trial, search_space):
-        return {}
+        def infer_relative_search_space(self, study, trial):
+            return {}
 
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        sampler = optuna.samplers.RandomSampler(seed=draw_seed(self.seed, trial.number, param_name))
-        return sampler.sample_independent(study, trial, param_name, param_distribution)
+        def sample_relative(self, study, trial, search_space):
+            return {}
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            sampler = optuna.samplers.RandomSampler(seed=draw_seed(self.seed, trial.number, param_name))
+            return sampler.sample_independent(study, trial, param_name, param_distribution)
+
+    return TrialSeededSampler
+
+
+def __getattr__(name: str) -> Any:
+    """Optuna is imported only for the sampler: the CNN family and the configs need no Optuna."""
+    if name == "TrialSeededSampler":
+        value = _trial_seeded_sampler_class()
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,13 +10,17 @@ batches, and snapshot 1 is the pure initialisation.
 
 The training loop knows nothing about snapshots or MLflow: callers pass observers that see the
 model and the metrics at every evaluation (epoch 0 is the initialisation). The images reach it
-through the input pipelines of `nws.pipeline`.
+through the input pipelines of `nws.pipeline`: tf.data on TensorFlow, numpy batches and the
+augmentation inside the model elsewhere (JAX), where no TensorFlow is imported.
+
+Why one module: a net's build order (seed, models, optimizer, input pipelines: `build_net`) and
+the loop that trains it must stay in step; `nws.pack` builds every packed net through `build_net`
+so that it starts bit-identical to the same net trained alone.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,15 +29,21 @@ from typing import Any
 import numpy as np
 
 from nws import interrupts
+from nws.backend import configure_tensorflow, tensorflow_environment  # noqa: F401 (their old home)
+from nws.backend import seed as seed_backend
 from nws.cnn import build_model
 from nws.data.preprocess import BalancedSampler, NetData
 from nws.fidelity import DEFAULT_FIDELITY, PAPER, check_fidelity
 from nws.pipeline import (
+    balanced_batches,
     build_augmenter,
     evaluation_augmenter_seed,
+    evaluation_batches,
     evaluation_dataset,
+    evaluation_model,
     paper_evaluation_batch,
     training_dataset,
+    training_model,
 )
 from nws.space import NetConfig
 
@@ -144,45 +154,6 @@ class TrainResult:
     steps_per_epoch: int = 0
 
 
-_configured = False
-
-
-def _interop_threads(threads: int) -> int:
-    """Inter-op threads to go with `threads` intra-op ones: one or two."""
-    return max(1, min(threads, 2))
-
-
-def tensorflow_environment(threads: int = 0) -> None:
-    """What TensorFlow reads from the environment when it starts: GPU memory growth (workers
-    share a GPU) and CPU thread pools. Set before anything imports TensorFlow, these hold even
-    when loading data starts TensorFlow before `configure_tensorflow` runs."""
-    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
-    if threads:
-        os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
-        os.environ["TF_NUM_INTEROP_THREADS"] = str(_interop_threads(threads))
-
-
-def configure_tensorflow(deterministic: bool = True, threads: int = 0) -> None:
-    """Once per process: GPU memory growth (workers share a GPU), op determinism, CPU threads."""
-    global _configured
-    if _configured:
-        return
-    tensorflow_environment(threads)
-    import tensorflow as tf
-
-    try:
-        for gpu in tf.config.list_physical_devices("GPU"):
-            tf.config.experimental.set_memory_growth(gpu, True)
-        if threads:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(_interop_threads(threads))
-    except RuntimeError:  # TensorFlow already started: the environment above applied instead
-        pass
-    if deterministic:
-        tf.config.experimental.enable_op_determinism()
-    _configured = True
-
-
 def make_optimizer(config: NetConfig, steps_per_epoch: int, settings: TrainSettings) -> Any:
     """The net's optimizer at its framework defaults: TF1's under fidelity `paper` (RMSProp with
     the accumulator at one and epsilon 1e-10, Adam with epsilon 1e-8), Keras' under `clean`."""
@@ -233,7 +204,7 @@ def train_net(
     """Train one net; every evaluation (epoch 0 = initialisation) goes to the observers.
 
     Raises TrainingDiverged when the loss becomes NaN. A stop signal is held while Keras and
-    TensorFlow run, and raised between two steps (`interrupts.between_steps`).
+    its backend run, and raised between two steps (`interrupts.between_steps`).
     """
     with interrupts.deferred():
         return _train(config, data, seed, settings, observers)
@@ -244,22 +215,18 @@ def _train(
 ) -> TrainResult:
     import keras
 
-    keras.utils.set_random_seed(seed)
+    seed_backend(seed)
     started = time.perf_counter()
-    if settings.max_epochs > 0:
-        train_ds, steps = training_dataset(data, config.batch_size, seed, config.augmentation == "on")
-    else:  # only the initialisation is evaluated: no input pipeline to build
-        train_ds, steps = None, BalancedSampler(data.y_train, seed).epoch_size // config.batch_size
-    model = compile_model(config, max(1, steps), settings)
-    evaluation_sets = EvaluationSets(config, data, seed, settings)
+    built = build_net(config, data, seed, settings)
+    model, evaluation_sets = built.net, built.evaluation
     valid_ds = evaluation_sets.of(data.x_valid, data.y_valid)
     test_ds = evaluation_sets.of(data.x_test, data.y_test)
-    result = TrainResult(steps_per_epoch=steps)
+    result = TrainResult(steps_per_epoch=built.steps)
     stopping = EarlyStopping(settings)
     stopper = interrupts.between_steps()
 
     def evaluate(ds: Any) -> dict[str, float]:
-        return model.evaluate(ds, verbose=0, return_dict=True, callbacks=[stopper])
+        return built.evaluated.evaluate(ds, verbose=0, return_dict=True, callbacks=[stopper])
 
     def publish(epoch: int, metrics: dict[str, float]) -> bool:
         stop = stopping.update(epoch, metrics["valid_accuracy"])
@@ -281,18 +248,21 @@ def _train(
             done = epoch + 1
             if not math.isfinite(float(logs.get("loss", math.nan))):
                 raise TrainingDiverged(done)
-            valid = {"accuracy": logs["val_accuracy"], "loss": logs["val_loss"]}
+            if built.tf_data:  # validated by `fit` itself
+                valid = {"accuracy": logs["val_accuracy"], "loss": logs["val_loss"]}
+            else:  # through the evaluated model: `fit` would validate the augmenting one
+                valid = evaluate(valid_ds)
             test = evaluate(test_ds)
             if publish(done, _metrics(logs["accuracy"], logs["loss"], valid, test)):
                 result.stop_reason = stopping.reason or "early_stopping"
                 self.model.stop_training = True
 
     if settings.max_epochs > 0:
-        model.fit(
-            train_ds,
+        built.fitted.fit(
+            built.train_source,
             epochs=settings.max_epochs,
-            steps_per_epoch=steps,
-            validation_data=valid_ds,
+            steps_per_epoch=built.steps,
+            validation_data=valid_ds if built.tf_data else None,
             callbacks=[stopper, EpochEnd()],
             shuffle=False,  # the stream is already shuffled and balanced per epoch
             verbose=0,
@@ -301,20 +271,80 @@ def _train(
     return result
 
 
+@dataclass
+class BuiltNet:
+    """One net as its training needs it. `net` is the model snapshots read; `fitted` is what
+    `fit` trains (the net, or on JAX with augmentation on, the augmenter then the net);
+    `evaluated` is what evaluation runs (on JAX under `paper` with augmentation on: the net on
+    images of its evaluation augmenter). On TensorFlow the tf.data pipelines augment instead."""
+
+    net: Any
+    fitted: Any
+    evaluated: Any
+    evaluation: EvaluationSets
+    steps: int
+    train_source: Any
+    tf_data: bool
+
+
+def build_net(config: NetConfig, data: NetData, seed: int, settings: TrainSettings) -> BuiltNet:
+    """The net's models, compiled, and its input pipelines: right after seeding (`seed_backend`),
+    in this order, so that a net built here is the same wherever it trains (alone or packed)."""
+    import keras
+
+    augment = config.augmentation == "on"
+    tf_data = keras.backend.backend() == "tensorflow"
+    if tf_data and settings.max_epochs > 0:
+        source, steps = training_dataset(data, config.batch_size, seed, augment)
+    elif tf_data:  # only the initialisation is evaluated: no input pipeline to build
+        source, steps = None, BalancedSampler(data.y_train, seed).epoch_size // config.batch_size
+    else:
+        source, steps = balanced_batches(data, config.batch_size, seed)
+    if tf_data:
+        model = compile_model(config, max(1, steps), settings)
+        return BuiltNet(
+            model, model, model, EvaluationSets(config, data, seed, settings), steps, source, True
+        )
+    from nws.augmentation import build_affine_augmenter
+
+    net = build_model(config, mixed_precision=settings.mixed_precision, fidelity=settings.fidelity)
+    fitted = training_model(net, build_affine_augmenter(seed)) if augment else net
+    evaluated = net
+    if settings.paper and augment:
+        evaluated = evaluation_model(net, build_affine_augmenter(evaluation_augmenter_seed(seed)))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    fitted.compile(optimizer=make_optimizer(config, max(1, steps), settings), loss=loss, metrics=["accuracy"])
+    if evaluated is not fitted:
+        evaluated.compile(optimizer=None, loss=loss, metrics=["accuracy"])
+    evaluation = EvaluationSets(config, data, seed, settings, augment_in_pipeline=False)
+    return BuiltNet(net, fitted, evaluated, evaluation, steps, source, False)
+
+
 class EvaluationSets:
     """The evaluation pipelines of one net, as its fidelity wants them."""
 
-    def __init__(self, config: NetConfig, data: NetData, seed: int, settings: TrainSettings) -> None:
+    def __init__(
+        self,
+        config: NetConfig,
+        data: NetData,
+        seed: int,
+        settings: TrainSettings,
+        augment_in_pipeline: bool = True,
+    ) -> None:
         self.config, self.data, self.seed, self.settings = config, data, seed, settings
+        self.tf_data = augment_in_pipeline
         self.augmenter = None
-        if settings.paper and config.augmentation == "on":
+        if augment_in_pipeline and settings.paper and config.augmentation == "on":
             self.augmenter = build_augmenter(evaluation_augmenter_seed(seed))
 
     def of(self, x: np.ndarray, y: np.ndarray) -> Any:
         if not self.settings.paper:
-            return evaluation_dataset(x, y, self.settings.eval_batch_size)
-        batch = paper_evaluation_batch(len(y), self.config.batch_size)
-        return evaluation_dataset(x, y, batch, drop_remainder=True, augmenter=self.augmenter)
+            batch, drop = self.settings.eval_batch_size, False
+        else:
+            batch, drop = paper_evaluation_batch(len(y), self.config.batch_size), True
+        if not self.tf_data:
+            return evaluation_batches(x, y, batch, drop_remainder=drop)
+        return evaluation_dataset(x, y, batch, drop_remainder=drop, augmenter=self.augmenter)
 
     def train_probe(self) -> Any:
         """Epoch 0's train accuracy. Under `paper`: the first batch of the training stream (the

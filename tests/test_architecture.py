@@ -11,11 +11,20 @@ from collections.abc import Iterable, Mapping
 from tests.conftest import ROOT
 
 LAYERS = [
-    ("nws", "nws.errors", "nws.interrupts", "nws.progress", "nws.processes", "nws.checks", "nws.fidelity"),
+    (
+        "nws",
+        "nws.errors",
+        "nws.interrupts",
+        "nws.progress",
+        "nws.processes",
+        "nws.checks",
+        "nws.fidelity",
+        "nws.backend",
+    ),
     ("nws.space",),
     ("nws.data",),
     ("nws.cnn", "nws.layers"),
-    ("nws.pipeline", "nws.optimizers", "nws.training"),
+    ("nws.augmentation", "nws.pipeline", "nws.optimizers", "nws.training", "nws.pack"),
     ("nws.snapshots", "nws.symmetry"),
     ("nws.tracking",),
     ("nws.campaign",),

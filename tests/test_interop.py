@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 from nws import cli
 from nws.cnn import build_model
 from nws.commands.export_nws import ExportOptions, run_export
+from nws.formats.small_cnn_zoo import config_column
 from nws.snapshots import flatten, load_into, weight_layout
 from nws.space import PROPERTY_NAMES, NetConfig
 from nws.tracking.tags import TAG_SOURCE_PATH, TAG_WEIGHTS_DIGEST, WEIGHTS_ARTIFACT
@@ -411,7 +412,7 @@ def test_small_cnn_zoo_layout_reads_back_with_numpy_and_pandas(in_meta_zoo, tmp_
         "train_loss",
         "test_loss",
         "config.dataset",
-        "config.lrate",
+        "config.learning_rate",
         "config.optimizer",
     } <= set(metrics.columns)
     assert list(layout.columns) == ["varname", "start_idx", "end_idx", "shape"]
@@ -423,7 +424,7 @@ def test_small_cnn_zoo_layout_reads_back_with_numpy_and_pandas(in_meta_zoo, tmp_
             run_id=run_id, dst_path=str(tmp_path / "w"), artifact_path=WEIGHTS_ARTIFACT
         )
     )[1]
-    config = NetConfig.from_mapping({n: metrics[f"config.{n}"][row] for n in PROPERTY_NAMES})
+    config = NetConfig.from_mapping({n: metrics[config_column(n)][row] for n in PROPERTY_NAMES})
     model = build_model(config)
     load_into(model, ours, weight_layout(config))
     for entry in layout.itertuples():

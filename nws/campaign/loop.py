@@ -19,7 +19,7 @@ from nws.campaign.net_job import NetJob, environment_tags
 from nws.campaign.orphans import close_orphans
 from nws.campaign.settings import CampaignSettings
 from nws.campaign.storage import open_study
-from nws.campaign.trials import TAKEN_OVER, is_surplus, trial_failed, wait_for_work
+from nws.campaign.trials import TAKEN_OVER, drop_taken_over, is_surplus, trial_failed, wait_for_work
 from nws.processes import worker_name
 from nws.tracking.runs import check_tracking_server, fail_net_run, parent_run
 from nws.tracking.tags import campaign_tags
@@ -44,11 +44,14 @@ def open_campaign(settings: CampaignSettings) -> Any:
     server answers, the datasets are there), then its study, created or continued. A campaign
     started again first closes what a killed process of this host left RUNNING (a worker of
     `--workers` leaves that to its parent)."""
+    from nws.backend import TENSORFLOW, jax_environment, tensorflow_environment
     from nws.data import check_available
-    from nws.training import tensorflow_environment
 
     check_tracking_server()
-    tensorflow_environment(settings.threads)  # before loading images starts TensorFlow
+    if settings.backend == TENSORFLOW:
+        tensorflow_environment(settings.threads)  # before loading images starts TensorFlow
+    else:
+        jax_environment(settings.deterministic, settings.threads)  # before anything starts JAX
     check_available(list(settings.datasets), settings.data_dir, settings.download)
     study = open_study(settings)
     if not settings.parent_run_id:
@@ -64,9 +67,9 @@ def train_campaign(settings: CampaignSettings, study: Any, params: Mapping[str, 
     `--workers`, whose parent holds the campaign's run)."""
     import mlflow
 
-    from nws.training import configure_tensorflow
+    from nws.backend import configure
 
-    configure_tensorflow(deterministic=settings.deterministic, threads=settings.threads)
+    configure(deterministic=settings.deterministic, threads=settings.threads)
     if settings.parent_run_id:
         summary = CampaignSummary(settings.name, campaign_run_id=settings.parent_run_id)
         train_nets(settings, study, summary)
@@ -78,23 +81,19 @@ def train_campaign(settings: CampaignSettings, study: Any, params: Mapping[str, 
     return summary
 
 
-def drop_taken_over(run_id: str, summary: CampaignSummary) -> None:
-    """A net whose trial another worker failed: its run must not count as finished (it may have
-    ended FINISHED in the moment after the last check)."""
-    fail_net_run(run_id, TAKEN_OVER)
-    if run_id in summary.finished:
-        summary.finished.remove(run_id)
-    summary.failed.append(run_id)
-    print(f"run {run_id} {TAKEN_OVER}", file=sys.stderr)
-
-
 def train_nets(settings: CampaignSettings, study: Any, summary: CampaignSummary) -> None:
-    """The per-net loop: one Optuna trial per net, its outcome added to `summary`."""
+    """The per-net loop: one Optuna trial per net, its outcome added to `summary` (in blocks of
+    `pack` trials with `--pack`: `nws.campaign.packed`)."""
     import optuna
 
     from nws.progress import Progress
 
     environment = environment_tags()
+    if settings.pack > 1:
+        from nws.campaign.packed import train_packed
+
+        train_packed(settings, study, summary, environment)
+        return
     total = settings.target or settings.n_nets
     progress = Progress(total)
     worker = worker_name()

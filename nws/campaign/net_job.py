@@ -3,12 +3,11 @@ which ends FINISHED only once every artifact is stored (or FAILED, KILLED, with 
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nws import __version__, space
+from nws import space
 from nws.campaign.settings import CampaignSettings
 from nws.campaign.trials import TAKEN_OVER
 from nws.space import NetConfig
@@ -17,18 +16,10 @@ from nws.tracking.tags import TAG_FAILURE, TAG_STOP_REASON, net_tags
 
 
 def environment_tags() -> dict[str, str]:
-    """The versions and device a net was trained with (tags of its run)."""
-    import keras
-    import tensorflow as tf
+    """The versions and device a net was trained with (tags of its run), the backend among them."""
+    from nws.backend import environment_tags as tags
 
-    gpus = tf.config.list_physical_devices("GPU")
-    return {
-        "nws.version": __version__,
-        "nws.tensorflow": tf.__version__,
-        "nws.keras": keras.__version__,
-        "nws.python": platform.python_version(),
-        "nws.device": f"GPU x{len(gpus)}" if gpus else "CPU",
-    }
+    return tags()
 
 
 @dataclass
@@ -79,21 +70,15 @@ class NetJob:
             "max_train_images": c.max_train_images,
             "max_eval_images": c.max_eval_images,
             "deterministic": c.deterministic,
+            "backend": c.backend,
             **c.train.as_params(),
             **sizes,
         }
 
-    def run(
-        self,
-        observers: list[Any],
-        on_start: Callable[[str], None] | None = None,
-        still_ours: Callable[[], bool] | None = None,
-    ) -> NetOutcome:
-        """Train the net in its own MLflow run. `still_ours` is asked before the result is
-        written: False (the trial was given to another worker) ends the run FAILED instead."""
+    def start(self) -> tuple[Any, Any, str]:
+        """The net's images, its weight layout and its MLflow run, started in this thread."""
         from nws.data import load_images, split_for_net
-        from nws.snapshots import SnapshotRecorder, layout_document, weight_layout
-        from nws.training import TrainingDiverged, train_net
+        from nws.snapshots import weight_layout
 
         c = self.campaign
         images = load_images(self.config.dataset, c.data_dir, c.download)
@@ -107,6 +92,20 @@ class NetJob:
             self.params(data.sizes()),
             parent_run_id=c.parent_run_id or None,
         )
+        return data, layout, run_id
+
+    def run(
+        self,
+        observers: list[Any],
+        on_start: Callable[[str], None] | None = None,
+        still_ours: Callable[[], bool] | None = None,
+    ) -> NetOutcome:
+        """Train the net in its own MLflow run. `still_ours` is asked before the result is
+        written: False (the trial was given to another worker) ends the run FAILED instead."""
+        from nws.snapshots import SnapshotRecorder
+        from nws.training import TrainingDiverged, train_net
+
+        data, layout, run_id = self.start()
         try:  # straight after: nothing between that a stop signal could cut
             if on_start is not None:
                 on_start(run_id)
@@ -117,30 +116,45 @@ class NetJob:
                     runs.log_epoch(epoch, metrics)
 
                 try:
-                    result = train_net(self.config, data, self.seed, c.train, [capture, *observers])
+                    result = train_net(
+                        self.config, data, self.seed, self.campaign.train, [capture, *observers]
+                    )
                 except TrainingDiverged as diverged:
-                    runs.end_run("FAILED", {TAG_FAILURE: f"nan_loss: {diverged}"})
-                    return NetOutcome(run_id, False, epochs=diverged.epoch, failure=str(diverged))
-                weights, snapshots = recorder.select(c.prints)
-            if still_ours is not None and not still_ours():
-                runs.end_run("FAILED", {TAG_FAILURE: TAKEN_OVER})
-                return NetOutcome(run_id, False, epochs=result.epochs, failure=TAKEN_OVER)
-            final = result.history[-1]
-            artifacts.log_net_result(
-                weights,
-                layout_document(self.config, layout, snapshots),
-                result.history,
-                {
-                    "epochs": result.epochs,
-                    "train_seconds": result.seconds,
-                    "weightn_conv": layout.weightn_conv,
-                    "weightn_fc": layout.weightn_fc,
-                    "steps_per_epoch": result.steps_per_epoch,
-                },
-                {TAG_STOP_REASON: result.stop_reason},
-            )
-            runs.end_run("FINISHED")
+                    return self.diverged(run_id, diverged)
+                return self.finish(run_id, layout, recorder, result, still_ours)
         except BaseException as error:
             runs.abort_run(run_id, error)
             raise
+
+    def diverged(self, run_id: str, diverged: Any) -> NetOutcome:
+        """End the net's run FAILED: its loss became NaN (`TrainingDiverged`)."""
+        runs.end_run("FAILED", {TAG_FAILURE: f"nan_loss: {diverged}"})
+        return NetOutcome(run_id, False, epochs=diverged.epoch, failure=str(diverged))
+
+    def finish(
+        self, run_id: str, layout: Any, recorder: Any, result: Any, still_ours: Callable[[], bool] | None
+    ) -> NetOutcome:
+        """Store a trained net's artifacts, then end its run FINISHED (FAILED when its trial was
+        taken over meanwhile). The caller aborts the run on an error."""
+        from nws.snapshots import layout_document
+
+        weights, snapshots = recorder.select(self.campaign.prints)
+        if still_ours is not None and not still_ours():
+            runs.end_run("FAILED", {TAG_FAILURE: TAKEN_OVER})
+            return NetOutcome(run_id, False, epochs=result.epochs, failure=TAKEN_OVER)
+        final = result.history[-1]
+        artifacts.log_net_result(
+            weights,
+            layout_document(self.config, layout, snapshots),
+            result.history,
+            {
+                "epochs": result.epochs,
+                "train_seconds": result.seconds,
+                "weightn_conv": layout.weightn_conv,
+                "weightn_fc": layout.weightn_fc,
+                "steps_per_epoch": result.steps_per_epoch,
+            },
+            {TAG_STOP_REASON: result.stop_reason},
+        )
+        runs.end_run("FINISHED")
         return NetOutcome(run_id, True, final["test_accuracy"], result.epochs)

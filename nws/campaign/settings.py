@@ -32,6 +32,8 @@ class CampaignSettings:
     deterministic: bool  # TensorFlow op determinism
     threads: int  # TensorFlow CPU threads (0: TensorFlow's choice)
     parent_run_id: str  # the run to nest nets under, held by another process ("": this one's)
+    backend: str = "tensorflow"  # the Keras backend that trains the nets (nws.backend)
+    pack: int = 1  # nets trained together in one compiled step (JAX; nws.pack)
 
     @property
     def heartbeat_enabled(self) -> bool:

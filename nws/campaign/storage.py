@@ -19,7 +19,7 @@ from nws.checks import writable_directory
 from nws.errors import ParameterError
 
 DEFAULT_STORAGE = "optuna-journal.log"
-STUDY_ATTRS = ("subset", "datasets", "fidelity")
+STUDY_ATTRS = ("subset", "datasets", "fidelity", "backend")
 """Study user attributes that fix a campaign's space; a continuation must match them."""
 SERVER_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433, "oracle": 1521}
 """Default ports, so that a URL with the port and one without name the same server."""
@@ -151,10 +151,10 @@ def open_study(settings: CampaignSettings) -> Any:
         load_if_exists=True,
     )
     wanted = {"subset": settings.subset, "datasets": ",".join(settings.datasets), "seed": settings.seed,
-              "fidelity": settings.train.fidelity}  # fmt: skip
+              "fidelity": settings.train.fidelity, "backend": settings.backend}  # fmt: skip
     existing = study.user_attrs
-    if "fidelity" not in existing and study.get_trials(deepcopy=False):
-        existing = {**existing, "fidelity": "clean"}  # begun before the option: its nets trained clean
+    if study.get_trials(deepcopy=False):  # begun before the option: its nets trained clean, on TF
+        existing = {"fidelity": "clean", "backend": "tensorflow", **existing}
     for key, value in wanted.items():
         # Key by key: workers starting together may see the study before its creator has set
         # every attribute; the first to find one missing sets it.

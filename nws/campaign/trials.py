@@ -112,3 +112,13 @@ def fail_orphaned_trials(study: Any, pids: list[int] | None = None) -> list[int]
             fail_trial(study, trial)
             orphans.append(trial.number)
     return orphans
+
+
+def drop_taken_over(run_id: str, summary: Any) -> None:
+    """A net whose trial another worker failed: its run must not count as finished (it may have
+    ended FINISHED in the moment after the last check)."""
+    fail_net_run(run_id, TAKEN_OVER)
+    if run_id in summary.finished:
+        summary.finished.remove(run_id)
+    summary.failed.append(run_id)
+    print(f"run {run_id} {TAKEN_OVER}", file=sys.stderr)

@@ -22,11 +22,14 @@ class ExportOptions(Selection):
     test_fraction: float = param(0.2, "share of nets written to the test CSV when a net has no nws.split tag")
     seed: int = param(0, "seed of that train/test assignment")
     absolute_paths: bool = param(False, "write absolute paths into the index CSVs")
+    kernels_only: bool = param(False, "cnn_zoo: write kernels and biases only, no batch-norm variables")
     cache_dir: str = param("", "snapshot cache (default $NWS_CACHE_DIR or ~/.cache/nws/zoo)")
 
     def validate(self) -> Path:
         if self.format not in LAYOUTS:
             raise ParameterError("format", f"{self.format!r} is not one of {', '.join(LAYOUTS)}")
+        if self.kernels_only and self.format != "cnn_zoo":
+            raise ParameterError("kernels_only", "applies to format cnn_zoo only")
         if not 0.0 <= self.test_fraction < 1.0:
             raise ParameterError("test_fraction", f"{self.test_fraction} is not in [0, 1)")
         out = writable_directory("out", self.out)
@@ -48,6 +51,7 @@ def run_export(options: ExportOptions) -> Path:
             "format", "cnn_zoo needs nets of one architecture (select e.g. the fixed subset)"
         )
     cache = ArtifactCache(Path(options.cache_dir).expanduser() if options.cache_dir else None)
-    export_nets(nets, out, options.format, cache, options.test_fraction, options.seed, options.absolute_paths)
+    export_nets(nets, out, options.format, cache, options.test_fraction, options.seed, options.absolute_paths,
+                options.kernels_only)  # fmt: skip
     print(f"exported {len(nets)} nets to {out} ({options.format} layout)")
     return out

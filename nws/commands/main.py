@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from nws import space
+from nws.backend import select
 from nws.commands.sample import SampleOptions
 from nws.commands.train import TrainOptions, parse_k
 from nws.errors import ParameterError
@@ -138,6 +139,7 @@ def run_main(options: Any) -> pd.DataFrame:
 
     sample = _part(options, SampleOptions)
     check_before_sampling(options, sample)
+    select(sample.backend)  # before anything imports Keras
     tags = {TAG_ROLE: "study", TAG_CAMPAIGN: options.campaign}
     with parent_run(tags, run_name=f"nws-main-{options.campaign}") as parent:
         with parent_run(run_name=f"sample-{options.campaign}", nested=True):

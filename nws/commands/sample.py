@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from nws import space
+from nws.backend import BACKENDS, DEFAULT_BACKEND, JAX, check_backend, select
 from nws.campaign.loop import CampaignSummary
 from nws.campaign.settings import CampaignSettings
 from nws.campaign.storage import DEFAULT_STORAGE
@@ -52,10 +53,12 @@ class SampleOptions:
         default_of(TrainSettings, "fidelity"),
         "paper (train as the released code did) or clean (Keras defaults, clean evaluation)",
     )
-    deterministic: bool = param(True, "TensorFlow op determinism (bit-identical on CPU)")
+    deterministic: bool = param(True, "op determinism (bit-identical on CPU)")
+    backend: str = param(DEFAULT_BACKEND, f"Keras backend that trains the nets: {' or '.join(BACKENDS)}")
+    pack: int = param(1, "nets trained together in one compiled step (backend jax; 1 on a CPU)")
     target: int = param(0, "finished nets the campaign should hold; workers train until then (0: n_nets)")
     workers: int = param(1, "worker processes on this machine, all on the same campaign")
-    threads: int = param(0, "TensorFlow CPU threads per worker (0: the cores split between workers)")
+    threads: int = param(0, "CPU threads per worker (0: the cores split between workers)")
     heartbeat: int = param(
         30, "seconds between heartbeats on an RDB storage; a trial silent for 2x this is retried"
     )
@@ -86,6 +89,13 @@ class SampleOptions:
         at_least("workers", self.workers, 1)
         at_least("threads", self.threads, 0)
         at_least("heartbeat", self.heartbeat, 1)
+        check_backend(self.backend)
+        at_least("pack", self.pack, 1)
+        if self.pack > 1:
+            if self.backend != JAX:
+                raise ParameterError("pack", f"{self.pack} needs backend jax (got {self.backend})")
+            if self.lr_decay != 1.0 or self.mixed_precision:
+                raise ParameterError("pack", f"{self.pack} needs lr_decay 1.0 and mixed_precision false")
         storage = check_storage(self.storage)
         datasets = resolve_datasets(self.datasets)
         replay = None
@@ -107,6 +117,7 @@ class SampleOptions:
             heartbeat=self.heartbeat, data_dir=self.data_dir or None, download=self.download,
             max_train_images=self.max_train_images, max_eval_images=self.max_eval_images,
             deterministic=self.deterministic, threads=self.threads, parent_run_id=self.parent_run_id,
+            backend=self.backend, pack=self.pack,
         )  # fmt: skip
 
 
@@ -117,6 +128,7 @@ def run_campaign(options: SampleOptions) -> CampaignSummary:
     from nws.campaign.loop import open_campaign, train_campaign
 
     settings = options.settings()
+    select(settings.backend)  # before anything imports Keras
     study = open_campaign(settings)
     if options.workers > 1:
         from nws.commands.workers import run_workers

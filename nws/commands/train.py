@@ -20,7 +20,7 @@ from nws.meta import KINDS, MODEL_NAMES
 from nws.meta.base import MetaSettings
 from nws.progress import say
 from nws.snapshots import REGIONS, region_bounds
-from nws.space import PROPERTY_NAMES, get_property
+from nws.space import PROPERTY_NAMES, SNAPSHOT_TARGETS, get_property
 from nws.tracking.runs import parent_run
 from nws.tracking.tags import TAG_ROLE
 from nws.zoo.cache import default_cache_dir
@@ -32,7 +32,9 @@ class TrainOptions(Selection):
     """The parameters of the `train` entry point: the selection, then the training. The
     meta-classifier's settings take their defaults from `MetaSettings`."""
 
-    props: str = param("all", "comma list of properties to predict, or all")
+    props: str = param(
+        "all", "comma list of properties to predict (or test_accuracy, generalization_gap), or all"
+    )
     K: str = param("", "snapshot range a,b within 1..prints (default: every snapshot)")
     slice_length: int = param(default_of(MetaSettings, "slice_length"), "consecutive weights per input slice")
     slice_lengths: str = param(
@@ -48,6 +50,21 @@ class TrainOptions(Selection):
     seed: int = param(default_of(MetaSettings, "seed"), "seed of the split and the training")
     register: bool = param(True, "register the models and move the champion alias")
     cache_dir: str = param("", "snapshot cache (default $NWS_CACHE_DIR or ~/.cache/nws/zoo)")
+    robustness: str = param(
+        "", "also evaluate on test nets transformed at random: comma list of permute, rescale"
+    )
+
+    def transforms(self) -> tuple[str, ...]:
+        """The robustness protocol's transformations, checked."""
+        from nws.meta.robustness import TRANSFORMS
+
+        names = names_list(self.robustness)
+        for name in names:
+            if name not in TRANSFORMS:
+                raise ParameterError(
+                    "robustness", f"unknown transformation {name!r} (known: {', '.join(TRANSFORMS)})"
+                )
+        return tuple(names)
 
     def validate(self) -> tuple[list[str], list[str]]:
         """Check the parameters that need no data; return the properties and models."""
@@ -75,12 +92,14 @@ class TrainOptions(Selection):
             raise ParameterError("models", "no model given")
         props = list(PROPERTY_NAMES) if self.props.strip() in ("", "all") else names_list(self.props)
         for name in props:
+            if name in SNAPSHOT_TARGETS:
+                continue
             try:
                 get_property(name)
             except ParameterError:
-                raise ParameterError(
-                    "props", f"unknown property {name!r} (known: {', '.join(PROPERTY_NAMES)}, all)"
-                ) from None
+                known = ", ".join([*PROPERTY_NAMES, *SNAPSHOT_TARGETS])
+                raise ParameterError("props", f"unknown property {name!r} (known: {known}, all)") from None
+        self.transforms()
         writable_directory("cache_dir", self.cache_dir or default_cache_dir())
         return props, models
 
@@ -169,20 +188,26 @@ def plan(options: TrainOptions) -> Plan:
     from nws.zoo.cache import ArtifactCache
     from nws.zoo.splits import varying_properties
     from nws.zoo.store import build_zoo
+    from nws.zoo.targets import check_values, foreign_layout, layout_documents, snapshot_values
 
     props, models = options.validate()
     nets = options.query()
     say(f"selected {len(nets)} nets")
     explicit = options.props.strip() not in ("", "all")
-    varying, constant = varying_properties(nets, props)
+    targets = [p for p in props if p in SNAPSHOT_TARGETS]
+    varying, constant = varying_properties(nets, [p for p in props if p not in SNAPSHOT_TARGETS])
     if constant:
-        message = ", ".join(f"{p} (always {nets[p].iloc[0]})" for p in constant)
+        message = ", ".join(f"{p} (always {nets[p].iloc[0] or 'unset'})" for p in constant)
         if explicit:
             raise ParameterError("props", f"does not vary in the selection: {message}")
         say(f"skipping properties that do not vary: {message}")
-    if not varying:
+    if not varying and not targets:
         raise ParameterError("props", "no requested property varies in the selection")
     k_range = parse_k(options.K, int(nets["prints"].min()))
+    # Nets imported from a foreign zoo (import_cnn_zoo) have no NWS properties: their layout
+    # documents name their tensors.
+    foreign = bool((nets[list(PROPERTY_NAMES)] == "").any(axis=None))
+    documents = layout_documents(nets) if targets or foreign else []
     splits = {}
     for prop in varying:
         try:
@@ -191,10 +216,20 @@ def plan(options: TrainOptions) -> Plan:
             if explicit:
                 raise
             say(f"skipping {prop}: {str(reason).removeprefix('props: ')}")
+    for target in targets:
+        values = snapshot_values(documents, target, int(nets["prints"].max()))
+        check_values(values, list(nets["run_id"]), target, k_range)
+        try:
+            splits[target] = split_nets(nets, target, options.test_fraction, options.seed,
+                                        published=options.split == "published", targets=values)  # fmt: skip
+        except UnsplittableError as e:
+            raise ParameterError("split", str(e)) from None
     if not splits:
         raise ParameterError("props", "no property has enough nets per class (2) in the selection")
     layout = None
-    if "layer_stats" in models:
+    if foreign and nets["n_weights"].nunique() == 1:
+        layout = foreign_layout(documents[0])
+    elif "layer_stats" in models:
         if nets["n_weights"].nunique() == 1:
             layout = weight_layout(NetConfig.from_mapping(nets.iloc[0][list(PROPERTY_NAMES)].to_dict()))
         else:
@@ -217,7 +252,18 @@ def plan(options: TrainOptions) -> Plan:
     if stats.repaired:
         how += f", {stats.repaired} damaged cache entries rebuilt"
     say(f"zoo: {len(zoo)} nets, {zoo.size_bytes / 1e6:.1f} MB ({how})")
-    return Plan(zoo, k_range, splits, models, layout, sweep)
+    robustness = options.transforms()
+    activations = _activations(nets, documents) if "rescale" in robustness else []
+    return Plan(zoo, k_range, splits, models, layout, robustness, activations, sweep)
+
+
+def _activations(nets: pd.DataFrame, documents: list[dict]) -> list[str]:
+    """Each net's activation (what `rescale` needs): its property, or an imported net's config."""
+    found = []
+    for i, value in enumerate(nets["activation"]):
+        config = documents[i].get("config", {}) if documents else {}
+        found.append(str(value or config.get("activation") or config.get("config.activation") or ""))
+    return found
 
 
 def run_training(options: TrainOptions) -> pd.DataFrame:
@@ -228,12 +274,27 @@ def run_training(options: TrainOptions) -> pd.DataFrame:
 
 
 def format_table(table: pd.DataFrame) -> str:
-    """The results table as printed at the end: per-net scores with their intervals and tests."""
+    """The results table as printed at the end: per-net scores with their intervals and tests;
+    a snapshot target's line also gives Kendall's tau with its interval and R2; the robustness
+    protocol's figures follow their row."""
     from nws.meta.results_table import format_statistics_table
 
+    lines = format_statistics_table(table).splitlines()
+    for i, row in enumerate(table.to_dict("records"), start=1):
+        extra = ""
+        if row["property"] in SNAPSHOT_TARGETS:
+            tau = f"tau {row['tau']:.3f} [{row['tau_ci_low']:.3f}, {row['tau_ci_high']:.3f}]"
+            extra += f"; {tau}, R2 {row['r2']:.3f}"
+        for name in ("permute", "rescale"):
+            for measure in ("tau", "net_mae", "net_accuracy"):
+                value = row.get(f"{measure}_{name}")
+                if value is not None and value == value:  # present and not NaN
+                    extra += f"; {name}: {measure} {value:.3f}"
+                    break
+        lines[i] += extra
     return "\n".join([
-        format_statistics_table(table),
+        *lines,
         "per net [95 % CI]: Wilson interval over test nets (MAE: bootstrap over test nets)",
         "p-value: one-sided exact binomial test over test nets against chance = 1/classes "
-        "(lrate: sign-flip test against the constant guess); * marks p < 0.01",
+        "(lrate and accuracy targets: sign-flip test against the constant guess); * marks p < 0.01",
     ])  # fmt: skip

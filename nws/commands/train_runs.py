@@ -20,7 +20,7 @@ import pandas as pd
 from nws import interrupts
 from nws.meta.base import MetaSettings, Task
 from nws.progress import say
-from nws.space import PROPERTY_NAMES
+from nws.space import PROPERTY_NAMES, SNAPSHOT_TARGETS
 from nws.tracking.runs import parent_run
 from nws.tracking.tags import TAG_ROLE
 from nws.zoo.splits import Split
@@ -36,6 +36,8 @@ class Plan:
     splits: dict[str, Split]
     models: list[str]
     layout: Any  # the shared architecture's layout, or None
+    robustness: tuple[str, ...] = ()  # transformations of the test nets to evaluate again on
+    activations: list[str] = field(default_factory=list)  # per net, for `rescale`
     sweep_lengths: list[int] = field(default_factory=list)  # the how-much sweep beyond slice_length
 
 
@@ -132,9 +134,18 @@ def _log_parent_metrics(row: dict[str, Any], statistics: Any) -> None:
     (`NetStatistics.parent_metrics`) and its baseline; learning-rate names only for `lrate`."""
     import mlflow
 
+    from nws.meta.regression import SCORES
+
     prop, model = row["property"], row["model"]
     mlflow.log_metrics(statistics.parent_metrics(prop, model))
-    if prop == "lrate":
+    mlflow.log_metrics({f"{key}_{prop}_{model}_{name}": row[f"{measure}_{name}"]
+                        for key, measure in ROBUST_MEASURES.items() for name in ROBUSTNESS_NAMES
+                        if f"{measure}_{name}" in row})  # fmt: skip
+    if prop in SNAPSHOT_TARGETS:
+        mlflow.log_metrics({f"{score}{part}_{prop}_{model}": row[f"{score}{part}"] for score in SCORES
+                            for part in ("", "_ci_low", "_ci_high")})  # fmt: skip
+        mlflow.log_metrics({f"mae_{prop}_constant": row["constant_guess_mae"]})
+    elif prop == "lrate":
         mlflow.log_metrics({f"mae_lrate_{model}": row["slice_mae"], f"netmae_lrate_{model}": row["net_mae"],
                             "mae_lrate_constant": row["constant_guess_mae"]})  # fmt: skip
     else:
@@ -190,6 +201,8 @@ def train_one(
             for epoch, value in enumerate(values, start=1):
                 mlflow.log_metric(f"train_{key}", value, step=epoch)
         result = evaluate(model, samples["test"], split.labels[split.train], settings.seed, sweep=not sweep)
+        if not sweep:
+            result.metrics.update(_robustness(plan, model, split, settings))
         mlflow.log_metrics(result.metrics)
         metric = "accuracy_by_snapshot" if not task.is_regression else "mae_by_snapshot"
         for k, value in result.by_snapshot.items():
@@ -225,6 +238,36 @@ def train_one(
             )
             say(f"  registered {registration.name} v{registration.version}: {registration.comparison}")
     return row, found
+
+
+ROBUSTNESS_NAMES = ("permute", "rescale")
+ROBUST_MEASURES = {"netacc": "net_accuracy", "netmae": "net_mae", "tau": "tau"}
+"""Parent-run metric prefix -> the child's metric that the robustness protocol repeats."""
+
+
+def _robustness(plan: Plan, model: Any, split: Split, settings: MetaSettings) -> dict[str, float]:
+    """The model's figures on the test nets transformed by each of `plan.robustness`
+    (`nws.meta.robustness`): `<measure>_<transformation>`, and `n_<transformation>d` nets changed."""
+    from nws.meta.evaluation import evaluate
+    from nws.meta.robustness import transformed_zoo
+    from nws.meta.samples import Samples
+
+    out: dict[str, float] = {}
+    for name in plan.robustness:
+        with tempfile.TemporaryDirectory(prefix=f"nws-{name}-") as tmp:
+            activations = plan.activations or [""] * len(plan.zoo)
+            zoo, changed = transformed_zoo(plan.zoo, split.test, plan.k_range, name, plan.layout,
+                                           activations, settings.seed, Path(tmp))  # fmt: skip
+            test = Samples.of(
+                zoo, split.test, split.labels, plan.k_range, settings.region, settings.slice_length
+            )
+            result = evaluate(model, test, split.labels[split.train], settings.seed, sweep=False)
+            zoo.close()
+        out.update({f"{measure}_{name}": result.metrics[measure] for measure in ROBUST_MEASURES.values()
+                    if measure in result.metrics})  # fmt: skip
+        out[f"n_{name}d"] = float(changed)
+        say(f"  {name}: {changed} of {len(split.test)} test nets transformed")
+    return out
 
 
 def _log_sweep(result: Any, test: Any, task: Task, plan: Plan, settings: MetaSettings, model: str) -> Any:

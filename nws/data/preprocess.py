@@ -8,6 +8,7 @@ Images are kept as uint8 (a quarter of float32's memory); the training pipeline 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,19 +71,30 @@ def to_rgb32(images: np.ndarray) -> np.ndarray:
 
 
 def _resize(images: np.ndarray) -> np.ndarray:
-    import tensorflow as tf
-
+    """Bilinear, antialiased when downsampling: TensorFlow's resize, or on the JAX backend
+    (which imports no TensorFlow) JAX's, on the CPU. They give the same images when upsampling;
+    downsampling STL-10 differs by one level in 0.014 % of its pixels."""
     downsampling = images.shape[1] > SIDE or images.shape[2] > SIDE
     out = np.empty((len(images), SIDE, SIDE, images.shape[-1]), dtype=np.uint8)
+    resize = _jax_resize if os.environ.get("KERAS_BACKEND") == "jax" else _tensorflow_resize
     for start in range(0, len(images), _RESIZE_CHUNK):
-        chunk = tf.image.resize(
-            images[start : start + _RESIZE_CHUNK].astype(np.float32),
-            (SIDE, SIDE),
-            method="bilinear",
-            antialias=downsampling,
-        )
-        out[start : start + _RESIZE_CHUNK] = np.clip(np.round(chunk.numpy()), 0, 255)
+        chunk = resize(images[start : start + _RESIZE_CHUNK].astype(np.float32), downsampling)
+        out[start : start + _RESIZE_CHUNK] = np.clip(np.round(chunk), 0, 255)
     return out
+
+
+def _tensorflow_resize(images: np.ndarray, antialias: bool) -> np.ndarray:
+    import tensorflow as tf
+
+    return tf.image.resize(images, (SIDE, SIDE), method="bilinear", antialias=antialias).numpy()
+
+
+def _jax_resize(images: np.ndarray, antialias: bool) -> np.ndarray:
+    import jax
+
+    with jax.default_device(jax.devices("cpu")[0]):
+        shape = (len(images), SIDE, SIDE, images.shape[-1])
+        return np.asarray(jax.image.resize(images, shape, method="linear", antialias=antialias))
 
 
 def training_pool(images: ImageSet, fidelity: str = DEFAULT_FIDELITY) -> np.ndarray:

@@ -34,10 +34,12 @@ def export_nets(
     test_fraction: float = 0.2,
     seed: int = 0,
     absolute_paths: bool = False,
+    kernels_only: bool = False,
 ) -> None:
     """Write the selected `nets` (`nws.zoo.query.query_nets`) into `out` in `layout` (one of
     LAYOUTS). A net without a published split goes to the test CSV with `test_fraction` (seeded
-    by `seed`); `absolute_paths` writes absolute paths into the index CSVs."""
+    by `seed`); `absolute_paths` writes absolute paths into the index CSVs; `kernels_only`
+    leaves the batch-norm variables out of a cnn_zoo export."""
     for run_id in nets["run_id"]:  # run ids name the download directories of either layout
         _plain_run_id(run_id)
     directories = export_directories(nets, out) if layout == "nws" else []
@@ -48,7 +50,7 @@ def export_nets(
         if layout == "nws":
             _write_nws(nets, zoo, out.resolve(), directories, Path(tmp), test_fraction, seed, absolute_paths)
         else:
-            _write_cnn_zoo(nets, zoo, out, Path(tmp))
+            _write_cnn_zoo(nets, zoo, out, Path(tmp), kernels_only)
 
 
 def _plain_run_id(run_id: str) -> str:
@@ -132,7 +134,7 @@ def _write_nws(
         pd.DataFrame(rows).to_csv(out / f"nws_{subset}_{part}.csv", index=False)
 
 
-def _write_cnn_zoo(nets: pd.DataFrame, zoo: Zoo, out: Path, tmp: Path) -> None:
+def _write_cnn_zoo(nets: pd.DataFrame, zoo: Zoo, out: Path, tmp: Path, kernels_only: bool) -> None:
     import json
 
     from nws.formats import small_cnn_zoo
@@ -150,8 +152,8 @@ def _write_cnn_zoo(nets: pd.DataFrame, zoo: Zoo, out: Path, tmp: Path) -> None:
                 "step": snapshots["epoch"],
                 "train_accuracy": snapshots["train_accuracy"], "test_accuracy": snapshots["test_accuracy"],
                 "train_loss": snapshots.get("loss", np.nan), "test_loss": snapshots.get("test_loss", np.nan),
-                **{f"config.{name}": getattr(net, name) for name in PROPERTY_NAMES},
+                **{small_cnn_zoo.config_column(name): getattr(net, name) for name in PROPERTY_NAMES},
             })  # fmt: skip
             yield _net_weights(zoo, i), metrics
 
-    small_cnn_zoo.write(out, layout, per_net(), int(nets["prints"].sum()))
+    small_cnn_zoo.write(out, layout, per_net(), int(nets["prints"].sum()), kernels_only)

@@ -23,7 +23,7 @@ import numpy as np
 from nws.meta.features import layer_statistics
 from nws.meta.samples import Samples
 from nws.snapshots import WeightLayout, conv_size_for_length, region_bounds
-from nws.space import BY_NAME
+from nws.space import value_range
 
 
 @dataclass(frozen=True)
@@ -38,13 +38,13 @@ class Task:
         return not self.classes
 
     def scale(self, values: np.ndarray) -> np.ndarray:
-        p = BY_NAME[self.prop]
-        return (np.asarray(values, np.float64) - p.low) / (p.high - p.low)
+        low, high = value_range(self.prop)
+        return (np.asarray(values, np.float64) - low) / (high - low)
 
     def unscale(self, values: np.ndarray) -> np.ndarray:
-        """Back to the property's units, clipped to its range in the space (the rate is bounded)."""
-        p = BY_NAME[self.prop]
-        return np.clip(np.asarray(values, np.float64), 0.0, 1.0) * (p.high - p.low) + p.low
+        """Back to the property's units, clipped to its range (the rate, an accuracy are bounded)."""
+        low, high = value_range(self.prop)
+        return np.clip(np.asarray(values, np.float64), 0.0, 1.0) * (high - low) + low
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class MetaClassifier(ABC):
 
     task: Task
     settings: MetaSettings
-    layout: WeightLayout | None = None  # layer_stats: the shared architecture
+    layout: WeightLayout | None = None  # the shared architecture (layer_stats; an imported zoo's)
     history: dict[str, list[float]] = field(default_factory=dict)
     name: ClassVar[str] = ""
     uses_slices: ClassVar[bool] = True
@@ -89,7 +89,7 @@ class MetaClassifier(ABC):
         vector = np.asarray(vector, dtype=np.float32).ravel()
         if not self.uses_slices:
             return self.predict_snapshots(vector[None])[0]
-        low, stop = (int(x) for x in region_bounds(len(vector), conv_size_for_length(len(vector)),
+        low, stop = (int(x) for x in region_bounds(len(vector), self._conv_size(len(vector)),
                                                       self.settings.region))  # fmt: skip
         length = self.settings.slice_length
         if stop - low < length:
@@ -97,6 +97,13 @@ class MetaClassifier(ABC):
         starts = np.round(np.linspace(low, stop - length, slices)).astype(np.int64)
         window = np.lib.stride_tricks.sliding_window_view(vector, length)
         return self.predict_slices(window[starts]).mean(axis=0)
+
+    def _conv_size(self, n_weights: int) -> int:
+        """The conv part's length: from the length for the NWS family, else from the layout the
+        model was trained with (an imported zoo's architecture)."""
+        if self.layout is not None and self.layout.n_weights == n_weights:
+            return self.layout.weightn_conv
+        return conv_size_for_length(n_weights)
 
     def label(self, output: np.ndarray) -> str | float:
         """The readable value of a prediction."""

@@ -13,6 +13,8 @@ independent, so the confusion matrix and every statistic count nets.
 Whole-snapshot models (`layer_stats`) have no slices: protocols 1 and 3 use the snapshot itself.
 For the learning rate, accuracy becomes mean absolute error, beside a constant guess, plus the
 released code's own lr figure (`paper_pairwise_mae`), so that numbers can be set beside the paper's.
+A snapshot target (test accuracy, generalisation gap) adds Kendall's tau, R2 and the MAE of the
+per-snapshot predictions with intervals over test nets (`nws.meta.regression`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ import numpy as np
 import pandas as pd
 
 from nws.meta.base import MetaClassifier
+from nws.meta.regression import regression_scores
 from nws.meta.samples import Samples
 from nws.meta.statistics import NetStatistics, per_net_statistics
+from nws.space import SNAPSHOT_TARGETS
 
 NET_SLICES = 64
 SWEEP_POSITIONS = 100
@@ -90,6 +94,8 @@ def evaluate(
     if regression:
         _regression_metrics(result, slice_out, snapshot_out, even, truth, index, nets, train_labels)
         result.metrics.update(_paper_pairwise_metrics(slice_out, truth[index], train_labels, seed))
+        if model.task.prop in SNAPSHOT_TARGETS:
+            result.metrics.update(regression_scores(truth, snapshot_out, test.net, seed=seed))
         result.statistics = per_net_statistics(
             result.per_net, constant_guess=float(np.median(train_labels)), seed=seed
         )
@@ -135,7 +141,8 @@ def _regression_metrics(result, slice_out, snapshot_out, even, truth, index, net
     guess = float(np.median(train_labels))
     nets["abs_error"] = np.abs(snapshot_out - truth)
     nets["prediction"] = snapshot_out
-    per_net = nets.groupby("net").agg(true_value=("truth", "first"), predicted_value=("prediction", "mean"))
+    # The mean over the net's snapshots: one value for a property, the K range's mean for a target.
+    per_net = nets.groupby("net").agg(true_value=("truth", "mean"), predicted_value=("prediction", "mean"))
     result.metrics = {
         "slice_mae": float(np.abs(slice_out - truth[index]).mean()),
         "snapshot_mae": float(nets["abs_error"].mean()),

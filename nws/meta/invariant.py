@@ -114,7 +114,7 @@ class InvariantModel(MetaClassifier):
         """The model's padded inputs for the listed vectors of a table."""
         assert self.feature_mean is not None and self.feature_std is not None
         units = np.zeros((len(index), max_units(), len(UNIT_FEATURES)), np.float32)
-        templates = [template(int(table.n_weights[i]), self.settings.region) for i in index]
+        templates = [template(int(table.n_weights[i]), self.settings.region, self.layout) for i in index]
         for row, (i, t) in enumerate(zip(index, templates, strict=True)):
             start = table.start[i]
             units[row, : t.n_units] = (table.features[start : start + t.n_units] - self.feature_mean) / (
@@ -157,7 +157,7 @@ class InvariantModel(MetaClassifier):
         """Train on whole flat vectors (any architectures of the space) and their labels (class
         indices, or learning rates); the validation vectors are for monitoring."""
         with interrupts.deferred():  # a stop is raised between two steps (interrupts.between_steps)
-            self._fit(UnitTable.of(vectors), np.asarray(labels), valid_vectors, valid_labels)
+            self._fit(UnitTable.of(vectors, self.layout), np.asarray(labels), valid_vectors, valid_labels)
 
     def _fit(self, table: UnitTable, labels: np.ndarray, valid_vectors: Any, valid_labels: Any) -> None:
         import keras
@@ -180,7 +180,7 @@ class InvariantModel(MetaClassifier):
         batch = min(self.settings.batch_size, len(table))
         validation, validation_steps = None, None
         if len(valid_vectors):
-            valid = UnitTable.of(valid_vectors)
+            valid = UnitTable.of(valid_vectors, self.layout)
             validation = self._batches(valid, self._targets(np.asarray(valid_labels)), batch, None)
             validation_steps = math.ceil(len(valid) / batch)
         rng = np.random.default_rng(self.settings.seed)
@@ -201,7 +201,7 @@ class InvariantModel(MetaClassifier):
         of one architecture or a sequence of vectors of any lengths of the space."""
         import keras
 
-        table = UnitTable.of(vectors)
+        table = UnitTable.of(vectors, self.layout)
         outputs = []
         with interrupts.deferred():
             for start in range(0, len(table), PREDICT_BATCH):

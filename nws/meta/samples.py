@@ -41,7 +41,8 @@ class Samples:
         net = np.repeat(np.asarray(nets, np.int64), len(ks))
         k = np.tile(ks, len(nets))
         start, stop = region_bounds(zoo.lengths, zoo.conv, region)
-        return cls(zoo, net, k, labels[net], length, start[net], stop[net] - length)
+        label = labels[net, k - 1] if labels.ndim == 2 else labels[net]  # per snapshot, or per net
+        return cls(zoo, net, k, label, length, start[net], stop[net] - length)
 
     def __len__(self) -> int:
         return len(self.net)

@@ -109,14 +109,25 @@ def start_net_run(
     return run_id
 
 
-def log_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
-    """Per-epoch metrics (step = epoch), one batch per epoch.
+def log_epoch(epoch: int, metrics: Mapping[str, float], run_id: str = "") -> None:
+    """Per-epoch metrics (step = epoch), one batch per epoch, to the active run or to `run_id`
+    (a packed net, whose run is active in another thread).
 
     Synchronous on purpose: a batch costs milliseconds, while MLflow's asynchronous queue costs
     up to a second per flush (it polls with a one-second timeout), which small nets feel.
     """
     values = {k: float(metrics[k]) for k in EPOCH_METRICS if k in metrics}
-    _mlflow().log_metrics({k: v for k, v in values.items() if math.isfinite(v)}, step=epoch)
+    finite = {k: v for k, v in values.items() if math.isfinite(v)}
+    if not run_id:
+        _mlflow().log_metrics(finite, step=epoch)
+        return
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[Metric(k, v, stamp, epoch) for k, v in finite.items()])
 
 
 def end_run(status: str = "FINISHED", tags: Mapping[str, str] | None = None) -> None:

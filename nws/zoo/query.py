@@ -89,7 +89,8 @@ def _net_record(run: Any) -> dict[str, Any]:
             "campaign": tags.get(TAG_CAMPAIGN, ""),
             "split": tags.get(TAG_SPLIT, ""),
         }
-        record.update({name: params[name] for name in PROPERTY_NAMES})
+        # A net imported from a foreign zoo (import_cnn_zoo) has its own params instead of the 13.
+        record.update({name: params.get(name, "") for name in PROPERTY_NAMES})
     except (KeyError, ValueError) as e:
         raise DataError(f"run {run.info.run_id}: not a complete nws net run (missing {e})") from None
     if record["weightn_conv"] + record["weightn_fc"] != n_weights:

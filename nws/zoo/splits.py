@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from nws.space import PROPERTY_NAMES
+from nws.space import PROPERTY_NAMES, SNAPSHOT_TARGETS
 
 
 class UnsplittableError(ValueError):
@@ -33,7 +33,7 @@ class Split:
     train: np.ndarray
     valid: np.ndarray
     test: np.ndarray
-    labels: np.ndarray  # per net of the zoo: class index (or the learning rate)
+    labels: np.ndarray  # per net of the zoo: class index (or the learning rate); [nets, prints] for a target
 
     @property
     def is_regression(self) -> bool:
@@ -54,18 +54,23 @@ def split_nets(
     seed: int,
     valid_fraction: float = 0.1,
     published: bool = False,
+    targets: np.ndarray | None = None,
 ) -> Split:
     """Split by net, never by snapshot. Classification: every class keeps the same number of nets
     in train and in test (the smallest class sets it), so chance is exactly 1/C.
 
     `published` takes train and test from the nets' `nws.split` tags (e.g. the published NWS
-    train/test CSVs) instead of drawing them; each part is balanced the same way."""
-    rng = np.random.default_rng([seed, PROPERTY_NAMES.index(prop)])
-    values = nets[prop].astype(str).to_numpy()
+    train/test CSVs) instead of drawing them; each part is balanced the same way.
+
+    `targets` [nets, prints] makes a regression of a snapshot target (`SNAPSHOT_TARGETS`): the
+    labels are then per snapshot, still split by net."""
+    rng = np.random.default_rng([seed, _property_index(prop)])
     parts = _published_parts(nets) if published else None
-    if prop == "lrate":
+    if prop == "lrate" or targets is not None:
         classes: tuple[str, ...] = ()
-        labels = values.astype(np.float64)
+        labels = (
+            nets[prop].astype(np.float64).to_numpy() if targets is None else np.asarray(targets, np.float64)
+        )
         if parts is not None:
             test, groups = (
                 np.flatnonzero(parts == "test"),
@@ -76,6 +81,7 @@ def split_nets(
             n_test = max(1, round(len(order) * test_fraction))
             test, groups = order[:n_test], [order[n_test:]]
     else:
+        values = nets[prop].astype(str).to_numpy()
         classes = tuple(sorted(set(values), key=_natural))
         if len(classes) < 2:
             raise UnsplittableError(f"{prop} has a single class ({classes[0]}) in the selection")
@@ -98,6 +104,13 @@ def split_nets(
     valid = np.concatenate([g[:n] for g, n in zip(groups, n_valid, strict=True)])
     train = np.concatenate([g[n:] for g, n in zip(groups, n_valid, strict=True)])
     return Split(prop, classes, np.sort(train), np.sort(valid).astype(np.int64), np.sort(test), labels)
+
+
+def _property_index(prop: str) -> int:
+    """A property's place in the seed of its split: its NWS column, or after them for a target."""
+    if prop in PROPERTY_NAMES:
+        return PROPERTY_NAMES.index(prop)
+    return len(PROPERTY_NAMES) + list(SNAPSHOT_TARGETS).index(prop)
 
 
 def _published_parts(nets: pd.DataFrame) -> np.ndarray:

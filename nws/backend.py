@@ -1,0 +1,156 @@
+"""Which Keras 3 backend trains the nets: `tensorflow` (the default) or `jax`.
+
+A process has one Keras backend, fixed when `keras` is first imported, so `select` runs before
+that (entry points parse their parameters first; the worker processes of `--workers` get the
+same parameter). With `jax`, training imports no TensorFlow: `seed` replaces
+`keras.utils.set_random_seed`, which imports TensorFlow whenever it is installed, and the
+environment tags name JAX's version and devices.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import sys
+
+import numpy as np
+
+from nws import __version__
+from nws.errors import ParameterError
+
+TENSORFLOW = "tensorflow"
+JAX = "jax"
+BACKENDS = (TENSORFLOW, JAX)
+DEFAULT_BACKEND = TENSORFLOW
+TAG_BACKEND = "nws.backend"
+
+
+def check_backend(value: str, name: str = "backend") -> str:
+    """The value when it names a backend; a ParameterError naming the parameter otherwise."""
+    if value not in BACKENDS:
+        raise ParameterError(name, f"{value!r} is not one of {', '.join(BACKENDS)}")
+    return value
+
+
+def select(backend: str) -> None:
+    """Make `backend` this process's Keras backend. Refused when Keras already runs another
+    one here (a process cannot switch: start another process)."""
+    check_backend(backend)
+    if "keras" in sys.modules:
+        running = sys.modules["keras"].backend.backend()
+        if running != backend:
+            raise ParameterError(
+                "backend", f"this process already runs Keras on {running}; {backend} needs a new process"
+            )
+        return
+    os.environ["KERAS_BACKEND"] = backend
+    if backend == JAX:
+        # Workers share a device: JAX would otherwise take 75 % of a GPU's memory at its start.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def active() -> str:
+    """The backend Keras runs on in this process."""
+    import keras
+
+    return keras.backend.backend()
+
+
+def jax_environment(deterministic: bool = True, threads: int = 0) -> None:
+    """What XLA reads when JAX starts: CPU threads and GPU op determinism. Set before JAX starts;
+    later it has no effect."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    if threads and not any(f.startswith("--xla_cpu_multi_thread_eigen") for f in flags):
+        flags += ["--xla_cpu_multi_thread_eigen=false", f"intra_op_parallelism_threads={threads}"]
+    if deterministic and not any(f.startswith("--xla_gpu_deterministic_ops") for f in flags):
+        flags.append("--xla_gpu_deterministic_ops=true")
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
+_tf_configured = False
+
+
+def _interop_threads(threads: int) -> int:
+    """Inter-op threads to go with `threads` intra-op ones: one or two."""
+    return max(1, min(threads, 2))
+
+
+def tensorflow_environment(threads: int = 0) -> None:
+    """What TensorFlow reads from the environment when it starts: GPU memory growth (workers
+    share a GPU) and CPU thread pools. Set before anything imports TensorFlow, these hold even
+    when loading data starts TensorFlow before `configure_tensorflow` runs."""
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+    if threads:
+        os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
+        os.environ["TF_NUM_INTEROP_THREADS"] = str(_interop_threads(threads))
+
+
+def configure_tensorflow(deterministic: bool = True, threads: int = 0) -> None:
+    """Once per process: GPU memory growth (workers share a GPU), op determinism, CPU threads."""
+    global _tf_configured
+    if _tf_configured:
+        return
+    tensorflow_environment(threads)
+    import tensorflow as tf
+
+    try:
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
+        if threads:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(_interop_threads(threads))
+    except RuntimeError:  # TensorFlow already started: the environment above applied instead
+        pass
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+    _tf_configured = True
+
+
+def configure(deterministic: bool = True, threads: int = 0) -> None:
+    """Once per process, for the active backend: op determinism and CPU threads (TensorFlow
+    also GPU memory growth; JAX reads its flags when it starts, see `jax_environment`)."""
+    if active() == TENSORFLOW:
+        configure_tensorflow(deterministic=deterministic, threads=threads)
+    else:
+        jax_environment(deterministic, threads)
+
+
+def seed(value: int) -> None:
+    """Seed Keras' initialisers, dropout and `keras.random` for one net. On TensorFlow this is
+    `keras.utils.set_random_seed`; elsewhere the same without TensorFlow: a fresh global seed
+    generator (`clear_session`), and Python's and numpy's generators, from which Keras draws the
+    seeds of layers created without one."""
+    import keras
+
+    if keras.backend.backend() == TENSORFLOW:
+        keras.utils.set_random_seed(value)
+        return
+    keras.utils.clear_session(free_memory=False)
+    random.seed(value)
+    np.random.seed(value)
+
+
+def environment_tags() -> dict[str, str]:
+    """The versions and device a net was trained with (tags of its run)."""
+    import keras
+
+    backend = keras.backend.backend()
+    tags = {
+        "nws.version": __version__,
+        TAG_BACKEND: backend,
+        "nws.keras": keras.__version__,
+        "nws.python": platform.python_version(),
+    }
+    if backend == TENSORFLOW:
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        tags["nws.tensorflow"] = tf.__version__
+    else:
+        import jax
+
+        gpus = [d for d in jax.devices() if d.platform == "gpu"]
+        tags["nws.jax"] = jax.__version__
+    tags["nws.device"] = f"GPU x{len(gpus)}" if gpus else "CPU"
+    return tags
