@@ -198,8 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     values = {k: v for k, v in vars(args).items() if k != "command"}
     restore_signals = interrupts.install()
     try:
-        if command.tensorflow:
-            logs.start_tensorflow()
+        if command.tensorflow and values.get("backend", "tensorflow") == "tensorflow":
+            logs.start_tensorflow()  # a JAX run must not import TensorFlow (`nws.backend`)
         return command.run(command.options(**values))
     except NWSError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

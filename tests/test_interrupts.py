@@ -240,7 +240,7 @@ def runs_by_name() -> dict[str, object]:
 def main_options(tmp_path, campaign: str, **changes):
     from nws.commands.main import MainOptions
 
-    tiny = {"datasets": "digits", "max_train_images": 64, "max_eval_images": 32, "threads": 1,
+    tiny = {"datasets": "digits", "max_train_images": 64, "max_eval_images": 32, "threads": 1, "workers": 1,
             "storage": str(tmp_path / "optuna.log"), "campaign": campaign}  # fmt: skip
     return MainOptions(**{**tiny, **changes})
 
