@@ -21,43 +21,20 @@ from typing import Any
 import pandas as pd
 
 from nws.formats.cnn_zoo_reader import CnnZoo, Refused, ZooNet, layout_document
-from nws.formats.importer import EarlierRun, ImportSummary
+from nws.formats.importer import EarlierRun, ImportSummary, imported_runs
 from nws.tracking import artifacts
 from nws.tracking.runs import end_failed_run, error_text, parent_run
 from nws.tracking.sql import RunNotActive
 from nws.tracking.tags import (
-    SNAPSHOTS_COMPLETE,
     TAG_ROLE,
-    TAG_SNAPSHOTS,
     TAG_SOURCE,
     TAG_SOURCE_CHECKSUM,
     TAG_SOURCE_PATH,
     net_tags,
-    tag_equals,
 )
 
 CNN_ZOO_SOURCE = "cnn-zoo-import"
 SUBSET = "cnn_zoo"
-
-
-def _earlier(experiment_id: str) -> dict[str, list[EarlierRun]]:
-    """Earlier imports of zoo nets in this experiment, by source (directory#net)."""
-    import mlflow
-
-    runs = mlflow.search_runs(experiment_ids=[experiment_id], output_format="list",
-                              filter_string=tag_equals(TAG_SOURCE, CNN_ZOO_SOURCE))  # fmt: skip
-    found: dict[str, list[EarlierRun]] = {}
-    for run in runs:
-        tags = run.data.tags
-        found.setdefault(tags.get(TAG_SOURCE_PATH, ""), []).append(
-            EarlierRun(
-                run.info.run_id,
-                run.info.status,
-                tags.get(TAG_SNAPSHOTS) == SNAPSHOTS_COMPLETE,
-                tags.get(TAG_SOURCE_CHECKSUM, ""),
-            )
-        )
-    return found
 
 
 def _write(
@@ -106,7 +83,7 @@ def import_zoo(directory: Path, campaign: str, checkpoints: int, params: Mapping
         target = {"tracking_uri": mlflow.get_tracking_uri(), "experiment_id": parent.info.experiment_id,
                   "parent_id": parent.info.run_id}  # fmt: skip
         client = MlflowClient(tracking_uri=target["tracking_uri"])
-        earlier = _earlier(target["experiment_id"])
+        earlier = imported_runs(target["experiment_id"], CNN_ZOO_SOURCE)
         summary = ImportSummary(run_id=parent.info.run_id)
         progress = Progress(len(nets))
         try:

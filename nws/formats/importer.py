@@ -101,13 +101,13 @@ class ImportSummary:
         )
 
 
-def _imported(experiment_id: str) -> dict[str, list[EarlierRun]]:
-    """Earlier imports in this experiment, by source path."""
+def imported_runs(experiment_id: str, source: str = IMPORT_SOURCE) -> dict[str, list[EarlierRun]]:
+    """Earlier imports of one kind (`source`: the nws.source tag) in this experiment, by source path."""
     import mlflow
 
     runs = mlflow.search_runs(
         experiment_ids=[experiment_id],
-        filter_string=tag_equals(TAG_SOURCE, IMPORT_SOURCE),
+        filter_string=tag_equals(TAG_SOURCE, source),
         output_format="list",
     )
     found: dict[str, list[EarlierRun]] = {}
@@ -353,7 +353,7 @@ def _import_all(pool: Executor, target: ImportTarget, jobs: list[ImportJob], in_
 
     summary = ImportSummary(run_id=target.parent_id)
     progress = Progress(len(jobs))
-    tasks = _read_ahead(_tasks(jobs, _imported(target.experiment_id)), target.prints, in_flight)
+    tasks = _read_ahead(_tasks(jobs, imported_runs(target.experiment_id)), target.prints, in_flight)
     work = functools.partial(_import_net, target)
     try:
         for index, (job, (outcome, detail)) in enumerate(_bounded(pool, work, tasks, in_flight), 1):
