@@ -130,6 +130,15 @@ def test_offline_datasets_are_deterministic_and_have_ten_classes():
     assert np.bincount(a[1]).tolist() == [offline.GENERATED_TRAIN_PER_CLASS] * 10
 
 
+@pytest.mark.parametrize("name", ["digits", "mnist5k", "shapes", "gratings"])
+def test_offline_test_sets_come_in_mixed_order(name):
+    """Fidelity paper evaluates the test set in order, in batches, with batch statistics: a
+    batch of 32 consecutive test images must hold several classes, as in official test sets."""
+    labels = load_images(name).y_test
+    classes_per_batch = [len(np.unique(labels[i : i + 32])) for i in range(0, len(labels) - 31, 32)]
+    assert min(classes_per_batch) >= 5, classes_per_batch
+
+
 def test_resolve_datasets_groups_and_errors():
     assert resolve_datasets("paper") == ["mnist", "cifar10", "svhn", "stl10", "fashion"]
     assert resolve_datasets("digits,offline") == ["digits", "mnist5k", "shapes", "gratings"]
