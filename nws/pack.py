@@ -65,6 +65,26 @@ class _Net:
     diverged: TrainingDiverged | None = None
 
 
+def _device_images(data: Sequence[NetData]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """The training images of a pack, each source once (nets of one dataset share its images),
+    their labels, and per net the row of each of its training images."""
+    offsets: dict[int, int] = {}
+    images, labels, rows = [], [], []
+    size = 0
+    for d in data:
+        if d.pool is not None and d.train_rows is not None:
+            x, y, own = d.pool.x_train, d.pool.y_train, d.train_rows
+        else:
+            x, y, own = d.x_train, d.y_train, np.arange(len(d.y_train))
+        if id(x) not in offsets:
+            offsets[id(x)] = size
+            images.append(x)
+            labels.append(y)
+            size += len(y)
+        rows.append((offsets[id(x)] + own).astype(np.int32))
+    return np.concatenate(images), np.concatenate(labels).astype(np.int32), rows
+
+
 class PackTrainer:
     """P nets of one `pack_key`, trained together; `train` gives each its own outcome."""
 
@@ -112,9 +132,8 @@ class PackTrainer:
         self.state = [
             [jnp.stack([s[g][k] for s in states]) for k in range(len(states[0][g]))] for g in range(3)
         ]
-        self.offsets = np.cumsum([0] + [len(d.y_train) for d in data])[:-1]
-        self.images = jnp.asarray(np.concatenate([d.x_train for d in data]))
-        self.labels = jnp.asarray(np.concatenate([d.y_train for d in data]).astype(np.int32))
+        images, labels, self.rows = _device_images(data)
+        self.images, self.labels = jnp.asarray(images), jnp.asarray(labels)
         self.active = jnp.ones(len(self.nets), bool)
         self._step = jax.jit(self._packed_step, donate_argnums=(0, 1, 2))
 
@@ -147,8 +166,8 @@ class PackTrainer:
         return keep(new_tv, tv), keep(new_ntv, ntv), keep(new_ov, ov), loss, correct
 
     def step(self, index: np.ndarray) -> tuple[Any, Any]:
-        """One optimizer step of every active net on its images `index[i]` (into the pack's
-        concatenated training images); per net the batch's loss and correct predictions."""
+        """One optimizer step of every active net on its images `index[i]` (rows of the pack's
+        images: `self.rows[i]` are net i's); per net the batch's loss and correct predictions."""
         tv, ntv, ov, loss, correct = self._step(*self.state, index, self.active)
         self.state = [tv, ntv, ov]
         return loss, correct
@@ -176,7 +195,7 @@ class PackTrainer:
                 if not net.done:
                     if net.step == 0:
                         net.order = net.sampler.epoch()
-                    index[i] = self.offsets[i] + net.order[net.step * batch : (net.step + 1) * batch]
+                    index[i] = self.rows[i][net.order[net.step * batch : (net.step + 1) * batch]]
             loss, correct = self.step(index)
             loss_sum, correct_sum = loss_sum + loss, correct_sum + correct
             ending = []

@@ -52,7 +52,7 @@ def pack_equivalence() -> dict:
         alone_initial.append(flatten(build_net(config, d, s, one_step).net, layout))
     index = np.zeros((3, trainer.batch), np.int32)
     for i, net in enumerate(trainer.nets):
-        index[i] = trainer.offsets[i] + net.sampler.epoch()[: trainer.batch]
+        index[i] = trainer.rows[i][net.sampler.epoch()[: trainer.batch]]
     trainer.step(index)
     relative = []
     for i in range(2):

@@ -207,3 +207,22 @@ def test_a_packed_block_stopped_killed_and_resumed_ends_at_the_target_exactly(tm
     statuses = run_statuses(uri, name)
     assert sorted(statuses["net"]) == ["FAILED"] * 4 + ["FINISHED"] * 6 + ["KILLED"] * 4
     assert sorted(statuses["campaign"]) == ["FAILED", "FINISHED", "KILLED"]
+
+
+def test_a_pack_holds_each_datasets_images_once_and_every_net_finds_its_own():
+    """Nets drawn from one dataset share its images on the device (a pack of 128 MNIST nets
+    would otherwise hold 128 copies); a net made without a pool brings its own."""
+    from dataclasses import replace
+
+    from nws.data import load_images, split_for_net
+    from nws.pack import _device_images
+
+    digits = load_images("digits")
+    data = [split_for_net(digits, seed, 200, 32) for seed in (1, 2)]
+    alone = replace(split_for_net(digits, 3, 50, 32), pool=None, train_rows=None)
+    images, labels, rows = _device_images([*data, alone])
+    assert len(images) == len(labels) == len(digits.y_train) + 50
+    for net, own in zip([*data, alone], rows, strict=True):
+        np.testing.assert_array_equal(images[own], net.x_train)
+        np.testing.assert_array_equal(labels[own], net.y_train)
+    assert rows[2].min() == len(digits.y_train)

@@ -47,6 +47,11 @@ class NetData:
     y_valid: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    pool: ImageSet | None = None
+    """The dataset the training images were taken from (shared by every net of that dataset):
+    packed nets keep one copy of it on the device, not one per net."""
+    train_rows: np.ndarray | None = None
+    """Rows of `pool.x_train` that make `x_train`, in order."""
 
     def sizes(self) -> dict[str, int]:
         return {
@@ -143,6 +148,8 @@ def split_for_net(
         images.y_train[valid],
         images.x_test[test],
         images.y_test[test],
+        pool=images,
+        train_rows=train,
     )
 
 
