@@ -75,20 +75,26 @@ class RandomAffine(keras.layers.Layer):
         )
 
 
-def build_affine_augmenter(seed: int) -> Any:
-    """`build_augmenter`'s augmentation with its geometric layers as one `RandomAffine`."""
+def colour_layers(seed: int) -> list[Any]:
+    """The colour half of the original's augmentation, after the geometry in both augmenters
+    (seeds `seed + 4` .. `seed + 8`; the geometric layers take `seed` .. `seed + 3`)."""
     from keras import layers
 
+    return [
+        layers.RandomBrightness(0.2, value_range=(0.0, 1.0), seed=seed + 4),
+        layers.RandomContrast(0.5, value_range=(0.0, 1.0), seed=seed + 5),
+        layers.RandomHue((0.0, 0.16), value_range=(0.0, 1.0), seed=seed + 6),
+        # Saturation factor f multiplies saturation by f / (1 - f): 0.2308..0.6 -> 0.3..1.5.
+        layers.RandomSaturation((0.3 / 1.3, 0.6), value_range=(0.0, 1.0), seed=seed + 7),
+        NoiseAndClip(max_stddev=0.03, seed=seed + 8),
+    ]
+
+
+def build_affine_augmenter(seed: int) -> Any:
+    """`build_augmenter`'s augmentation with its geometric layers as one `RandomAffine`."""
     assert IMAGE_SHAPE[0] == IMAGE_SHAPE[1]  # the shift is in pixels of a square image
     return keras.Sequential(
-        [
-            RandomAffine(SHIFT_PIXELS, ROTATION, ZOOM, SHEAR, seed=seed),
-            layers.RandomBrightness(0.2, value_range=(0.0, 1.0), seed=seed + 4),
-            layers.RandomContrast(0.5, value_range=(0.0, 1.0), seed=seed + 5),
-            layers.RandomHue((0.0, 0.16), value_range=(0.0, 1.0), seed=seed + 6),
-            layers.RandomSaturation((0.3 / 1.3, 0.6), value_range=(0.0, 1.0), seed=seed + 7),
-            NoiseAndClip(max_stddev=0.03, seed=seed + 8),
-        ],
+        [RandomAffine(SHIFT_PIXELS, ROTATION, ZOOM, SHEAR, seed=seed), *colour_layers(seed)],
         name="augmentation",
     )
 

@@ -21,23 +21,17 @@ def build_augmenter(seed: int) -> Any:
     import keras
     from keras import layers
 
-    from nws.augmentation import NoiseAndClip
+    from nws.augmentation import ROTATION, SHEAR, SHIFT_PIXELS, ZOOM, colour_layers
 
-    side = IMAGE_SHAPE[0]
-    shear = math.tan(math.radians(3.0))
+    shift = SHIFT_PIXELS / IMAGE_SHAPE[0]
     geometry = {"fill_mode": "constant", "fill_value": 0.0}
     return keras.Sequential(
         [
-            layers.RandomTranslation(3 / side, 3 / side, seed=seed, **geometry),
-            layers.RandomRotation(15 / 360, seed=seed + 1, **geometry),
-            layers.RandomZoom((-0.1, 0.1), seed=seed + 2, **geometry),
-            layers.RandomShear(x_factor=(0.0, shear), y_factor=(0.0, shear), seed=seed + 3, **geometry),
-            layers.RandomBrightness(0.2, value_range=(0.0, 1.0), seed=seed + 4),
-            layers.RandomContrast(0.5, value_range=(0.0, 1.0), seed=seed + 5),
-            layers.RandomHue((0.0, 0.16), value_range=(0.0, 1.0), seed=seed + 6),
-            # Saturation factor f multiplies saturation by f / (1 - f): 0.2308..0.6 -> 0.3..1.5.
-            layers.RandomSaturation((0.3 / 1.3, 0.6), value_range=(0.0, 1.0), seed=seed + 7),
-            NoiseAndClip(max_stddev=0.03, seed=seed + 8),
+            layers.RandomTranslation(shift, shift, seed=seed, **geometry),
+            layers.RandomRotation(ROTATION / (2 * math.pi), seed=seed + 1, **geometry),
+            layers.RandomZoom((-ZOOM, ZOOM), seed=seed + 2, **geometry),
+            layers.RandomShear(x_factor=(0.0, SHEAR), y_factor=(0.0, SHEAR), seed=seed + 3, **geometry),
+            *colour_layers(seed),
         ],
         name="augmentation",
     )

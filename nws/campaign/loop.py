@@ -19,7 +19,7 @@ from nws.campaign.net_job import NetJob, environment_tags
 from nws.campaign.orphans import close_orphans
 from nws.campaign.settings import CampaignSettings
 from nws.campaign.storage import open_study
-from nws.campaign.trials import TAKEN_OVER, drop_taken_over, is_surplus, trial_failed, wait_for_work
+from nws.campaign.trials import TAKEN_OVER, drop_taken_over, is_surplus, nets_to_ask, trial_failed
 from nws.processes import worker_name
 from nws.tracking.experiments import working_experiment
 from nws.tracking.runs import check_tracking_server, fail_net_run, parent_run
@@ -132,13 +132,7 @@ def train_nets(settings: CampaignSettings, study: Any, summary: CampaignSummary)
         return outcome.test_accuracy
 
     try:
-        while True:
-            interrupts.check()
-            if settings.target:
-                if not wait_for_work(study, settings.target, poll, settings.heartbeat_enabled):
-                    break
-            elif index >= settings.n_nets:
-                break
+        while nets_to_ask(settings, study, index, poll):
             if settings.replay is not None:
                 study.enqueue_trial(settings.replay.as_dict())
             index += 1

@@ -21,7 +21,7 @@ from typing import Any
 from nws import interrupts, space
 from nws.campaign.net_job import NetJob, NetOutcome
 from nws.campaign.settings import CampaignSettings
-from nws.campaign.trials import TAKEN_OVER, drop_taken_over, is_surplus, trial_failed, wait_for_work
+from nws.campaign.trials import TAKEN_OVER, drop_taken_over, is_surplus, nets_to_ask, trial_failed
 from nws.processes import worker_name
 from nws.tracking import runs
 from nws.tracking.runs import fail_net_run
@@ -208,16 +208,7 @@ def train_packed(settings: CampaignSettings, study: Any, summary: Any, environme
     settings = replace(settings, parent_run_id=settings.parent_run_id or summary.campaign_run_id)
     asked = 0
     try:
-        while True:
-            interrupts.check()
-            if settings.target:
-                if not wait_for_work(study, settings.target, poll, settings.heartbeat_enabled):
-                    break
-                size = settings.pack
-            elif asked >= settings.n_nets:
-                break
-            else:
-                size = min(settings.pack, settings.n_nets - asked)
+        while size := nets_to_ask(settings, study, asked, poll, settings.pack):
             if settings.replay is not None:
                 for _ in range(size):
                     study.enqueue_trial(settings.replay.as_dict())

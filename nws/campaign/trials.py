@@ -99,6 +99,15 @@ def wait_for_work(study: Any, target: int, poll: float, heartbeats: bool = True)
         time.sleep(poll)
 
 
+def nets_to_ask(settings: Any, study: Any, asked: int, poll: float, block: int = 1) -> int:
+    """How many trials a worker asks for next, at most `block`; 0 once its work is done:
+    `n_nets` asked in this call, or (with `target`) the campaign holding `target` finished nets."""
+    interrupts.check()
+    if settings.target:
+        return block if wait_for_work(study, settings.target, poll, settings.heartbeat_enabled) else 0
+    return max(0, min(block, settings.n_nets - asked))
+
+
 def fail_orphaned_trials(study: Any, pids: list[int] | None = None) -> list[int]:
     """Fail and retry the RUNNING trials of processes of this host that no longer exist (or of
     the given pids): what heartbeats do on an RDB storage, for the journal file, which has none.

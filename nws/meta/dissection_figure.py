@@ -149,19 +149,31 @@ def _dodge(count: int) -> np.ndarray:
     return np.linspace(-1, 1, count) if count > 1 else np.zeros(1)
 
 
+def _by_property(
+    ax: Any, table: pd.DataFrame, props: list[str], column: str, panel: str, measure: str
+) -> tuple[list[tuple[str, pd.DataFrame, float]], list[float]]:
+    """Each chosen property's rows, sorted by `column`, with its dodge offset, and the values of
+    `column` drawn; with no rows the panel says so and both lists are empty."""
+    rows = table[table["property"].isin(props)] if not table.empty else table
+    if rows.empty:
+        _empty(ax, panel, measure)
+        return [], []
+    groups = list(rows.groupby("property", sort=False))
+    return [
+        (prop, part.sort_values(column), offset)
+        for (prop, part), offset in zip(groups, _dodge(len(groups)), strict=True)
+    ], sorted(rows[column].unique())
+
+
 def _when_panel(
     ax: Any, table: pd.DataFrame, props: list[str], measure: str, colours: Any, ylabel: str
 ) -> None:
     from matplotlib.ticker import MaxNLocator
 
-    rows = table[table["property"].isin(props)] if not table.empty else table
-    if rows.empty:
-        _empty(ax, "when", measure)
+    groups, ks = _by_property(ax, table, props, "k", "when", measure)
+    if not groups:
         return
-    ks = sorted(rows["k"].unique())
-    groups = list(rows.groupby("property", sort=False))
-    for (prop, part), offset in zip(groups, _dodge(len(groups)), strict=True):
-        part = part.sort_values("k")
+    for prop, part, offset in groups:
         colour = colours[prop]
         if len(ks) == 1:
             _errorbars(ax, part["k"] + 0.2 * offset, part, measure, colour, "o")
@@ -213,14 +225,10 @@ def _where_panel(
 def _how_much_panel(
     ax: Any, table: pd.DataFrame, props: list[str], measure: str, colours: Any, ylabel: str
 ) -> None:
-    rows = table[table["property"].isin(props)] if not table.empty else table
-    if rows.empty:
-        _empty(ax, "how much", measure)
+    groups, lengths = _by_property(ax, table, props, "slice_length", "how much", measure)
+    if not groups:
         return
-    lengths = sorted(rows["slice_length"].unique())
-    groups = list(rows.groupby("property", sort=False))
-    for (prop, part), offset in zip(groups, _dodge(len(groups)), strict=True):
-        part = part.sort_values("slice_length")
+    for prop, part, offset in groups:
         if len(lengths) == 1:
             _errorbars(ax, part["slice_length"] * (1 + 0.05 * offset), part, measure, colours[prop], "o")
         else:
