@@ -9,6 +9,7 @@ environment tags name JAX's version and devices.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import random
@@ -25,6 +26,7 @@ JAX = "jax"
 BACKENDS = (TENSORFLOW, JAX)
 DEFAULT_BACKEND = TENSORFLOW
 TAG_BACKEND = "nws.backend"
+JAX_CACHE_BYTES = 2 * 1024**3
 
 
 def check_backend(value: str, name: str = "backend") -> str:
@@ -57,12 +59,15 @@ def compilation_cache() -> None:
     share a few architectures, and a net whose program was compiled before (by this process or
     another) skips XLA's compile, a few seconds per net on a CPU (`JAX_COMPILATION_CACHE_DIR`
     moves it, `NWS_JAX_CACHE=0` turns it off). A cache hit runs the same program: results do
-    not change."""
+    not change. At most `JAX_CACHE_BYTES`, least recently used entries dropped first; the size
+    limit makes JAX lock the cache (filelock), so workers can share it."""
     if os.environ.get("NWS_JAX_CACHE", "1") == "0":
         return
     default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nws" / "jax"
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(default))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    if importlib.util.find_spec("filelock") is not None:  # JAX needs it for a size limit
+        os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(JAX_CACHE_BYTES))
 
 
 def active() -> str:
