@@ -9,9 +9,14 @@ runs in a child process (a process has one Keras backend). Per backend the lone 
 packs run `nws.pack.PackTrainer`'s vmapped step (JAX only). Images are random uint8 images on
 the device, so the figures measure training, not data loading.
 
-nets/hour = 3600 P / (epochs_per_net (train_images P / img_s + eval_images P s_per_eval_image)):
-evaluation is counted one net at a time (as the pack trainer evaluates). The projection is
-16,000 nets / nets per hour at the best pack size.
+nets/hour = 3600 P / ((epochs_per_net + 1) (train_images P / img_s + eval_images P s_per_eval_image)):
+evaluation is counted one net at a time (as the pack trainer evaluates), the +1 is the
+evaluation of the initialisation, counted as a whole epoch. epochs_per_net is the mean epoch
+count of our own early stopping, measured on a campaign of nets (`--epochs-from`, by default
+benchmarks/data/early_stopping_epochs.json, made by benchmarks/early_stopping_epochs.py);
+train_images and eval_images default to the mean over the paper's five datasets (90 % of the
+training pool per epoch; validation plus test per evaluation). The projection is 16,000 nets /
+nets per hour at the best pack size.
 
 Run: python benchmarks/pack_throughput.py --device gpu --budget 420
      python benchmarks/pack_throughput.py --device cpu --budget 300 --packs 1,8,32
@@ -32,10 +37,27 @@ FIXED = (
     "activation=relu,initialization=glorot_uniform,filter_size=5,depth_conv=3,depth_fc=2,width_conv=8,"
     "width_fc=128"
 )
-EPOCHS_PER_NET = 40
-"""Epochs per net of the projection: early stopping may stop a net after 19 epochs (fidelity
-paper) and stops most soon after; this is an assumption, not a measured count."""
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+EPOCHS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "early_stopping_epochs.json")
+PAPER_DATASETS = {  # official training and test images, training images left out by fidelity paper
+    "mnist": (60_000, 10_000, 5_000),
+    "cifar10": (50_000, 10_000, 0),
+    "svhn": (73_257, 26_032, 0),
+    "stl10": (5_000, 8_000, 0),
+    "fashion": (60_000, 10_000, 5_000),
+}
+
+
+def paper_images_per_epoch() -> tuple[int, int]:
+    """Mean images per net and epoch over the paper's datasets (nets draw them uniformly):
+    training (90 % of the pool, class balance ignored) and evaluation (validation + test)."""
+    pools = [(train - dropped, test) for train, test, dropped in PAPER_DATASETS.values()]
+    train = sum(0.9 * pool for pool, _ in pools) / len(pools)
+    evaluated = sum(0.1 * pool + test for pool, test in pools) / len(pools)
+    return round(train), round(evaluated)
+
+
+TRAIN_IMAGES, EVAL_IMAGES = paper_images_per_epoch()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,9 +68,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backends", default="auto", help="comma list of jax, tensorflow; auto: installed ones")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--augment", action="store_true")
-    p.add_argument("--train-images", type=int, default=54_000, help="per net and epoch (MNIST-sized)")
-    p.add_argument("--eval-images", type=int, default=16_000, help="validation + test, per net and epoch")
-    p.add_argument("--epochs-per-net", type=int, default=EPOCHS_PER_NET, help="epochs a net trains (assumed)")
+    p.add_argument("--train-images", type=int, default=TRAIN_IMAGES, help="per net and epoch (paper mean)")
+    p.add_argument(
+        "--eval-images", type=int, default=EVAL_IMAGES, help="validation + test, per net and epoch"
+    )
+    p.add_argument(
+        "--epochs-from", default=EPOCHS_FILE, help="epoch counts measured by early_stopping_epochs.py"
+    )
+    p.add_argument("--epochs-per-net", type=float, default=0, help="assume this instead of --epochs-from")
     p.add_argument("--nets", type=int, default=16_000, help="nets of the projected rebuild (the paper's zoo)")
     p.add_argument("--out", default="", help="write the results as JSON here")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)  # backend of a child process
@@ -88,7 +115,7 @@ def child(args: argparse.Namespace) -> None:
     config = NetConfig.parse(FIXED.format(batch=args.batch, augment="on" if args.augment else "off"))
     B = args.batch
     rng = np.random.default_rng(0)
-    n_images = 2048  # per net: a pack holds every net's own images on the device
+    n_images = 2048  # the nets of a pack share one dataset's images on the device, as in a campaign
     images = rng.integers(0, 256, (n_images, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, n_images).astype(np.int32)
     packs = [int(p) for p in args.packs.split(",")]
@@ -150,7 +177,7 @@ def child(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         try:
             pack = PackTrainer([config] * P, [data] * P, list(range(P)), TrainSettings())
-            jax.block_until_ready(pack.step(rng.integers(0, n_images * P, (P, B)).astype(np.int32)))
+            jax.block_until_ready(pack.step(rng.integers(0, n_images, (P, B)).astype(np.int32)))
         except Exception as error:  # XLA's out-of-memory error type differs between versions
             if "RESOURCE_EXHAUSTED" not in str(error) and "out of memory" not in str(error).lower():
                 raise
@@ -165,7 +192,7 @@ def child(args: argparse.Namespace) -> None:
         n_steps, t = 0, time.perf_counter()
         while True:  # sync every 10 steps: dispatch runs ahead, as in training
             for _ in range(10):
-                out = pack.step(rng.integers(0, n_images * P, (P, B)).astype(np.int32))
+                out = pack.step(rng.integers(0, n_images, (P, B)).astype(np.int32))
             jax.block_until_ready(out)
             n_steps += 10
             if time.perf_counter() - t > window:
@@ -215,10 +242,29 @@ def _peak_memory(jax: object) -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
+def epochs_per_net(args: argparse.Namespace) -> tuple[float, str]:
+    """The epochs a net trains in the projection, and where that figure comes from."""
+    if args.epochs_per_net:
+        return args.epochs_per_net, "assumed (--epochs-per-net)"
+    with open(args.epochs_from) as f:
+        measured = json.load(f)
+    s = measured["summary"]
+    datasets = sorted({net["dataset"] for net in measured["nets"]})
+    reached = [net["epochs_reached"] for net in measured.get("unfinished", [])]
+    where = (
+        f"measured: mean of {s['nets']} nets of campaign {measured['campaign']} "
+        f"(median {s['median']:g}, range {s['min']}-{s['max']}; datasets {', '.join(datasets)})"
+        + (f"; {len(reached)} more stopped unfinished after {reached} epochs" if reached else "")
+    )
+    return float(s["mean"]), where
+
+
 def _nets_per_hour(args: argparse.Namespace, P: int, ips: float, eval_s_per_image: float) -> dict:
-    """Nets of `epochs_per_net` epochs: training at the measured rate, evaluation one net at a time."""
+    """Nets of `epochs_per_net` epochs (plus the initialisation's evaluation): training at the
+    measured rate, evaluation one net at a time."""
     epoch_s = args.train_images * P / ips + args.eval_images * P * eval_s_per_image
-    return {"nets_per_hour": 3600 * P / (args.epochs_per_net * epoch_s)}
+    epochs, _ = epochs_per_net(args)
+    return {"nets_per_hour": 3600 * P / ((epochs + 1) * epoch_s)}
 
 
 # ---------------------------------------------------------------------------------- parent
@@ -227,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(args)
         return 0
+    if not args.epochs_per_net and not os.path.exists(args.epochs_from):
+        print(f"--epochs-from: {args.epochs_from} does not exist (or give --epochs-per-net)", file=sys.stderr)
+        return 2
     backends = ["jax", "tensorflow"] if args.backends == "auto" else args.backends.split(",")
     backends = [b for b in backends if installed(b)]
     if "jax" not in backends:
@@ -268,8 +317,9 @@ def _table(args: argparse.Namespace, backends: list[str], rows: list[dict]) -> N
             print(f"{r['backend']}: {r['device']}, keras {r['keras']}")
     print(
         f"fixed architecture, batch {args.batch}, augmentation {'on' if args.augment else 'off'}; nets/hour "
-        f"for {args.epochs_per_net} epochs of {args.train_images} + {args.eval_images} images"
+        f"for {epochs_per_net(args)[0]:.1f} epochs of {args.train_images} + {args.eval_images} images"
     )
+    print(f"epochs per net: {epochs_per_net(args)[1]}")
     header = f"{'pack':>6} {'path':>12}" + "".join(f" | {b + ' img/s':>17} {'nets/h':>8}" for b in backends)
     print(header)
     cells = sorted(
@@ -295,7 +345,7 @@ def _table(args: argparse.Namespace, backends: list[str], rows: list[dict]) -> N
     best = max((r for r in rows if r.get("nets_per_hour")), key=lambda r: r["nets_per_hour"], default=None)
     if best is not None:
         print(
-            f"projected full NWS rebuild: {args.nets:,} nets x {args.epochs_per_net} epochs = "
+            f"projected full NWS rebuild: {args.nets:,} nets x {epochs_per_net(args)[0]:.1f} epochs = "
             f"{args.nets / best['nets_per_hour']:,.1f} device-hours ({best['backend']}, {best['path']}, "
             f"pack {best['pack']}, {best['nets_per_hour']:.1f} nets/h)"
         )
