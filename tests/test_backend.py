@@ -226,3 +226,24 @@ def test_a_pack_holds_each_datasets_images_once_and_every_net_finds_its_own():
         np.testing.assert_array_equal(images[own], net.x_train)
         np.testing.assert_array_equal(labels[own], net.y_train)
     assert rows[2].min() == len(digits.y_train)
+
+
+def test_jax_compilation_cache_is_on_bounded_and_leaves_the_users_settings(monkeypatch, tmp_path):
+    from nws.backend import JAX_CACHE_BYTES, compilation_cache
+
+    for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE", "NWS_JAX_CACHE",
+                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):  # fmt: skip
+        monkeypatch.setenv(name, "")  # so that monkeypatch restores what compilation_cache sets
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    compilation_cache()
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "nws" / "jax")
+    assert os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] == str(JAX_CACHE_BYTES)
+    assert os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0"
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")
+    compilation_cache()
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"] == "/elsewhere"
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    monkeypatch.setenv("NWS_JAX_CACHE", "0")
+    compilation_cache()
+    assert "JAX_COMPILATION_CACHE_DIR" not in os.environ
