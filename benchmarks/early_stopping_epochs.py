@@ -2,8 +2,9 @@
 nets, written to a JSON file that `benchmarks/pack_throughput.py` projects a rebuild from (that
 script runs where MLflow may be missing; this one reads the tracking store).
 
-Run (the committed file `benchmarks/data/early_stopping_epochs.json` was made this way):
-    nws sample --campaign early-stopping --n-nets 24 --subset main \
+Run (the committed file `benchmarks/data/early_stopping_epochs.json` was made this way, by two
+such `sample` processes on one campaign, `--n-nets 16` and `--n-nets 8`, stopped after an hour):
+    nws sample --campaign early-stopping --n-nets 16 --subset main \
         --datasets mnist5k,shapes,gratings --workers 1 --threads 1
     python benchmarks/early_stopping_epochs.py --campaign early-stopping
 """
@@ -52,14 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import mlflow
 
-    from nws.tracking.tags import TAG_CAMPAIGN, TAG_ROLE, TAG_STOP_REASON
+    from nws.tracking.tags import TAG_CAMPAIGN, TAG_ROLE, TAG_STOP_REASON, tag_equals
 
     if args.tracking_uri:
         mlflow.set_tracking_uri(args.tracking_uri)
     every = mlflow.search_runs(
         search_all_experiments=True,
         output_format="list",
-        filter_string=f"tags.`{TAG_ROLE}` = 'net' and tags.`{TAG_CAMPAIGN}` = '{args.campaign}'",
+        filter_string=f"{tag_equals(TAG_ROLE, 'net')} and {tag_equals(TAG_CAMPAIGN, args.campaign)}",
     )
     runs = [run for run in every if run.info.status == "FINISHED"]
     if not runs:

@@ -37,8 +37,9 @@ FIXED = (
     "activation=relu,initialization=glorot_uniform,filter_size=5,depth_conv=3,depth_fc=2,width_conv=8,"
     "width_fc=128"
 )
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-EPOCHS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "early_stopping_epochs.json")
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, "..")
+EPOCHS_FILE = os.path.join(HERE, "data", "early_stopping_epochs.json")
 PAPER_DATASETS = {  # official training and test images, training images left out by fidelity paper
     "mnist": (60_000, 10_000, 5_000),
     "cifar10": (50_000, 10_000, 0),
@@ -263,19 +264,19 @@ def _nets_per_hour(args: argparse.Namespace, P: int, ips: float, eval_s_per_imag
     """Nets of `epochs_per_net` epochs (plus the initialisation's evaluation): training at the
     measured rate, evaluation one net at a time."""
     epoch_s = args.train_images * P / ips + args.eval_images * P * eval_s_per_image
-    epochs, _ = epochs_per_net(args)
-    return {"nets_per_hour": 3600 * P / ((epochs + 1) * epoch_s)}
+    return {"nets_per_hour": 3600 * P / ((args.epochs + 1) * epoch_s)}
 
 
 # ---------------------------------------------------------------------------------- parent
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.child:
-        child(args)
-        return 0
     if not args.epochs_per_net and not os.path.exists(args.epochs_from):
         print(f"--epochs-from: {args.epochs_from} does not exist (or give --epochs-per-net)", file=sys.stderr)
         return 2
+    args.epochs, args.epochs_source = epochs_per_net(args)  # read once
+    if args.child:
+        child(args)
+        return 0
     backends = ["jax", "tensorflow"] if args.backends == "auto" else args.backends.split(",")
     backends = [b for b in backends if installed(b)]
     if "jax" not in backends:
@@ -317,9 +318,9 @@ def _table(args: argparse.Namespace, backends: list[str], rows: list[dict]) -> N
             print(f"{r['backend']}: {r['device']}, keras {r['keras']}")
     print(
         f"fixed architecture, batch {args.batch}, augmentation {'on' if args.augment else 'off'}; nets/hour "
-        f"for {epochs_per_net(args)[0]:.1f} epochs of {args.train_images} + {args.eval_images} images"
+        f"for {args.epochs:.1f} epochs of {args.train_images} + {args.eval_images} images"
     )
-    print(f"epochs per net: {epochs_per_net(args)[1]}")
+    print(f"epochs per net: {args.epochs_source}")
     header = f"{'pack':>6} {'path':>12}" + "".join(f" | {b + ' img/s':>17} {'nets/h':>8}" for b in backends)
     print(header)
     cells = sorted(
@@ -345,7 +346,7 @@ def _table(args: argparse.Namespace, backends: list[str], rows: list[dict]) -> N
     best = max((r for r in rows if r.get("nets_per_hour")), key=lambda r: r["nets_per_hour"], default=None)
     if best is not None:
         print(
-            f"projected full NWS rebuild: {args.nets:,} nets x {epochs_per_net(args)[0]:.1f} epochs = "
+            f"projected full NWS rebuild: {args.nets:,} nets x {args.epochs:.1f} epochs = "
             f"{args.nets / best['nets_per_hour']:,.1f} device-hours ({best['backend']}, {best['path']}, "
             f"pack {best['pack']}, {best['nets_per_hour']:.1f} nets/h)"
         )

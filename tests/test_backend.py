@@ -149,21 +149,6 @@ PACKED_BLOCK = ["--subset", "fixed", "--datasets", "digits", "--prints", "3", "-
 while after its first epoch is logged."""
 
 
-def block_training(uri: str, storage: str, campaign: str, pid: int) -> bool:
-    """Whether process `pid` holds a block whose nets have logged an epoch."""
-    from mlflow import MlflowClient
-
-    from tests.test_scale import campaign_trials
-
-    client = MlflowClient(uri)
-    mine = [
-        t.user_attrs.get("mlflow_run_id")
-        for t in campaign_trials(storage, campaign)
-        if t.state.name == "RUNNING" and t.user_attrs.get("worker", "").endswith(f":{pid}")
-    ]
-    return any(run_id and client.get_metric_history(run_id, "train_accuracy") for run_id in mine)
-
-
 @pytest.mark.slow
 def test_a_packed_block_stopped_killed_and_resumed_ends_at_the_target_exactly(tmp_path):
     """`sample --backend jax --pack 4 --target 6`, three times on one campaign: SIGINT (Ctrl-C) mid-block
@@ -173,14 +158,14 @@ def test_a_packed_block_stopped_killed_and_resumed_ends_at_the_target_exactly(tm
     import optuna
 
     from tests.interruptions import run_statuses, start_sample, tracking_store
-    from tests.test_scale import campaign_trials, wait_until
+    from tests.test_scale import campaign_trials, mid_net, wait_until
 
     uri, storage, name = tracking_store(tmp_path), str(tmp_path / "optuna.log"), "packed"
     outcomes = {}
     for number in (signal.SIGINT, signal.SIGKILL):  # Ctrl-C, then a kill nothing can catch
         sample = start_sample(name, uri, storage, tmp_path, nets=PACKED_BLOCK)
         pid = sample.process.pid
-        training = functools.partial(block_training, uri, storage, name, pid)
+        training = functools.partial(mid_net, storage, name, pid, uri)  # a block's nets step together
         wait_until(training, 240, "a block mid-training", sample.process)
         sample.process.send_signal(number)
         outcomes[number] = (pid, *sample.finish(120))
