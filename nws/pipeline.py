@@ -7,7 +7,8 @@ released code). `nws.training` builds them per net; nothing here knows the train
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -44,41 +45,85 @@ def _index_batches(sampler: BalancedSampler, batch_size: int, steps: int) -> Ite
             yield order[step * batch_size : (step + 1) * batch_size]
 
 
-def training_dataset(data: NetData, batch_size: int, seed: int, augment: bool) -> tuple[Any, int]:
-    """An endless tf.data stream of class-balanced epochs, and the steps per epoch."""
+class TensorFlowStreams:
+    """The tf.data pipelines of the nets a process trains on TensorFlow, one per kind (the
+    training stream, each evaluation role; with or without augmentation), each built and traced
+    once: a net plugs in its own batches and its augmenters' starting values. A new pipeline per
+    net cost seconds of tracing and function instantiation per net (the augmenter's map most).
+
+    The images come as uint8 batches gathered in numpy (prefetched), are scaled by TensorFlow
+    (`_to_unit`) and augmented by the kept augmenter on the consuming thread: nothing runs ahead
+    through an augmenter, so resetting its RNG state for the next net races with nothing. A net
+    sees the same images, augmented with the same RNG states, as with pipelines of its own."""
+
+    def __init__(self) -> None:
+        # A generator's dataset has no known length, so Keras warns at the end of every
+        # evaluation that its input "ran out of data": that end is the evaluation's end.
+        warnings.filterwarnings("ignore", message="Your input ran out of data", category=UserWarning)
+        self._datasets: dict[tuple[str, bool], Any] = {}
+        self._batches: dict[tuple[str, bool], Callable[[], Iterator[Any]]] = {}
+        self._augmenters: dict[str, Any] = {}
+
+    def training(self, data: NetData, batch_size: int, seed: int, augment: bool) -> tuple[Any, int]:
+        """An endless stream of class-balanced epochs (augmented with seed `seed`), and the steps
+        per epoch."""
+        sampler = BalancedSampler(data.y_train, seed)
+        batch_size = min(batch_size, sampler.epoch_size)
+        steps = sampler.epoch_size // batch_size
+
+        def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for index in _index_batches(sampler, batch_size, steps):
+                yield data.x_train[index], data.y_train[index]
+
+        if augment:
+            self.plug_augmenter("train", seed)
+        return self._plugged("train", augment, batches), steps
+
+    def plug_augmenter(self, use: str, seed: int) -> None:
+        """Give the augmenter of `use` (train or evaluation) the starting values of a new one
+        seeded with `seed`, as a net's own augmenter would have."""
+        from nws.compiled import copy_values
+
+        fresh = build_augmenter(seed)
+        kept = self._augmenters.setdefault(use, fresh)
+        if kept is not fresh:
+            copy_values(fresh.variables, kept.variables)
+
+    def evaluation(self, role: str, x: np.ndarray, y: np.ndarray, batch_size: int, drop_remainder: bool,
+                   augment: bool) -> Any:  # fmt: skip
+        """Batches of `x` scaled to [0, 1] for the evaluation `role` (one pipeline per role, so
+        that `fit`'s validation and the test evaluation do not share one); augmented by the
+        evaluation augmenter (`plug_augmenter("evaluation", ...)` first) when `augment`."""
+        count = len(y) // batch_size if drop_remainder else -(-len(y) // batch_size)
+
+        def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for i in range(count):
+                part = slice(i * batch_size, (i + 1) * batch_size)
+                yield x[part], y[part]
+
+        return self._plugged(role, augment, batches)
+
+    def _plugged(self, role: str, augment: bool, batches: Callable[[], Iterator[Any]]) -> Any:
+        import tensorflow as tf
+
+        kind = (role, augment)
+        self._batches[kind] = batches
+        if kind not in self._datasets:
+            spec = (tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8), tf.TensorSpec([None], tf.int64))
+            ds = tf.data.Dataset.from_generator(lambda: self._batches[kind](), output_signature=spec)
+            ds = ds.prefetch(2).map(_to_unit)
+            if augment:
+                augmenter = self._augmenters["train" if role == "train" else "evaluation"]
+                ds = ds.map(lambda a, b: (augmenter(a, training=True), b))
+            self._datasets[kind] = ds
+        return self._datasets[kind]
+
+
+def _to_unit(images: Any, labels: Any) -> tuple[Any, Any]:
+    """uint8 images as float32 in [0, 1], divided as TensorFlow divides."""
     import tensorflow as tf
 
-    sampler = BalancedSampler(data.y_train, seed)
-    batch_size = min(batch_size, sampler.epoch_size)
-    steps = sampler.epoch_size // batch_size
-    images = tf.constant(data.x_train)
-    labels = tf.constant(data.y_train)
-    ds = tf.data.Dataset.from_generator(
-        lambda: _index_batches(sampler, batch_size, steps),
-        output_signature=tf.TensorSpec([None], tf.int64),
-    )
-    ds = ds.map(lambda idx: (tf.cast(tf.gather(images, idx), tf.float32) / 255.0, tf.gather(labels, idx)))
-    if augment:
-        augmenter = build_augmenter(seed)
-        ds = ds.map(lambda x, y: (augmenter(x, training=True), y))
-    return ds.prefetch(2), steps
-
-
-def evaluation_dataset(
-    x: np.ndarray,
-    y: np.ndarray,
-    batch_size: int,
-    drop_remainder: bool = False,
-    augmenter: Any = None,
-) -> Any:
-    """Batches of images scaled to [0, 1]; with an `augmenter`, augmented as in training."""
-    import tensorflow as tf
-
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size, drop_remainder=drop_remainder)
-    ds = ds.map(lambda a, b: (tf.cast(a, tf.float32) / 255.0, b))
-    if augmenter is not None:
-        ds = ds.map(lambda a, b: (augmenter(a, training=True), b))
-    return ds.prefetch(2)
+    return tf.cast(images, tf.float32) / 255.0, labels
 
 
 def paper_evaluation_batch(n_images: int, batch_size: int) -> int:

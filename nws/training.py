@@ -29,20 +29,20 @@ from typing import Any
 import numpy as np
 
 from nws import interrupts
-from nws.backend import configure_tensorflow, tensorflow_environment  # noqa: F401 (their old home)
+from nws.backend import TENSORFLOW, configure_tensorflow, tensorflow_environment  # noqa: F401 (their old home)
+from nws.backend import active as active_backend
 from nws.backend import seed as seed_backend
 from nws.cnn import build_model
+from nws.compiled import MODELS, CompiledModels
 from nws.data.preprocess import BalancedSampler, NetData
 from nws.fidelity import DEFAULT_FIDELITY, PAPER, check_fidelity
 from nws.pipeline import (
+    TensorFlowStreams,
     balanced_batches,
-    build_augmenter,
     evaluation_augmenter_seed,
     evaluation_batches,
-    evaluation_dataset,
     evaluation_model,
     paper_evaluation_batch,
-    training_dataset,
     training_model,
 )
 from nws.space import NetConfig
@@ -183,15 +183,25 @@ def make_optimizer(config: NetConfig, steps_per_epoch: int, settings: TrainSetti
 
 
 def compile_model(config: NetConfig, steps_per_epoch: int, settings: TrainSettings) -> Any:
+    """One net's model, built and compiled as `build_net` does when augmentation is outside it."""
+    model = build_model(config, mixed_precision=settings.mixed_precision, fidelity=settings.fidelity)
+    _compile(model, model, model, config, steps_per_epoch, settings)
+    return model
+
+
+def _compile(
+    fitted: Any, net: Any, evaluated: Any, config: NetConfig, steps_per_epoch: int, settings: TrainSettings
+) -> None:
+    """Compile what `fit` trains with the net's optimizer, and the evaluated model when it is
+    another one (`BuiltNet`)."""
     import keras
 
-    model = build_model(config, mixed_precision=settings.mixed_precision, fidelity=settings.fidelity)
-    model.compile(
-        optimizer=make_optimizer(config, steps_per_epoch, settings),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    fitted.compile(
+        optimizer=make_optimizer(config, steps_per_epoch, settings), loss=loss, metrics=["accuracy"]
     )
-    return model
+    if evaluated is not fitted:
+        evaluated.compile(optimizer=None, loss=loss, metrics=["accuracy"])
 
 
 def train_net(
@@ -207,7 +217,13 @@ def train_net(
     its backend run, and raised between two steps (`interrupts.between_steps`).
     """
     with interrupts.deferred():
-        return _train(config, data, seed, settings, observers)
+        try:
+            return _train(config, data, seed, settings, observers)
+        except BaseException:
+            # A fit cut short leaves Keras state of its own in the model (e.g. its validation
+            # iterator): the next net of this graph builds its own.
+            MODELS.forget(graph_key(config, settings, active_backend() == TENSORFLOW))
+            raise
 
 
 def _train(
@@ -217,10 +233,10 @@ def _train(
 
     seed_backend(seed)
     started = time.perf_counter()
-    built = build_net(config, data, seed, settings)
+    built = build_net(config, data, seed, settings, MODELS)
     model, evaluation_sets = built.net, built.evaluation
     valid_ds = evaluation_sets.of(data.x_valid, data.y_valid)
-    test_ds = evaluation_sets.of(data.x_test, data.y_test)
+    test_ds = evaluation_sets.of(data.x_test, data.y_test, "test")
     result = TrainResult(steps_per_epoch=built.steps)
     stopping = EarlyStopping(settings)
     stopper = interrupts.between_steps()
@@ -287,41 +303,77 @@ class BuiltNet:
     tf_data: bool
 
 
-def build_net(config: NetConfig, data: NetData, seed: int, settings: TrainSettings) -> BuiltNet:
+def build_net(
+    config: NetConfig, data: NetData, seed: int, settings: TrainSettings, kept: CompiledModels | None = None
+) -> BuiltNet:
     """The net's models, compiled, and its input pipelines: right after seeding (`seed_backend`),
-    in this order, so that a net built here is the same wherever it trains (alone or packed)."""
+    in this order, so that a net built here is the same wherever it trains (alone or packed).
+    With `kept`, the models are the compiled ones of an earlier net of the same graph
+    (`graph_key`) holding this net's starting values, when there are such (`nws.compiled`)."""
     import keras
 
     augment = config.augmentation == "on"
     tf_data = keras.backend.backend() == "tensorflow"
-    if tf_data and settings.max_epochs > 0:
-        source, steps = training_dataset(data, config.batch_size, seed, augment)
+    streams = _streams(kept) if tf_data else None
+    if streams is not None and settings.max_epochs > 0:
+        source, steps = streams.training(data, config.batch_size, seed, augment)
     elif tf_data:  # only the initialisation is evaluated: no input pipeline to build
         source, steps = None, BalancedSampler(data.y_train, seed).epoch_size // config.batch_size
     else:
         source, steps = balanced_batches(data, config.batch_size, seed)
-    if tf_data:
-        model = compile_model(config, max(1, steps), settings)
-        return BuiltNet(
-            model, model, model, EvaluationSets(config, data, seed, settings), steps, source, True
-        )
+    fresh = _models(config, seed, settings, augment_in_model=augment and not tf_data)
+    key = graph_key(config, settings, tf_data) if kept is not None else None
+    models = kept.take(key, fresh, config.lrate) if kept is not None and key is not None else None
+    if models is None:
+        models = fresh
+        _compile(*fresh, config, max(1, steps), settings)
+        if kept is not None and key is not None:
+            kept.keep(key, fresh)
+    fitted, net, evaluated = models
+    evaluation = EvaluationSets(config, data, seed, settings, streams)
+    return BuiltNet(net, fitted, evaluated, evaluation, steps, source, tf_data)
+
+
+def _models(config: NetConfig, seed: int, settings: TrainSettings, augment_in_model: bool) -> tuple[Any, ...]:
+    """The model `fit` trains, the net and the model evaluated, uncompiled (see `BuiltNet`)."""
+    net = build_model(config, mixed_precision=settings.mixed_precision, fidelity=settings.fidelity)
+    if not augment_in_model:
+        return net, net, net
     from nws.augmentation import build_affine_augmenter
 
-    net = build_model(config, mixed_precision=settings.mixed_precision, fidelity=settings.fidelity)
-    fitted = training_model(net, build_affine_augmenter(seed)) if augment else net
+    fitted = training_model(net, build_affine_augmenter(seed))
     evaluated = net
-    if settings.paper and augment:
+    if settings.paper:
         evaluated = evaluation_model(net, build_affine_augmenter(evaluation_augmenter_seed(seed)))
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    fitted.compile(optimizer=make_optimizer(config, max(1, steps), settings), loss=loss, metrics=["accuracy"])
-    if evaluated is not fitted:
-        evaluated.compile(optimizer=None, loss=loss, metrics=["accuracy"])
-    evaluation = EvaluationSets(config, data, seed, settings, augment_in_pipeline=False)
-    return BuiltNet(net, fitted, evaluated, evaluation, steps, source, False)
+    return fitted, net, evaluated
+
+
+def graph_key(config: NetConfig, settings: TrainSettings, tf_data: bool) -> tuple[Any, ...] | None:
+    """What nets must share to train on the same compiled models (`nws.compiled`): the graph
+    (architecture, activation, batch norm, fidelity; on JAX the augmenter inside the model) and
+    the optimizer's kind. Data, batch size, learning rate, initialisation and seed may differ.
+    None for nets that keep no models: a decaying learning rate (its schedule is part of the
+    compiled step) or mixed precision (a loss-scaling optimizer)."""
+    if settings.lr_decay != 1.0 or settings.mixed_precision:
+        return None
+    augmenter = () if tf_data else (config.augmentation,)
+    return (*config.architecture().values(), config.batch_norm, config.activation, config.optimizer,
+            settings.fidelity, *augmenter)  # fmt: skip
+
+
+STREAMS = TensorFlowStreams()
+"""This process's tf.data pipelines, kept with its compiled models (`nws.compiled`)."""
+
+
+def _streams(kept: CompiledModels | None) -> TensorFlowStreams:
+    """The kept pipelines when models are kept, else a net's own."""
+    return STREAMS if kept is not None and kept.capacity > 0 else TensorFlowStreams()
 
 
 class EvaluationSets:
-    """The evaluation pipelines of one net, as its fidelity wants them."""
+    """The evaluation pipelines of one net, as its fidelity wants them: tf.data `streams` on
+    TensorFlow (augmented there under `paper` with augmentation on), numpy batches otherwise
+    (the augmentation, where wanted, is in the evaluated model)."""
 
     def __init__(
         self,
@@ -329,22 +381,24 @@ class EvaluationSets:
         data: NetData,
         seed: int,
         settings: TrainSettings,
-        augment_in_pipeline: bool = True,
+        streams: TensorFlowStreams | None = None,
     ) -> None:
         self.config, self.data, self.seed, self.settings = config, data, seed, settings
-        self.tf_data = augment_in_pipeline
-        self.augmenter = None
-        if augment_in_pipeline and settings.paper and config.augmentation == "on":
-            self.augmenter = build_augmenter(evaluation_augmenter_seed(seed))
+        self.streams = streams
+        self.augment = streams is not None and settings.paper and config.augmentation == "on"
+        if self.augment:
+            streams.plug_augmenter("evaluation", evaluation_augmenter_seed(seed))
 
-    def of(self, x: np.ndarray, y: np.ndarray) -> Any:
+    def of(self, x: np.ndarray, y: np.ndarray, role: str = "valid") -> Any:
+        """The batches of an evaluation of `x`; `role` (probe, valid, test) names its pipeline,
+        so that evaluations of one net that are alive at once do not share one."""
         if not self.settings.paper:
             batch, drop = self.settings.eval_batch_size, False
         else:
             batch, drop = paper_evaluation_batch(len(y), self.config.batch_size), True
-        if not self.tf_data:
+        if self.streams is None:
             return evaluation_batches(x, y, batch, drop_remainder=drop)
-        return evaluation_dataset(x, y, batch, drop_remainder=drop, augmenter=self.augmenter)
+        return self.streams.evaluation(role, x, y, batch, drop, self.augment)
 
     def train_probe(self) -> Any:
         """Epoch 0's train accuracy. Under `paper`: the first batch of the training stream (the
@@ -353,10 +407,10 @@ class EvaluationSets:
         data = self.data
         if not self.settings.paper:
             probe = min(len(data.y_train), TRAIN_PROBE_IMAGES)
-            return self.of(data.x_train[:probe], data.y_train[:probe])
+            return self.of(data.x_train[:probe], data.y_train[:probe], "probe")
         sampler = BalancedSampler(data.y_train, self.seed)  # the stream's sampler, same seed
         first = sampler.epoch()[: min(self.config.batch_size, sampler.epoch_size)]
-        return self.of(data.x_train[first], data.y_train[first])
+        return self.of(data.x_train[first], data.y_train[first], "probe")
 
 
 def _metrics(

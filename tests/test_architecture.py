@@ -25,7 +25,7 @@ LAYERS = [
     ("nws.space",),
     ("nws.data",),
     ("nws.cnn", "nws.layers"),
-    ("nws.augmentation", "nws.pipeline", "nws.optimizers", "nws.training", "nws.pack"),
+    ("nws.compiled", "nws.augmentation", "nws.pipeline", "nws.optimizers", "nws.training", "nws.pack"),
     ("nws.snapshots", "nws.symmetry"),
     ("nws.tracking",),
     ("nws.campaign",),

@@ -20,6 +20,7 @@ from nws.commands.sample import SampleOptions, run_campaign
 from nws.data import ImageSet, load_images, split_for_net
 from nws.errors import DataError, ParameterError
 from nws.meta.evaluation import paper_pairwise_mae
+from nws.pipeline import TensorFlowStreams
 from nws.snapshots import SnapshotRecorder, flatten, load_into, weight_layout
 from nws.space import NetConfig
 from nws.training import EarlyStopping, EvaluationSets, TrainSettings, make_optimizer, train_net
@@ -182,7 +183,7 @@ def test_evaluation_batches_have_the_nets_batch_size_under_paper(fidelity):
     x = np.random.default_rng(1).integers(0, 256, size=(100, 32, 32, 3), dtype=np.uint8)
     y = np.zeros(100, np.int64)
     data = split_for_net(load_images("digits"), 0, 64, 32)
-    sets = EvaluationSets(TINY, data, 0, TrainSettings(fidelity=fidelity))
+    sets = EvaluationSets(TINY, data, 0, TrainSettings(fidelity=fidelity), TensorFlowStreams())
     sizes = [len(b) for b in dataset_batches(sets.of(x, y))]
     small = [len(b) for b in dataset_batches(sets.of(x[:20], y[:20]))]
     if fidelity == "paper":
@@ -198,7 +199,8 @@ def test_evaluation_batches_have_the_nets_batch_size_under_paper(fidelity):
 @pytest.mark.parametrize("fidelity", FIDELITIES)
 def test_evaluation_images_are_augmented_under_paper(fidelity):
     data = split_for_net(load_images("digits"), 0, 64, 64)
-    sets = EvaluationSets(config_with(augmentation="on"), data, 0, TrainSettings(fidelity=fidelity))
+    settings = TrainSettings(fidelity=fidelity)
+    sets = EvaluationSets(config_with(augmentation="on"), data, 0, settings, TensorFlowStreams())
     ds = sets.of(data.x_valid, data.y_valid)
     first, second = dataset_batches(ds)[0], dataset_batches(ds)[0]
     clean = data.x_valid[: len(first)].astype(np.float32) / 255.0
