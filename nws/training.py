@@ -210,30 +210,38 @@ def train_net(
     seed: int,
     settings: TrainSettings = TrainSettings(),
     observers: Sequence[Observer] = (),
+    kept: CompiledModels | None = MODELS,
 ) -> TrainResult:
-    """Train one net; every evaluation (epoch 0 = initialisation) goes to the observers.
+    """Train one net; every evaluation (epoch 0 = initialisation) goes to the observers. The
+    net trains on `kept` models of its graph when there are such (None: models of its own).
 
     Raises TrainingDiverged when the loss becomes NaN. A stop signal is held while Keras and
     its backend run, and raised between two steps (`interrupts.between_steps`).
     """
     with interrupts.deferred():
         try:
-            return _train(config, data, seed, settings, observers)
+            return _train(config, data, seed, settings, observers, kept)
         except BaseException:
             # A fit cut short leaves Keras state of its own in the model (e.g. its validation
             # iterator): the next net of this graph builds its own.
-            MODELS.forget(graph_key(config, settings, active_backend() == TENSORFLOW))
+            if kept is not None:
+                kept.forget(graph_key(config, settings, active_backend() == TENSORFLOW))
             raise
 
 
 def _train(
-    config: NetConfig, data: NetData, seed: int, settings: TrainSettings, observers: Sequence[Observer]
+    config: NetConfig,
+    data: NetData,
+    seed: int,
+    settings: TrainSettings,
+    observers: Sequence[Observer],
+    kept: CompiledModels | None,
 ) -> TrainResult:
     import keras
 
     seed_backend(seed)
     started = time.perf_counter()
-    built = build_net(config, data, seed, settings, MODELS)
+    built = build_net(config, data, seed, settings, kept)
     model, evaluation_sets = built.net, built.evaluation
     valid_ds = evaluation_sets.of(data.x_valid, data.y_valid)
     test_ds = evaluation_sets.of(data.x_test, data.y_test, "test")

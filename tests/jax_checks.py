@@ -114,7 +114,14 @@ def lone_twice() -> dict:
     return {"identical": bool(np.array_equal(*runs)), "tensorflow_imported": "tensorflow" in sys.modules}
 
 
-CHECKS = {"pack": pack_equivalence, "twice": lone_twice, "agreement": agreement}
+def kept() -> dict:
+    """tests/kept_models.py on JAX."""
+    from tests.kept_models import kept_versus_fresh
+
+    return {**kept_versus_fresh(), "tensorflow_imported": "tensorflow" in sys.modules}
+
+
+CHECKS = {"pack": pack_equivalence, "twice": lone_twice, "agreement": agreement, "kept": kept}
 
 if __name__ == "__main__":  # one process for several checks: JAX starts once
     print(json.dumps({name: CHECKS[name]() for name in sys.argv[1:]}))

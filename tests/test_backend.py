@@ -37,7 +37,7 @@ def jax_process(code: str, timeout: int = 900) -> subprocess.CompletedProcess:
 def jax_checks() -> dict:
     """tests/jax_checks.py's checks, run in one JAX process (JAX starts once)."""
     done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "jax_checks.py"), "pack", "twice", "agreement"],
+        [sys.executable, str(ROOT / "tests" / "jax_checks.py"), "pack", "twice", "agreement", "kept"],
         env={**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)},
         capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
@@ -71,6 +71,16 @@ def test_packed_nets_start_identical_agree_after_a_step_and_fail_alone(jax_check
     assert max(result["one_step_relative"]) < 1e-5
     assert result["outcomes"] == ["TrainResult", "TrainResult", "TrainingDiverged"]
     assert result["diverged_epoch"] == [1] and result["epochs"] == [2, 2]
+    assert result["tensorflow_imported"] is False
+
+
+@pytest.mark.slow
+def test_a_net_on_kept_jax_models_is_bit_identical_to_the_net_built_fresh(jax_checks):
+    """tests/kept_models.py on JAX: five nets, trained on models of their own and again on the
+    same models kept after another net (every property value among them), equal bit for bit."""
+    result = jax_checks["kept"]
+    assert result["hits"] == 10 and result["misses"] == 5
+    assert result["identical"] == [True] * 5 and result["evaluations"] == 3
     assert result["tensorflow_imported"] is False
 
 

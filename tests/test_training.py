@@ -148,6 +148,19 @@ def test_a_diverging_net_raises_with_its_epoch(tiny_data):
 
 
 @pytest.mark.slow
+def test_a_net_on_kept_models_is_bit_identical_to_the_net_built_fresh():
+    """Five nets, each trained first on models of its own, then again on the same compiled
+    models (and tf.data pipelines) after another net of its graph trained on them, every
+    property value among them: weights at every evaluation and every metric equal bit for bit
+    (tests/kept_models.py)."""
+    from tests.kept_models import kept_versus_fresh
+
+    result = kept_versus_fresh()
+    assert result["hits"] == 10 and result["misses"] == 5
+    assert result["identical"] == [True] * 5 and result["evaluations"] == 3
+
+
+@pytest.mark.slow
 def test_progress_prints_plain_lines_when_not_a_terminal(tiny_data):
     stream = io.StringIO()
     progress = Progress(1, stream=stream)

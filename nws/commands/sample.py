@@ -64,7 +64,11 @@ class SampleOptions:
     pack: int = param(1, "nets trained together in one compiled step (backend jax; 1 on a CPU)")
     target: int = param(0, "finished nets the campaign should hold; workers train until then (0: n_nets)")
     workers: int = param(1, "worker processes on this machine, all on the same campaign")
-    threads: int = param(0, "CPU threads per worker (0: the cores split between workers)")
+    threads: int = param(
+        1,
+        "CPU threads per worker (0: the cores split between workers); a net's last bits depend on it, "
+        "so a fixed count gives the same nets with any number of workers",
+    )
     heartbeat: int = param(
         30, "seconds between heartbeats on an RDB storage; a trial silent for 2x this is retried"
     )

@@ -15,8 +15,10 @@ from nws.tracking.tags import (
     TAG_CAMPAIGN,
     TAG_ROLE,
     TAG_SNAPSHOTS,
+    TAG_SOURCE_PATH,
     TAG_SPLIT,
     TAG_SUBSET,
+    TAG_TRIAL,
     TAG_WEIGHTS_DIGEST,
     TAG_WEIGHTS_SHAPE,
     tag_equals,
@@ -27,7 +29,8 @@ BUILTIN_FILTER = (
     f"and {tag_equals(TAG_SNAPSHOTS, SNAPSHOTS_COMPLETE)}"
 )
 RECORD_COLUMNS = ("run_id", "experiment_id", "artifact_uri", "digest", "prints", "n_weights", "weightn_conv",
-                  "weightn_fc", "test_accuracy", "subset", "campaign", "split", *PROPERTY_NAMES)  # fmt: skip
+                  "weightn_fc", "test_accuracy", "subset", "campaign", "trial", "source_path", "split",
+                  *PROPERTY_NAMES)  # fmt: skip
 
 
 class UnknownExperiment(LookupError):
@@ -48,9 +51,9 @@ def filter_string(filter: str = "", min_test_accuracy: float = 0.0) -> str:
 def query_nets(
     experiments: Sequence[str] | None, filter: str = "", min_test_accuracy: float = 0.0
 ) -> pd.DataFrame:
-    """One row per selected net (run id, the 13 properties, sizes, accuracy and tags), oldest
-    first; none when nothing matches. `experiments` are names (None: every experiment). A filter
-    MLflow refuses raises its MlflowException."""
+    """One row per selected net (run id, the 13 properties, sizes, accuracy and tags) in a stable
+    order (`stable_order`); none when nothing matches. `experiments` are names (None: every
+    experiment). A filter MLflow refuses raises its MlflowException."""
     import mlflow
 
     experiment_ids = None
@@ -66,9 +69,17 @@ def query_nets(
         search_all_experiments=experiment_ids is None,
         filter_string=filter_string(filter, min_test_accuracy),
         output_format="list",
-        order_by=["attributes.start_time ASC"],
     )
-    return pd.DataFrame([_net_record(run) for run in runs], columns=RECORD_COLUMNS)
+    return stable_order(pd.DataFrame([_net_record(run) for run in runs], columns=RECORD_COLUMNS))
+
+
+def stable_order(nets: pd.DataFrame) -> pd.DataFrame:
+    """The nets ordered by who they are, not by when they ran: campaign, then trial number (a
+    sampled net) or source path (an imported one), the run id last. Start times depend on worker
+    timing, and everything seeded downstream (splits, exports) follows this order, so the same
+    nets give the same result however many workers trained them and however loaded the machine."""
+    order = nets.sort_values(["campaign", "trial", "source_path", "run_id"], kind="stable")
+    return order.reset_index(drop=True)
 
 
 def _net_record(run: Any) -> dict[str, Any]:
@@ -87,6 +98,8 @@ def _net_record(run: Any) -> dict[str, Any]:
             "test_accuracy": metrics.get("test_accuracy", float("nan")),
             "subset": tags.get(TAG_SUBSET, ""),
             "campaign": tags.get(TAG_CAMPAIGN, ""),
+            "trial": int(tags.get(TAG_TRIAL, -1)),
+            "source_path": tags.get(TAG_SOURCE_PATH, ""),
             "split": tags.get(TAG_SPLIT, ""),
         }
         # A net imported from a foreign zoo (import_cnn_zoo) has its own params instead of the 13.
