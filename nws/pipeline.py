@@ -57,9 +57,6 @@ class TensorFlowStreams:
     sees the same images, augmented with the same RNG states, as with pipelines of its own."""
 
     def __init__(self) -> None:
-        # A generator's dataset has no known length, so Keras warns at the end of every
-        # evaluation that its input "ran out of data": that end is the evaluation's end.
-        warnings.filterwarnings("ignore", message="Your input ran out of data", category=UserWarning)
         self._datasets: dict[tuple[str, bool], Any] = {}
         self._batches: dict[tuple[str, bool], Callable[[], Iterator[Any]]] = {}
         self._augmenters: dict[str, Any] = {}
@@ -106,6 +103,9 @@ class TensorFlowStreams:
     def _plugged(self, role: str, augment: bool, batches: Callable[[], Iterator[Any]]) -> Any:
         import tensorflow as tf
 
+        # A generator's dataset has no known length, so Keras warns at the end of every
+        # evaluation that its input "ran out of data": that end is the evaluation's end.
+        warnings.filterwarnings("ignore", message="Your input ran out of data", category=UserWarning)
         kind = (role, augment)
         self._batches[kind] = batches
         if kind not in self._datasets:
