@@ -9,13 +9,15 @@ epochs per net. Per worker, wall = nets/workers x (fixed + epochs x epoch), so
                                                                    Optuna, process start, spread)
   in training = 3 epoch / (fixed + 3 epoch)                       (a default `main` net: 3 epochs)
   cores busy  = CPU seconds of the processes / wall               (at E2)
-`--before` adds the same runs with NWS_KEPT_GRAPHS=0 (every net builds and traces its own
-models and pipelines, as before nws kept them): the same nets, bit for bit.
+`--before` adds the same runs without what this benchmark measures: with `--before-tree DIR`
+(a checkout of an earlier commit, e.g. `git worktree add DIR 4a3f645`) the earlier code runs
+them; without it NWS_KEPT_GRAPHS=0 (every net builds and traces its own models and pipelines).
+The same nets either way (one thread per net), bit for bit.
 `--main-nets N` then samples the default `main`'s campaign (N nets, 3 epochs, 2 workers,
 TensorFlow) without and with kept models: its sampling time before/after.
 
 Run: python benchmarks/net_cost.py [--nets 24] [--epochs 1,7] [--backends tensorflow,jax]
-                                   [--workers 1,2] [--before] [--main-nets 96]
+                                   [--workers 1,2] [--before [--before-tree DIR]] [--main-nets 96]
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from pathlib import Path
 DEFAULT_NET_EPOCHS = 3
 
 
-def sample(backend: str, workers: int, nets: int, epochs: int, keep: bool) -> tuple[float, float]:
+def sample(
+    backend: str, workers: int, nets: int, epochs: int, keep: bool, before_tree: str = ""
+) -> tuple[float, float]:
     """Wall and CPU seconds of one `nws sample` campaign in a fresh store."""
     root = Path(tempfile.mkdtemp(prefix="net-cost-"))
     env = {
@@ -41,10 +45,13 @@ def sample(backend: str, workers: int, nets: int, epochs: int, keep: bool) -> tu
         "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }
-    if not keep:
+    if not keep and before_tree:
+        env["PYTHONPATH"] = str(Path(before_tree).resolve())
+    elif not keep:
         env["NWS_KEPT_GRAPHS"] = "0"
     command = [
-        str(Path(sys.executable).with_name("nws")), "sample", "--subset", "fixed", "--n-nets", str(nets),
+        sys.executable, "-m", "nws.cli", "sample", "--subset", "fixed", "--n-nets", str(nets),
+        "--threads", "1",
         "--prints", "4", "--max-epochs", str(epochs), "--min-epochs", str(epochs),
         "--max-train-images", "500", "--max-eval-images", "200", "--workers", str(workers),
         "--backend", backend, "--campaign", "net-cost", "--storage", str(root / "journal.log"),
@@ -69,9 +76,12 @@ def main() -> None:
     parser.add_argument("--backends", default="tensorflow,jax")
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--before", action="store_true", help="also measure without kept models")
+    parser.add_argument("--before-tree", default="", help="an earlier checkout runs the `--before` rows")
     parser.add_argument("--main-nets", type=int, default=0, help="the default main's sampling (0: skip)")
     args = parser.parse_args()
     e1, e2 = (int(e) for e in args.epochs.split(","))
+    before = f"the code in {args.before_tree}" if args.before_tree else "NWS_KEPT_GRAPHS=0"
+    print(f"kept no: {before}", flush=True)
     print(f"{args.nets} nets per campaign, fixed subset, 500/200 images, epochs {e1} and {e2}; "
           f"{os.cpu_count()} cores", flush=True)  # fmt: skip
     header = (f"{'backend':<11} {'workers':>7} {'kept':>5} {'fixed s':>8} {'epoch s':>8} {'ratio':>6} "
@@ -80,8 +90,8 @@ def main() -> None:
     for backend in args.backends.split(","):
         for workers in (int(w) for w in args.workers.split(",")):
             for keep in (False, True) if args.before else (True,):
-                wall1, _ = sample(backend, workers, args.nets, e1, keep)
-                wall2, cpu2 = sample(backend, workers, args.nets, e2, keep)
+                wall1, _ = sample(backend, workers, args.nets, e1, keep, args.before_tree)
+                wall2, cpu2 = sample(backend, workers, args.nets, e2, keep, args.before_tree)
                 epoch = workers * (wall2 - wall1) / (args.nets * (e2 - e1))
                 fixed = workers * wall1 / args.nets - e1 * epoch
                 training = DEFAULT_NET_EPOCHS * epoch / (fixed + DEFAULT_NET_EPOCHS * epoch)

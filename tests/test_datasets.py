@@ -176,3 +176,25 @@ def test_balanced_sampler_undersamples_every_class_anew_each_epoch():
         assert np.bincount(labels[epoch]).tolist() == [20, 20, 20, 20]
         assert len(set(epoch.tolist())) == 80
     assert set(first[labels[first] == 0]) != set(second[labels[second] == 0])
+
+
+def test_an_offline_dataset_is_made_once_and_kept_and_a_damaged_copy_is_made_again(tmp_path):
+    """Generating and resizing an offline dataset takes seconds in every process: the first load
+    keeps it in `<data_dir>/offline/`, later loads read it back (the same images), and a damaged
+    kept copy is made again instead of being trusted."""
+    from nws.data.catalog import load_images
+
+    load_images.cache_clear()
+    made = load_images("digits", str(tmp_path))
+    (kept,) = (tmp_path / "offline").glob("digits-*.npz")
+    load_images.cache_clear()
+    read = load_images("digits", str(tmp_path))
+    for part in ("x_train", "y_train", "x_test", "y_test"):
+        np.testing.assert_array_equal(getattr(read, part), getattr(made, part))
+    assert read.x_train.dtype == np.uint8 and read.x_train.shape[1:] == (32, 32, 3)
+    kept.write_bytes(kept.read_bytes()[:100])  # cut short
+    load_images.cache_clear()
+    again = load_images("digits", str(tmp_path))
+    np.testing.assert_array_equal(again.x_test, made.x_test)
+    assert kept.stat().st_size > 100_000
+    load_images.cache_clear()

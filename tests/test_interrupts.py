@@ -21,7 +21,11 @@ def test_a_stop_signal_swallowed_on_the_way_is_raised_again_at_the_next_check(nu
         swallowed = False
         try:
             os.kill(os.getpid(), number)
-            time.sleep(5)  # the handler raises in here
+            # The handler raises in here: it runs in the main thread at its next check, which a
+            # signal delivered to another thread may not wake from a sleep, so poll.
+            deadline = time.monotonic() + 120
+            while not interrupts.requested() and time.monotonic() < deadline:
+                time.sleep(0.01)
         except BaseException:  # what a bare `except:` in a library does with it
             swallowed = True
         assert swallowed and interrupts.requested() == signal.Signals(number).name
@@ -62,7 +66,9 @@ def test_a_handled_stop_ends_python_m_with_its_exit_code(tmp_path, forget):
         "from nws import interrupts\n"
         "interrupts.install()\n"
         "try:\n"
-        "    exec('os.kill(os.getpid(), signal.SIGINT); time.sleep(5)')\n"
+        # The handler must raise inside the exec'd code: poll there until it has run.
+        "    exec('os.kill(os.getpid(), signal.SIGINT)\\n'\n"
+        "         'while not interrupts.requested(): time.sleep(0.01)')\n"
         "except KeyboardInterrupt:\n"
         f"    {'interrupts.forget_unhandled()' if forget else 'pass'}\n"
         "raise SystemExit(130)\n"

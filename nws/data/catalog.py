@@ -8,9 +8,12 @@ Offline datasets ship inside maintained packages or are generated, so they alway
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import tarfile
+import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,11 +175,19 @@ def _read(spec: DatasetSpec, data_dir: Path, download: bool) -> Arrays:
 
 @functools.cache
 def load_images(name: str, data_dir: str | None = None, download: bool = True) -> ImageSet:
-    """The official train and test images of a dataset, as 32x32x3 uint8 with labels 0..9."""
+    """The official train and test images of a dataset, as 32x32x3 uint8 with labels 0..9. An
+    offline dataset is made once per machine and kept in `<data_dir>/offline/` (`_kept_offline`)."""
     if name not in DATASETS:
         raise ParameterError("dataset", f"unknown dataset {name!r}")
     spec = DATASETS[name]
-    x_train, y_train, x_test, y_test = _read(spec, Path(data_dir or default_data_dir()), download)
+    root = Path(data_dir or default_data_dir())
+    if spec.source == "offline":
+        return _kept_offline(name, root)
+    return _image_set(name, _read(spec, root, download))
+
+
+def _image_set(name: str, arrays: Arrays) -> ImageSet:
+    x_train, y_train, x_test, y_test = arrays
     for part, labels in (("train", y_train), ("test", y_test)):
         if len(labels) == 0 or labels.min() < 0 or labels.max() > 9:
             raise DataError(f"dataset {name}: {part} labels must be 0..9 and non-empty")
@@ -187,6 +198,53 @@ def load_images(name: str, data_dir: str | None = None, download: bool = True) -
         x_test=to_rgb32(x_test),
         y_test=np.asarray(y_test, dtype=np.int64),
     )
+
+
+def _offline_fingerprint(name: str) -> str:
+    """What an offline dataset's images depend on: the code that makes and resizes them, the
+    resizing backend and the packages they come from."""
+    import importlib.metadata
+
+    import xxhash
+
+    from nws.data import preprocess
+
+    digest = xxhash.xxh3_64()
+    for module in (offline, preprocess):
+        digest.update(Path(module.__file__).read_bytes())
+    digest.update(os.environ.get("KERAS_BACKEND", "tensorflow").encode())
+    for package in ("numpy", "scikit-learn", "mlxtend"):
+        digest.update(importlib.metadata.version(package).encode())
+    return f"{name}-{digest.hexdigest()}"
+
+
+def _kept_offline(name: str, root: Path) -> ImageSet:
+    """An offline dataset from its kept copy, made and kept first when there is none (or a
+    damaged one): generating and resizing take seconds per dataset, in every process that
+    trains a net. A directory that cannot be written only means the copy is not kept."""
+    path = root / "offline" / f"{_offline_fingerprint(name)}.npz"
+    try:
+        with np.load(path) as kept:
+            return ImageSet(name=name, **{part: kept[part] for part in IMAGE_PARTS})
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass  # none kept yet, or damaged: make it again
+    images = _image_set(name, DATASETS[name].read(root / name))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, written = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+    except OSError:
+        return images
+    try:  # written whole, then renamed: a reader never sees half a file
+        with os.fdopen(handle, "wb") as out:
+            np.savez(out, **{part: getattr(images, part) for part in IMAGE_PARTS})
+        os.replace(written, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(written)
+    return images
+
+
+IMAGE_PARTS = ("x_train", "y_train", "x_test", "y_test")
 
 
 def check_available(names: list[str], data_dir: str | None, download: bool) -> None:
