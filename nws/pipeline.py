@@ -6,8 +6,10 @@ released code). `nws.training` builds them per net; nothing here knows the train
 
 from __future__ import annotations
 
+import gc
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -51,19 +53,24 @@ class TensorFlowStreams:
     once: a net plugs in its own batches and its augmenters' starting values. A new pipeline per
     net cost seconds of tracing and function instantiation per net (the augmenter's map most).
 
-    The images come as uint8 batches gathered in numpy (prefetched), are scaled by TensorFlow
-    (`_to_unit`) and augmented by the kept augmenter on the consuming thread: nothing runs ahead
-    through an augmenter, so resetting its RNG state for the next net races with nothing. A net
-    sees the same images, augmented with the same RNG states, as with pipelines of its own."""
+    The images come as uint8 batches gathered in numpy, are scaled by TensorFlow (`_to_unit`),
+    augmented by the kept augmenter and prefetched, as a net's own pipeline did. Prefetching runs
+    the augmenter ahead of training, so a net's augmenter is reset only once the iterator of the
+    previous net has ended (its generator is gone, `_ended`); while it lives, the new net gets a
+    pipeline of its own. A net sees the same images, augmented with the same RNG states, as with
+    pipelines of its own."""
 
     def __init__(self) -> None:
         self._datasets: dict[tuple[str, bool], Any] = {}
         self._batches: dict[tuple[str, bool], Callable[[], Iterator[Any]]] = {}
+        self._running: dict[tuple[str, bool], weakref.ref] = {}
         self._augmenters: dict[str, Any] = {}
 
     def training(self, data: NetData, batch_size: int, seed: int, augment: bool) -> tuple[Any, int]:
         """An endless stream of class-balanced epochs (augmented with seed `seed`), and the steps
         per epoch."""
+        if augment and not self._ended(("train", True)):
+            return TensorFlowStreams().training(data, batch_size, seed, augment)
         sampler = BalancedSampler(data.y_train, seed)
         batch_size = min(batch_size, sampler.epoch_size)
         steps = sampler.epoch_size // batch_size
@@ -75,6 +82,15 @@ class TensorFlowStreams:
         if augment:
             self.plug_augmenter("train", seed)
         return self._plugged("train", augment, batches), steps
+
+    def _ended(self, kind: tuple[str, bool]) -> bool:
+        """Whether no iterator of `kind`'s pipeline still runs (tf.data drops an iterator's
+        generator once the iterator is destroyed, after its prefetching stopped)."""
+        running = self._running.get(kind)
+        if running is None or running() is None:
+            return True
+        gc.collect()  # an iterator held only by a reference cycle
+        return running() is None
 
     def plug_augmenter(self, use: str, seed: int) -> None:
         """Give the augmenter of `use` (train or evaluation) the starting values of a new one
@@ -110,13 +126,19 @@ class TensorFlowStreams:
         self._batches[kind] = batches
         if kind not in self._datasets:
             spec = (tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8), tf.TensorSpec([None], tf.int64))
-            ds = tf.data.Dataset.from_generator(lambda: self._batches[kind](), output_signature=spec)
-            ds = ds.prefetch(2).map(_to_unit)
+            ds = tf.data.Dataset.from_generator(lambda: self._started(kind), output_signature=spec)
+            ds = ds.map(_to_unit)
             if augment:
                 augmenter = self._augmenters["train" if role == "train" else "evaluation"]
                 ds = ds.map(lambda a, b: (augmenter(a, training=True), b))
-            self._datasets[kind] = ds
+            self._datasets[kind] = ds.prefetch(2)
         return self._datasets[kind]
+
+    def _started(self, kind: tuple[str, bool]) -> Iterator[Any]:
+        """The batches of the net plugged into `kind`, for a new iterator (watched: `_ended`)."""
+        batches = self._batches[kind]()
+        self._running[kind] = weakref.ref(batches)
+        return batches
 
 
 def _to_unit(images: Any, labels: Any) -> tuple[Any, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -220,21 +221,31 @@ def test_sample_processes_stopped_at_different_moments_exit_130_with_every_run_k
             assert runs["net"] == ["KILLED"], output[-3000:]
 
 
+@contextlib.contextmanager
 def signal_when(condition, number: int = signal.SIGTERM, delay: float = 0.0):
-    """Send this process a stop signal once `condition()` holds (checked from another thread,
-    as a user's Ctrl-C comes at a moment of its own)."""
+    """Send this process a stop signal once `condition()` holds, checked from another thread (as
+    a user's Ctrl-C comes at a moment of its own) for as long as the block runs: no deadline to
+    guess on a busy machine, and no signal after the block."""
     import threading
 
+    done = threading.Event()
+
     def watch() -> None:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
+        while not done.is_set():
             if condition():
                 time.sleep(delay)
-                os.kill(os.getpid(), number)
+                if not done.is_set():
+                    os.kill(os.getpid(), number)
                 return
-            time.sleep(0.1)
+            done.wait(0.1)
 
-    threading.Thread(target=watch, daemon=True).start()
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
 
 
 def runs_by_name() -> dict[str, object]:
@@ -267,8 +278,7 @@ def test_main_interrupted_ends_its_runs_killed_and_failing_ends_them_failed(trac
 
     restore = interrupts.install()
     try:
-        signal_when(mid_net, signal.SIGINT)
-        with pytest.raises(KeyboardInterrupt):
+        with signal_when(mid_net, signal.SIGINT), pytest.raises(KeyboardInterrupt):
             run_main(main_options(tmp_path, "stopped", n_nets=2, max_epochs=100, min_epochs=100))
     finally:
         restore()
@@ -304,8 +314,7 @@ def test_train_interrupted_ends_its_run_and_the_model_being_trained_killed(in_me
                            epochs=5000, batch_size=16, register=False)  # fmt: skip
     restore = interrupts.install()
     try:
-        signal_when(training_a_model, signal.SIGTERM, delay=0.5)
-        with pytest.raises(KeyboardInterrupt):
+        with signal_when(training_a_model, signal.SIGTERM, delay=0.5), pytest.raises(KeyboardInterrupt):
             run_training(options)
     finally:
         restore()
