@@ -53,9 +53,6 @@ class CompiledModels:
     def __len__(self) -> int:
         return len(self._kept)
 
-    def clear(self) -> None:
-        self._kept.clear()
-
     def forget(self, key: Hashable | None) -> None:
         """Drop the models of `key` (their last fit was cut short)."""
         self._kept.pop(key, None)
@@ -112,8 +109,9 @@ def copy_values(sources: Sequence[Any], targets: Sequence[Any]) -> None:
     if len(sources) != len(targets):
         raise ValueError(f"a kept model has {len(targets)} variables, the net's own {len(sources)}")
     for source, target in zip(sources, targets, strict=True):
-        if tuple(source.shape) != tuple(target.shape):
-            raise ValueError(f"variable {target.path}: kept shape {target.shape}, the net's {source.shape}")
+        if tuple(source.shape) != tuple(target.shape) or source.name != target.name:
+            raise ValueError(f"kept variable {target.path} {tuple(target.shape)} is not the net's "
+                             f"{source.path} {tuple(source.shape)}")  # fmt: skip
         target.assign(source.value)
 
 

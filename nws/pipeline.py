@@ -1,7 +1,8 @@
 """The input pipelines of one net's training: an endless stream of class-balanced epochs (a new
 undersampling of every class each epoch), augmented by Keras preprocessing layers when the net's
 augmentation is on, and the batches of an evaluation (augmented too under fidelity `paper`, as the
-released code). `nws.training` builds them per net; nothing here knows the training loop.
+released code). `nws.training` gets them per net (on TensorFlow from `TensorFlowStreams`, which
+keeps them between nets); nothing here knows the training loop.
 """
 
 from __future__ import annotations
@@ -47,6 +48,21 @@ def _index_batches(sampler: BalancedSampler, batch_size: int, steps: int) -> Ite
             yield order[step * batch_size : (step + 1) * batch_size]
 
 
+def _balanced_stream(data: NetData, batch_size: int, seed: int) -> tuple[Iterator[np.ndarray], int]:
+    """The row indices of an endless stream of class-balanced epochs, and the steps per epoch (a
+    training set smaller than one batch trains in batches of its balanced epoch)."""
+    sampler = BalancedSampler(data.y_train, seed)
+    batch_size = min(batch_size, sampler.epoch_size)
+    steps = sampler.epoch_size // batch_size
+    return _index_batches(sampler, batch_size, steps), steps
+
+
+def _evaluation_parts(n_images: int, batch_size: int, drop_remainder: bool) -> list[slice]:
+    """The batches of an evaluation of `n_images`, in order (the remainder dropped or not)."""
+    count = n_images // batch_size if drop_remainder else -(-n_images // batch_size)
+    return [slice(i * batch_size, (i + 1) * batch_size) for i in range(count)]
+
+
 class TensorFlowStreams:
     """The tf.data pipelines of the nets a process trains on TensorFlow, one per kind (the
     training stream, each evaluation role; with or without augmentation), each built and traced
@@ -71,17 +87,22 @@ class TensorFlowStreams:
         per epoch."""
         if augment and not self._ended(("train", True)):
             return TensorFlowStreams().training(data, batch_size, seed, augment)
-        sampler = BalancedSampler(data.y_train, seed)
-        batch_size = min(batch_size, sampler.epoch_size)
-        steps = sampler.epoch_size // batch_size
+        indices, steps = _balanced_stream(data, batch_size, seed)
 
         def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-            for index in _index_batches(sampler, batch_size, steps):
+            for index in indices:
                 yield data.x_train[index], data.y_train[index]
 
         if augment:
             self.plug_augmenter("train", seed)
         return self._plugged("train", augment, batches), steps
+
+    def evaluation_ended(self) -> bool:
+        """Whether no augmented evaluation of an earlier net still runs (one cut short by a stop
+        or an error): only then may the evaluation augmenter be reset for the next net."""
+        return all(
+            self._ended((role, True)) for role, augment in self._datasets if augment and role != "train"
+        )
 
     def _ended(self, kind: tuple[str, bool]) -> bool:
         """Whether no iterator of `kind`'s pipeline still runs (tf.data drops an iterator's
@@ -107,11 +128,10 @@ class TensorFlowStreams:
         """Batches of `x` scaled to [0, 1] for the evaluation `role` (one pipeline per role, so
         that `fit`'s validation and the test evaluation do not share one); augmented by the
         evaluation augmenter (`plug_augmenter("evaluation", ...)` first) when `augment`."""
-        count = len(y) // batch_size if drop_remainder else -(-len(y) // batch_size)
+        parts = _evaluation_parts(len(y), batch_size, drop_remainder)
 
         def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-            for i in range(count):
-                part = slice(i * batch_size, (i + 1) * batch_size)
+            for part in parts:
                 yield x[part], y[part]
 
         return self._plugged(role, augment, batches)
@@ -168,13 +188,11 @@ def evaluation_augmenter_seed(seed: int) -> int:
 
 def balanced_batches(data: NetData, batch_size: int, seed: int) -> tuple[Iterator[Any], int]:
     """An endless stream of (float32 images in [0, 1], labels) over class-balanced epochs, and
-    the steps per epoch: `training_dataset`'s stream, the gather done in numpy."""
-    sampler = BalancedSampler(data.y_train, seed)
-    batch_size = min(batch_size, sampler.epoch_size)
-    steps = sampler.epoch_size // batch_size
+    the steps per epoch: `TensorFlowStreams.training`'s stream, the scaling done in numpy."""
+    indices, steps = _balanced_stream(data, batch_size, seed)
 
     def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for index in _index_batches(sampler, batch_size, steps):
+        for index in indices:
             yield scaled(data.x_train[index]), data.y_train[index]
 
     return batches(), steps
@@ -186,20 +204,19 @@ def scaled(images: np.ndarray) -> np.ndarray:
 
 
 def evaluation_batches(x: np.ndarray, y: np.ndarray, batch_size: int, drop_remainder: bool = False) -> Any:
-    """`evaluation_dataset`'s batches as a Keras PyDataset: uint8 images scaled per batch, so no
-    float32 copy of a whole test set is held. Augmentation, where wanted, is in the model
-    evaluated (`evaluation_model`)."""
+    """`TensorFlowStreams.evaluation`'s batches as a Keras PyDataset: uint8 images scaled per
+    batch, so no float32 copy of a whole test set is held. Augmentation, where wanted, is in the
+    model evaluated (`evaluation_model`)."""
     import keras
 
-    count = len(y) // batch_size if drop_remainder else -(-len(y) // batch_size)
+    parts = _evaluation_parts(len(y), batch_size, drop_remainder)
 
     class EvaluationBatches(keras.utils.PyDataset):
         def __len__(self) -> int:
-            return count
+            return len(parts)
 
         def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-            part = slice(i * batch_size, (i + 1) * batch_size)
-            return scaled(x[part]), y[part]
+            return scaled(x[parts[i]]), y[parts[i]]
 
     return EvaluationBatches(workers=1, use_multiprocessing=False)
 

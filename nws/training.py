@@ -221,9 +221,11 @@ def train_net(
     with interrupts.deferred():
         try:
             return _train(config, data, seed, settings, observers, kept)
+        except TrainingDiverged:
+            raise  # ended by its own callback between two epochs: the models stay usable
         except BaseException:
-            # A fit cut short leaves Keras state of its own in the model (e.g. its validation
-            # iterator): the next net of this graph builds its own.
+            # A fit cut short at any other point (a stop, an error) may leave Keras state of its
+            # own in the model: the next net of this graph builds its own.
             if kept is not None:
                 kept.forget(graph_key(config, settings, active_backend() == TENSORFLOW))
             raise
@@ -329,6 +331,8 @@ def build_net(
         source, steps = None, BalancedSampler(data.y_train, seed).epoch_size // config.batch_size
     else:
         source, steps = balanced_batches(data, config.batch_size, seed)
+    if kept is not None and kept.capacity == 0:
+        kept = None
     fresh = _models(config, seed, settings, augment_in_model=augment and not tf_data)
     key = graph_key(config, settings, tf_data) if kept is not None else None
     models = kept.take(key, fresh, config.lrate) if kept is not None and key is not None else None
@@ -395,6 +399,8 @@ class EvaluationSets:
         self.streams = streams
         self.augment = streams is not None and settings.paper and config.augmentation == "on"
         if self.augment:
+            if not streams.evaluation_ended():  # an earlier net's evaluation still runs
+                self.streams = streams = TensorFlowStreams()
             streams.plug_augmenter("evaluation", evaluation_augmenter_seed(seed))
 
     def of(self, x: np.ndarray, y: np.ndarray, role: str = "valid") -> Any:

@@ -157,9 +157,9 @@ def resolve_datasets(text: str) -> list[str]:
 
 
 def _read(spec: DatasetSpec, data_dir: Path, download: bool) -> Arrays:
+    """A paper dataset's official files from `<data_dir>/<name>/`, downloaded when absent and
+    allowed."""
     root = data_dir / spec.name
-    if spec.source == "offline":
-        return spec.read(root)
     try:
         return spec.read(root)
     except readers.MissingFilesError as missing:
@@ -210,11 +210,11 @@ def _offline_fingerprint(name: str) -> str:
     from nws.data import preprocess
 
     digest = xxhash.xxh3_64()
-    for module in (offline, preprocess):
-        digest.update(Path(module.__file__).read_bytes())
-    digest.update(os.environ.get("KERAS_BACKEND", "tensorflow").encode())
-    for package in ("numpy", "scikit-learn", "mlxtend"):
-        digest.update(importlib.metadata.version(package).encode())
+    for source in (offline.__file__, preprocess.__file__, __file__):
+        digest.update(Path(source).read_bytes())
+    resizer = "jax" if os.environ.get("KERAS_BACKEND") == "jax" else "tensorflow"  # see preprocess._resize
+    for package in ("numpy", "scikit-learn", "mlxtend", resizer):
+        digest.update(f"{package} {importlib.metadata.version(package)};".encode())
     return f"{name}-{digest.hexdigest()}"
 
 
@@ -237,10 +237,13 @@ def _kept_offline(name: str, root: Path) -> ImageSet:
     try:  # written whole, then renamed: a reader never sees half a file
         with os.fdopen(handle, "wb") as out:
             np.savez(out, **{part: getattr(images, part) for part in IMAGE_PARTS})
+        os.chmod(written, 0o644)  # mkstemp's 0600 would keep it from the machine's other users
         os.replace(written, path)
     except OSError:
+        pass  # not kept: made again next time
+    finally:
         with contextlib.suppress(OSError):
-            os.unlink(written)
+            os.unlink(written)  # gone already once renamed
     return images
 
 
