@@ -249,7 +249,7 @@ class PackTrainer:
         net = self.nets[i]
         evaluation = net.built.evaluation
         valid = self._evaluate(i, evaluation.of(net.data.x_valid, net.data.y_valid))
-        test = self._evaluate(i, evaluation.of(net.data.x_test, net.data.y_test, "test"))
+        test = self._evaluate(i, evaluation.of(net.data.x_test, net.data.y_test))
         metrics = _metrics(accuracy, loss, valid, test)
         stop = net.stopping.update(epoch, metrics["valid_accuracy"])
         metrics["valid_accuracy_smoothed"] = net.stopping.smoothed

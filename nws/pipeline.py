@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import math
-import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -64,28 +63,30 @@ def _evaluation_parts(n_images: int, batch_size: int, drop_remainder: bool) -> l
 
 
 class TensorFlowStreams:
-    """The tf.data pipelines of the nets a process trains on TensorFlow, one per kind (the
-    training stream, each evaluation role; with or without augmentation), each built and traced
-    once: a net plugs in its own batches and its augmenters' starting values. A new pipeline per
-    net cost seconds of tracing and function instantiation per net (the augmenter's map most).
+    """The tf.data pipelines of the nets a process trains on TensorFlow. The training stream is
+    kept, one per kind (with or without augmentation), built and traced once: each net plugs in
+    its own batches and its augmenter's starting values (a new stream per net cost seconds of
+    tracing per net, its augmenter's map most). Evaluations get pipelines of their own, without
+    Python in their loop: fed by a generator beside the training stream's, they ran several times
+    slower and now and then stalled.
 
-    The images come as uint8 batches gathered in numpy, are scaled by TensorFlow (`_to_unit`),
-    augmented by the kept augmenter and prefetched, as a net's own pipeline did. Prefetching runs
-    the augmenter ahead of training, so a net's augmenter is reset only once the iterator of the
-    previous net has ended (its generator is gone, `_ended`); while it lives, the new net gets a
-    pipeline of its own. A net sees the same images, augmented with the same RNG states, as with
-    pipelines of its own."""
+    The training images come as uint8 batches gathered in numpy, are scaled by TensorFlow
+    (`_to_unit`), augmented by the kept augmenter and prefetched, as a net's own stream did.
+    Prefetching runs the augmenter ahead of training, so it is reset for a new net only once the
+    iterator of the previous net has ended (its generator is gone, `_ended`); while that one
+    lives, the new net gets a stream of its own. A net sees the same images, augmented with the
+    same RNG states, as with pipelines of its own."""
 
     def __init__(self) -> None:
-        self._datasets: dict[tuple[str, bool], Any] = {}
-        self._batches: dict[tuple[str, bool], Callable[[], Iterator[Any]]] = {}
-        self._running: dict[tuple[str, bool], weakref.ref] = {}
-        self._augmenters: dict[str, Any] = {}
+        self._streams: dict[bool, Any] = {}
+        self._batches: dict[bool, Callable[[], Iterator[Any]]] = {}
+        self._running: dict[bool, weakref.ref] = {}
+        self._augmenter: Any = None
 
     def training(self, data: NetData, batch_size: int, seed: int, augment: bool) -> tuple[Any, int]:
         """An endless stream of class-balanced epochs (augmented with seed `seed`), and the steps
         per epoch."""
-        if augment and not self._ended(("train", True)):
+        if augment and not self._ended(augment):
             return TensorFlowStreams().training(data, batch_size, seed, augment)
         indices, steps = _balanced_stream(data, batch_size, seed)
 
@@ -93,72 +94,59 @@ class TensorFlowStreams:
             for index in indices:
                 yield data.x_train[index], data.y_train[index]
 
+        self._batches[augment] = batches
         if augment:
-            self.plug_augmenter("train", seed)
-        return self._plugged("train", augment, batches), steps
+            self._plug_augmenter(seed)
+        if augment not in self._streams:
+            self._streams[augment] = self._stream(augment)
+        return self._streams[augment], steps
 
-    def evaluation_ended(self) -> bool:
-        """Whether no augmented evaluation of an earlier net still runs (one cut short by a stop
-        or an error): only then may the evaluation augmenter be reset for the next net."""
-        return all(
-            self._ended((role, True)) for role, augment in self._datasets if augment and role != "train"
-        )
+    def evaluation(self, x: np.ndarray, y: np.ndarray, batch_size: int, drop_remainder: bool,
+                   augmenter: Any = None) -> Any:  # fmt: skip
+        """Batches of `x` scaled to [0, 1], augmented by `augmenter` when given."""
+        import tensorflow as tf
 
-    def _ended(self, kind: tuple[str, bool]) -> bool:
-        """Whether no iterator of `kind`'s pipeline still runs (tf.data drops an iterator's
-        generator once the iterator is destroyed, after its prefetching stopped)."""
-        running = self._running.get(kind)
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size, drop_remainder=drop_remainder)
+        ds = ds.map(_to_unit)
+        if augmenter is not None:
+            ds = ds.map(lambda a, b: (augmenter(a, training=True), b))
+        return ds.prefetch(2)
+
+    def _plug_augmenter(self, seed: int) -> None:
+        """Give the kept augmenter the starting values of a new one seeded with `seed`."""
+        from nws.compiled import copy_values
+
+        fresh = build_augmenter(seed)
+        if self._augmenter is None:
+            self._augmenter = fresh
+        else:
+            copy_values(fresh.variables, self._augmenter.variables)
+
+    def _stream(self, augment: bool) -> Any:
+        import tensorflow as tf
+
+        spec = (tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8), tf.TensorSpec([None], tf.int64))
+        ds = tf.data.Dataset.from_generator(lambda: self._started(augment), output_signature=spec)
+        ds = ds.map(_to_unit)
+        if augment:
+            augmenter = self._augmenter
+            ds = ds.map(lambda a, b: (augmenter(a, training=True), b))
+        return ds.prefetch(2)
+
+    def _started(self, augment: bool) -> Iterator[Any]:
+        """The batches of the net plugged in, for a new iterator (watched: `_ended`)."""
+        batches = self._batches[augment]()
+        self._running[augment] = weakref.ref(batches)
+        return batches
+
+    def _ended(self, augment: bool) -> bool:
+        """Whether no iterator of the stream still runs (tf.data drops an iterator's generator
+        once the iterator is destroyed, after its prefetching stopped)."""
+        running = self._running.get(augment)
         if running is None or running() is None:
             return True
         gc.collect()  # an iterator held only by a reference cycle
         return running() is None
-
-    def plug_augmenter(self, use: str, seed: int) -> None:
-        """Give the augmenter of `use` (train or evaluation) the starting values of a new one
-        seeded with `seed`, as a net's own augmenter would have."""
-        from nws.compiled import copy_values
-
-        fresh = build_augmenter(seed)
-        kept = self._augmenters.setdefault(use, fresh)
-        if kept is not fresh:
-            copy_values(fresh.variables, kept.variables)
-
-    def evaluation(self, role: str, x: np.ndarray, y: np.ndarray, batch_size: int, drop_remainder: bool,
-                   augment: bool) -> Any:  # fmt: skip
-        """Batches of `x` scaled to [0, 1] for the evaluation `role` (one pipeline per role, so
-        that `fit`'s validation and the test evaluation do not share one); augmented by the
-        evaluation augmenter (`plug_augmenter("evaluation", ...)` first) when `augment`."""
-        parts = _evaluation_parts(len(y), batch_size, drop_remainder)
-
-        def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-            for part in parts:
-                yield x[part], y[part]
-
-        return self._plugged(role, augment, batches)
-
-    def _plugged(self, role: str, augment: bool, batches: Callable[[], Iterator[Any]]) -> Any:
-        import tensorflow as tf
-
-        # A generator's dataset has no known length, so Keras warns at the end of every
-        # evaluation that its input "ran out of data": that end is the evaluation's end.
-        warnings.filterwarnings("ignore", message="Your input ran out of data", category=UserWarning)
-        kind = (role, augment)
-        self._batches[kind] = batches
-        if kind not in self._datasets:
-            spec = (tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8), tf.TensorSpec([None], tf.int64))
-            ds = tf.data.Dataset.from_generator(lambda: self._started(kind), output_signature=spec)
-            ds = ds.map(_to_unit)
-            if augment:
-                augmenter = self._augmenters["train" if role == "train" else "evaluation"]
-                ds = ds.map(lambda a, b: (augmenter(a, training=True), b))
-            self._datasets[kind] = ds.prefetch(2)
-        return self._datasets[kind]
-
-    def _started(self, kind: tuple[str, bool]) -> Iterator[Any]:
-        """The batches of the net plugged into `kind`, for a new iterator (watched: `_ended`)."""
-        batches = self._batches[kind]()
-        self._running[kind] = weakref.ref(batches)
-        return batches
 
 
 def _to_unit(images: Any, labels: Any) -> tuple[Any, Any]:

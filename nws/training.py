@@ -39,6 +39,7 @@ from nws.fidelity import DEFAULT_FIDELITY, PAPER, check_fidelity
 from nws.pipeline import (
     TensorFlowStreams,
     balanced_batches,
+    build_augmenter,
     evaluation_augmenter_seed,
     evaluation_batches,
     evaluation_model,
@@ -246,7 +247,7 @@ def _train(
     built = build_net(config, data, seed, settings, kept)
     model, evaluation_sets = built.net, built.evaluation
     valid_ds = evaluation_sets.of(data.x_valid, data.y_valid)
-    test_ds = evaluation_sets.of(data.x_test, data.y_test, "test")
+    test_ds = evaluation_sets.of(data.x_test, data.y_test)
     result = TrainResult(steps_per_epoch=built.steps)
     stopping = EarlyStopping(settings)
     stopper = interrupts.between_steps()
@@ -397,22 +398,19 @@ class EvaluationSets:
     ) -> None:
         self.config, self.data, self.seed, self.settings = config, data, seed, settings
         self.streams = streams
-        self.augment = streams is not None and settings.paper and config.augmentation == "on"
-        if self.augment:
-            if not streams.evaluation_ended():  # an earlier net's evaluation still runs
-                self.streams = streams = TensorFlowStreams()
-            streams.plug_augmenter("evaluation", evaluation_augmenter_seed(seed))
+        self.augmenter = None
+        if streams is not None and settings.paper and config.augmentation == "on":
+            self.augmenter = build_augmenter(evaluation_augmenter_seed(seed))
 
-    def of(self, x: np.ndarray, y: np.ndarray, role: str = "valid") -> Any:
-        """The batches of an evaluation of `x`; `role` (probe, valid, test) names its pipeline,
-        so that evaluations of one net that are alive at once do not share one."""
+    def of(self, x: np.ndarray, y: np.ndarray) -> Any:
+        """The batches of an evaluation of `x`."""
         if not self.settings.paper:
             batch, drop = self.settings.eval_batch_size, False
         else:
             batch, drop = paper_evaluation_batch(len(y), self.config.batch_size), True
         if self.streams is None:
             return evaluation_batches(x, y, batch, drop_remainder=drop)
-        return self.streams.evaluation(role, x, y, batch, drop, self.augment)
+        return self.streams.evaluation(x, y, batch, drop, self.augmenter)
 
     def train_probe(self) -> Any:
         """Epoch 0's train accuracy. Under `paper`: the first batch of the training stream (the
@@ -421,10 +419,10 @@ class EvaluationSets:
         data = self.data
         if not self.settings.paper:
             probe = min(len(data.y_train), TRAIN_PROBE_IMAGES)
-            return self.of(data.x_train[:probe], data.y_train[:probe], "probe")
+            return self.of(data.x_train[:probe], data.y_train[:probe])
         sampler = BalancedSampler(data.y_train, self.seed)  # the stream's sampler, same seed
         first = sampler.epoch()[: min(self.config.batch_size, sampler.epoch_size)]
-        return self.of(data.x_train[first], data.y_train[first], "probe")
+        return self.of(data.x_train[first], data.y_train[first])
 
 
 def _metrics(
