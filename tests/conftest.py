@@ -87,6 +87,7 @@ ZOO_PARAMETERS = {
     "max_eval_images": "60",
     "seed": "1",
     "campaign": "e2e",
+    "threads": "0",  # TensorFlow's own pools, as in this process: test_sample replays a net here
 }
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from nws import cli
 from nws.space import PROPERTY_NAMES
+from nws.tracking.tags import TAG_CAMPAIGN, tag_equals
 from nws.zoo.query import query_nets
 from nws.zoo.splits import split_nets
 from tests.conftest import META_ZOO
@@ -25,7 +26,8 @@ from tests.test_scale import campaign_trials, finish, wait_until
 
 pytestmark = pytest.mark.slow
 TRAIN = ["train", "--props", "initialization,optimizer,batch_size", "--models", "stats", "--K", "1,1",
-         "--slice-length", "128", "--seed", "1", "--register", "false"]  # fmt: skip
+         "--slice-length", "128", "--seed", "1", "--register", "false",
+         "--filter", "tags.`nws.campaign` = 'meta'"]  # fmt: skip
 RUN_ID = re.compile(r"\b[0-9a-f]{32}\b")
 
 
@@ -36,7 +38,7 @@ def selection_split_and_table(tracking_uri: str, root, monkeypatch: pytest.Monke
     monkeypatch.chdir(root)
     mlflow.set_tracking_uri(tracking_uri)
     try:
-        nets = query_nets(["nws"])
+        nets = query_nets(["nws"], tag_equals(TAG_CAMPAIGN, META_ZOO["campaign"]))
         splits = {p: split_nets(nets, p, 0.3, seed=1) for p in ("initialization", "optimizer", "dataset")}
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
@@ -123,7 +125,7 @@ def test_the_selection_does_not_follow_run_start_times(meta_zoo, tmp_path, monke
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
         try:
-            nets = query_nets(["nws"])
+            nets = query_nets(["nws"], tag_equals(TAG_CAMPAIGN, META_ZOO["campaign"]))
             stores.append((nets, split_nets(nets, "initialization", 0.3, seed=1)))
         finally:
             mlflow.set_tracking_uri(None)
