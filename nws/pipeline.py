@@ -101,17 +101,6 @@ class TensorFlowStreams:
             self._streams[augment] = self._stream(augment)
         return self._streams[augment], steps
 
-    def evaluation(self, x: np.ndarray, y: np.ndarray, batch_size: int, drop_remainder: bool,
-                   augmenter: Any = None) -> Any:  # fmt: skip
-        """Batches of `x` scaled to [0, 1], augmented by `augmenter` when given."""
-        import tensorflow as tf
-
-        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size, drop_remainder=drop_remainder)
-        ds = ds.map(_to_unit)
-        if augmenter is not None:
-            ds = ds.map(lambda a, b: (augmenter(a, training=True), b))
-        return ds.prefetch(2)
-
     def _plug_augmenter(self, seed: int) -> None:
         """Give the kept augmenter the starting values of a new one seeded with `seed`."""
         from nws.compiled import copy_values
@@ -147,6 +136,20 @@ class TensorFlowStreams:
             return True
         gc.collect()  # an iterator held only by a reference cycle
         return running() is None
+
+
+def evaluation_dataset(
+    x: np.ndarray, y: np.ndarray, batch_size: int, drop_remainder: bool = False, augmenter: Any = None
+) -> Any:
+    """Batches of images scaled to [0, 1]; with an `augmenter`, augmented as in training. A
+    pipeline of the net's own, without Python in its loop (see `TensorFlowStreams`)."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.map(_to_unit)
+    if augmenter is not None:
+        ds = ds.map(lambda a, b: (augmenter(a, training=True), b))
+    return ds.prefetch(2)
 
 
 def _to_unit(images: Any, labels: Any) -> tuple[Any, Any]:

@@ -42,6 +42,7 @@ from nws.pipeline import (
     build_augmenter,
     evaluation_augmenter_seed,
     evaluation_batches,
+    evaluation_dataset,
     evaluation_model,
     paper_evaluation_batch,
     training_model,
@@ -186,12 +187,12 @@ def make_optimizer(config: NetConfig, steps_per_epoch: int, settings: TrainSetti
 def compile_model(config: NetConfig, steps_per_epoch: int, settings: TrainSettings) -> Any:
     """One net's model, built and compiled as `build_net` does when augmentation is outside it."""
     model = build_model(config, mixed_precision=settings.mixed_precision, fidelity=settings.fidelity)
-    _compile(model, model, model, config, steps_per_epoch, settings)
+    _compile(model, model, config, steps_per_epoch, settings)
     return model
 
 
 def _compile(
-    fitted: Any, net: Any, evaluated: Any, config: NetConfig, steps_per_epoch: int, settings: TrainSettings
+    fitted: Any, evaluated: Any, config: NetConfig, steps_per_epoch: int, settings: TrainSettings
 ) -> None:
     """Compile what `fit` trains with the net's optimizer, and the evaluated model when it is
     another one (`BuiltNet`)."""
@@ -339,7 +340,7 @@ def build_net(
     models = kept.take(key, fresh, config.lrate) if kept is not None and key is not None else None
     if models is None:
         models = fresh
-        _compile(*fresh, config, max(1, steps), settings)
+        _compile(fresh[0], fresh[2], config, max(1, steps), settings)
         if kept is not None and key is not None:
             kept.keep(key, fresh)
     fitted, net, evaluated = models
@@ -410,7 +411,7 @@ class EvaluationSets:
             batch, drop = paper_evaluation_batch(len(y), self.config.batch_size), True
         if self.streams is None:
             return evaluation_batches(x, y, batch, drop_remainder=drop)
-        return self.streams.evaluation(x, y, batch, drop, self.augmenter)
+        return evaluation_dataset(x, y, batch, drop_remainder=drop, augmenter=self.augmenter)
 
     def train_probe(self) -> Any:
         """Epoch 0's train accuracy. Under `paper`: the first batch of the training stream (the
