@@ -13,9 +13,12 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 # One thread count for this process and every process the tests start (`mlflow run`, `nws sample`):
 # op determinism gives bit-identical snapshots only for the same thread count, and TensorFlow fixes
 # a process's count when it starts, so tests that compare an in-process net with a subprocess's
-# would otherwise depend on which campaign happened to start TensorFlow first.
-os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "2")
-os.environ.setdefault("TF_NUM_INTEROP_THREADS", "2")
+# would otherwise depend on which campaign happened to start TensorFlow first. The count is
+# `sample`'s default (`--threads 1`: one intra-op, one inter-op thread), so a subprocess started
+# with the defaults makes the same nets as this process. Even a net's initial weights differ
+# between 1 and 2 threads (measured), so no test may mix counts.
+os.environ["TF_NUM_INTRAOP_THREADS"] = "1"
+os.environ["TF_NUM_INTEROP_THREADS"] = "1"
 
 ROOT = Path(__file__).resolve().parents[1]
 SLOW_FIXTURES = {"zoo", "meta_zoo", "mlflow_server", "postgres"}
@@ -33,7 +36,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def _tensorflow() -> None:
     from nws.training import configure_tensorflow
 
-    configure_tensorflow(deterministic=True)
+    configure_tensorflow(deterministic=True, threads=1)
 
 
 THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
@@ -87,7 +90,7 @@ ZOO_PARAMETERS = {
     "max_eval_images": "60",
     "seed": "1",
     "campaign": "e2e",
-    "threads": "0",  # TensorFlow's own pools, as in this process: test_sample replays a net here
+    "threads": "1",  # as this process (see above): test_sample replays a net here
 }
 
 
