@@ -1,6 +1,6 @@
 """Does the DMC's slice sampler ever starve training? Measured side by side in one process:
 
-  sampler      training steps fed by `nws.meta.dmc.slice_dataset` (a fresh random slice for every
+  sampler      training steps fed by `nws.meta.dmc.slice_batches` (a fresh random slice for every
                sample, read from the consolidated store on disk);
   in-memory    the same steps fed from batches already in memory;
 and, beside them, the sampler's slices per second against a plain numpy copy of the same bytes
@@ -37,7 +37,7 @@ def main() -> None:
     import keras
     import tensorflow as tf
 
-    from nws.meta.dmc import build_dmc, slice_dataset
+    from nws.meta.dmc import build_dmc, slice_batches
     from nws.meta.samples import Samples
     from nws.training import configure_tensorflow
     from nws.zoo.store import Zoo
@@ -68,7 +68,7 @@ def main() -> None:
     model = build_dmc(length, 5)
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))  # fmt: skip
-    fed = slice_dataset(samples, b, seed=0)
+    fed = slice_batches(samples, b, seed=0, steps=args.steps)
     x = rng.standard_normal((b, length), dtype=np.float32)
     y = rng.integers(0, 5, b)
     in_memory = tf.data.Dataset.from_tensors((x, y)).repeat()

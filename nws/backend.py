@@ -15,6 +15,7 @@ import platform
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +28,10 @@ BACKENDS = (TENSORFLOW, JAX)
 DEFAULT_BACKEND = TENSORFLOW
 TAG_BACKEND = "nws.backend"
 JAX_CACHE_BYTES = 2 * 1024**3
+
+
+PACKAGES = {TENSORFLOW: ("tensorflow",), JAX: ("jax", "jaxlib")}
+"""The distributions a backend is installed as (a registered model's requirements)."""
 
 
 def check_backend(value: str, name: str = "backend") -> str:
@@ -149,6 +154,30 @@ def seed(value: int) -> None:
     keras.utils.clear_session(free_memory=False)
     random.seed(value)
     np.random.seed(value)
+
+
+def array_batches(arrays: Any, batch_size: int) -> Any:
+    """Arrays (one, or a tuple of equally long ones) as batches for Keras' `fit` and `predict`.
+    On TensorFlow a tf.data stream without a map: given arrays, Keras builds one with a parallel
+    map, which op determinism makes sequential, logging an error-level "NodeDef mentions
+    attribute use_unbounded_threadpool" line per call. Elsewhere a PyDataset of their slices."""
+    import keras
+
+    if keras.backend.backend() == TENSORFLOW:
+        import tensorflow as tf
+
+        return tf.data.Dataset.from_tensor_slices(arrays).batch(batch_size)
+    parts = arrays if isinstance(arrays, tuple) else (arrays,)
+
+    class ArrayBatches(keras.utils.PyDataset):
+        def __len__(self) -> int:
+            return -(-len(parts[0]) // batch_size)
+
+        def __getitem__(self, index: int) -> Any:
+            batch = tuple(part[index * batch_size : (index + 1) * batch_size] for part in parts)
+            return batch if isinstance(arrays, tuple) else batch[0]
+
+    return ArrayBatches()
 
 
 def environment_tags() -> dict[str, str]:

@@ -137,7 +137,7 @@ def test_train_predicts_test_accuracy_of_an_imported_zoo_and_the_robustness_prot
     assert run_cli("import_cnn_zoo", "--dir", str(tmp_path / "zoo"))[0] == 0
     code, out, err = run_cli(
         "train", "--props", "test_accuracy", "--K", "3,3", "--models",
-        "stats,layer_stats,invariant,dmc", "--slice-length", "32", "--epochs", "3", "--test-fraction", "0.25",
+        "stats,layer_stats,invariant,dmc", "--slice-length", "32", "--steps", "3", "--test-fraction", "0.25",
         "--robustness", "permute,rescale", "--cache-dir", str(tmp_path / "cache"),
     )  # fmt: skip
     assert code == 0, err

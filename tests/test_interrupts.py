@@ -311,7 +311,7 @@ def test_train_interrupted_ends_its_run_and_the_model_being_trained_killed(in_me
     plain = "params.initialization != 'glorot_uniform' and params.initialization != 'glorot_normal'"
     options = TrainOptions(experiment="nws", filter=plain, props="initialization", K="1,1", slice_length=128,
                            models="dmc",
-                           epochs=5000, batch_size=16, register=False)  # fmt: skip
+                           steps=0, epochs=5000, batch_size=16, register=False)  # fmt: skip
     restore = interrupts.install()
     try:
         with signal_when(training_a_model, signal.SIGTERM, delay=0.5), pytest.raises(KeyboardInterrupt):

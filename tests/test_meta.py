@@ -41,7 +41,7 @@ def learned(meta_zoo, tmp_path_factory):
             client.delete_registered_model(model.name)
         options = TrainOptions(
             filter=PLAIN, props="initialization,lrate", K="1,1", slice_length=128, models="dmc,stats",
-            epochs=20, batch_size=16, test_fraction=0.3, seed=1,
+            steps=60, validate_every=20, batch_size=16, test_fraction=0.3, seed=1,
         )  # fmt: skip
         table = run_training(options)
         yield table[table["property"] == "initialization"].set_index("model"), table
@@ -49,12 +49,26 @@ def learned(meta_zoo, tmp_path_factory):
 
 
 def test_both_models_learn_a_plainly_encoded_property_far_above_chance(learned):
+    """The positive control: the initialisation is written in every slice of snapshot 1."""
     initialization, _ = learned
     for model in ("dmc", "stats"):
         row = initialization.loc[model]
         assert row["chance"] == 0.5
         assert row["net_accuracy"] == 1.0, model
         assert row["slice_accuracy"] >= 0.9, model
+
+
+def test_the_dmc_stays_at_chance_where_nothing_is_encoded(in_meta_zoo):
+    """The negative control: nets never trained (max_epochs=0) carry their optimizer and batch
+    size in no weight; a DMC with the same budget as the positive control finds nothing."""
+    options = TrainOptions(props="optimizer,batch_size", K="1,1", slice_length=128, models="dmc",
+                           steps=60, validate_every=20, batch_size=16, test_fraction=0.3, seed=1,
+                           register=False)  # fmt: skip
+    table = run_training(options).set_index("property")
+    for prop, classes in (("optimizer", 3), ("batch_size", 4)):
+        row = table.loc[prop]
+        assert row["chance"] == pytest.approx(1 / classes), prop
+        assert row["pvalue"] > 0.05 and not row["significant"], (prop, row["net_accuracy"], row["pvalue"])
 
 
 def test_learning_rate_is_regressed_in_its_units(learned):
@@ -104,7 +118,7 @@ def test_a_worse_model_does_not_take_the_champion_alias(learned):
     name = registered_name("initialization")
     before = client.get_model_version_by_alias(name, CHAMPION)
     worse = TrainOptions(filter=PLAIN, props="initialization", K="1,1", slice_length=128,
-                         models="dmc", epochs=1, batch_size=16, test_fraction=0.3, seed=1,
+                         models="dmc", steps=1, batch_size=16, test_fraction=0.3, seed=1,
                          learning_rate=1e-9)  # fmt: skip
     table = run_training(worse)
     after = client.get_model_version_by_alias(name, CHAMPION)
@@ -182,3 +196,78 @@ def test_predict_refuses_a_snapshot_it_cannot_read_as_weights(learned, tmp_path,
     after = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                filter_string="tags.`nws.role` = 'prediction'")  # fmt: skip
     assert len(after) == before
+
+
+JAX_TRAIN = """
+import json, sys
+
+class NoTensorFlow:  # a machine with JAX alone: TensorFlow cannot be imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            raise ImportError("no TensorFlow on this machine")
+
+sys.meta_path.insert(0, NoTensorFlow())
+import mlflow, numpy as np
+from nws.commands.train import TrainOptions, run_training
+from nws.registry import CHAMPION, registered_name
+
+options = TrainOptions(**json.loads(sys.argv[1]))
+table = run_training(options)
+champion = mlflow.pyfunc.load_model(f"models:/{registered_name('initialization')}@{CHAMPION}")
+weights = np.load(sys.argv[2])
+print(json.dumps({
+    "rows": table[["property", "model", "net_accuracy", "net_mae"]].to_dict("records"),
+    "tags": mlflow.get_run(table["run_id"].iloc[0]).data.tags,
+    "predicted": champion.predict(weights[:1]).tolist(),
+    "keras_backend": __import__("keras").backend.backend(),
+    "tensorflow_imported": "tensorflow" in sys.modules,
+}))
+"""
+
+
+def test_train_runs_on_jax_without_tensorflow_and_a_tensorflow_model_predicts_there(learned, tmp_path):
+    """`train --backend jax` on a machine where TensorFlow cannot be imported: the statistics
+    models give the TensorFlow run's figures exactly, the DMC passes the same positive control,
+    and the champion registered from TensorFlow loads and predicts on JAX."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    initialization, table = learned
+    options = {"experiment": "nws", "filter": PLAIN, "props": "initialization,lrate", "K": "1,1",
+               "slice_length": 128, "models": "dmc,stats", "steps": 60, "validate_every": 20,
+               "batch_size": 16, "test_fraction": 0.3, "seed": 1, "register": False,
+               "backend": "jax"}  # fmt: skip
+    net = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                             filter_string=f"tags.`nws.role` = 'net' and {PLAIN}")[0]  # fmt: skip
+    weights = mlflow.artifacts.download_artifacts(run_id=net.info.run_id, artifact_path=WEIGHTS_ARTIFACT,
+                                                  dst_path=str(tmp_path))  # fmt: skip
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": "jax",
+        "PYTHONPATH": str(ROOT),
+        "MLFLOW_EXPERIMENT_NAME": "jax-train",
+    }
+    done = subprocess.run([sys.executable, "-c", JAX_TRAIN, json.dumps(options), weights], env=env,
+                          capture_output=True, text=True, timeout=900, cwd=os.getcwd())  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["keras_backend"] == "jax" and result["tensorflow_imported"] is False
+    assert result["tags"]["nws.backend"] == "jax"
+    on_jax = {(r["property"], r["model"]): r for r in result["rows"]}
+    on_tf = {(r["property"], r["model"]): r for r in table.to_dict("records")}
+    assert (
+        on_jax[("initialization", "stats")]["net_accuracy"]
+        == on_tf[("initialization", "stats")]["net_accuracy"]
+    )
+    assert on_jax[("lrate", "stats")]["net_mae"] == pytest.approx(
+        on_tf[("lrate", "stats")]["net_mae"], rel=1e-9
+    )
+    assert (
+        on_jax[("initialization", "dmc")]["net_accuracy"] == 1.0 == initialization.loc["dmc", "net_accuracy"]
+    )
+    assert 0 < on_jax[("lrate", "dmc")]["net_mae"] < 0.005
+    assert result["predicted"] == [net.data.params["initialization"]]

@@ -69,7 +69,7 @@ def test_a_corrupted_artifact_fails_train_before_anything_is_registered(in_meta_
     try:
         path.write_bytes(original[:-4] + b"\x01\x02\x03\x04")
         done = subprocess.run(
-            [sys.executable, "-m", "entrypoints.train", "--slice-length", "128", "--epochs", "1"],
+            [sys.executable, "-m", "entrypoints.train", "--slice-length", "128", "--steps", "1"],
             cwd=ROOT, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
     finally:

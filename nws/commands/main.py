@@ -43,9 +43,9 @@ TRAIN_DEFAULTS = {"K": "4,4", "slice_length": 512, "epochs": 30, "models": "stat
 """The last snapshot; the two statistics models (the DMC learns nothing from ~70 training nets and
 costs as much as both: add it with models=dmc,stats,layer_stats); 30 % of the nets held out, so
 each property has 20-30 test nets."""
-TRAIN_FROM_CAMPAIGN = ("experiment", "filter", "seed")
+TRAIN_FROM_CAMPAIGN = ("experiment", "filter", "seed", "backend")
 """Train parameters that `main` sets itself: the nets are the campaign's in the experiment of its
-runs (sample's `experiment`), the seed is shared."""
+runs (sample's `experiment`), the seed and the Keras backend are shared."""
 
 
 def _fields(options: type, defaults: dict[str, Any], skip: tuple[str, ...] = ()) -> list[tuple]:

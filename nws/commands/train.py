@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from nws.backend import BACKENDS, DEFAULT_BACKEND, TAG_BACKEND, check_backend, select
 from nws.checks import at_least, writable_directory
 from nws.commands.options import Selection, default_of, names_list, param
 from nws.commands.train_runs import Plan, train_all
@@ -42,13 +43,37 @@ class TrainOptions(Selection):
     )
     region: str = param(default_of(MetaSettings, "region"), "where slices start: all, conv or fc")
     models: str = param("dmc,stats,layer_stats", f"meta-classifiers, comma list of: {', '.join(MODEL_NAMES)}")
-    epochs: int = param(default_of(MetaSettings, "epochs"), "DMC training epochs")
+    steps: int = param(
+        default_of(MetaSettings, "steps"),
+        "DMC optimizer steps, whatever the zoo's size (0: the paper's schedule, epochs passes over the "
+        "training samples at a constant rate)",
+    )
+    validate_every: int = param(
+        default_of(MetaSettings, "validate_every"), "DMC steps between validations (it keeps its best)"
+    )
+    patience: int = param(
+        default_of(MetaSettings, "patience"),
+        "validations without a lower DMC validation loss before it stops (0: never)",
+    )
+    normalize: bool = param(
+        default_of(MetaSettings, "normalize"), "DMC inputs divided by the training weights' spread"
+    )
+    epochs: int = param(
+        default_of(MetaSettings, "epochs"),
+        "training epochs of the invariant model, and of the DMC at steps=0",
+    )
     batch_size: int = param(default_of(MetaSettings, "batch_size"), "DMC batch size")
-    learning_rate: float = param(default_of(MetaSettings, "learning_rate"), "DMC learning rate (Adam)")
+    learning_rate: float = param(
+        default_of(MetaSettings, "learning_rate"),
+        "DMC (peak, cosine-decayed) and invariant learning rate (Adam)",
+    )
     test_fraction: float = param(0.2, "share of each class's nets held out for testing")
     split: str = param("random", "random (by net, seeded) or published (the nets' nws.split tags)")
     seed: int = param(default_of(MetaSettings, "seed"), "seed of the split and the training")
     register: bool = param(True, "register the models and move the champion alias")
+    backend: str = param(
+        DEFAULT_BACKEND, f"Keras backend of the DMC and the invariant model: {' or '.join(BACKENDS)}"
+    )
     save_optimizer: bool = param(
         default_of(MetaSettings, "save_optimizer"),
         "keep the DMC's optimizer state in its model file (three times the size; to resume training)",
@@ -72,7 +97,11 @@ class TrainOptions(Selection):
 
     def validate(self) -> tuple[list[str], list[str]]:
         """Check the parameters that need no data; return the properties and models."""
+        check_backend(self.backend)
         at_least("epochs", self.epochs, 1)
+        at_least("steps", self.steps, 0)
+        at_least("validate_every", self.validate_every, 1)
+        at_least("patience", self.patience, 0)
         at_least("batch_size", self.batch_size, 1)
         at_least("seed", self.seed, 0)
         if not 0.0 < self.test_fraction < 1.0:
@@ -116,6 +145,10 @@ class TrainOptions(Selection):
             slice_length=self.slice_length,
             region=self.region,
             epochs=self.epochs,
+            steps=self.steps,
+            validate_every=self.validate_every,
+            patience=self.patience,
+            normalize=self.normalize,
             batch_size=self.batch_size,
             learning_rate=self.learning_rate,
             seed=self.seed,
@@ -278,8 +311,10 @@ def _activations(nets: pd.DataFrame, documents: list[dict]) -> list[str]:
 
 def run_training(options: TrainOptions) -> pd.DataFrame:
     """Train, evaluate, log and register; return the results table."""
+    select(options.backend)  # before anything imports Keras
     the_plan = plan(options)
-    with parent_run({TAG_ROLE: "meta"}, asdict(options), run_name="meta-classifiers"):
+    tags = {TAG_ROLE: "meta", TAG_BACKEND: options.backend}
+    with parent_run(tags, asdict(options), run_name="meta-classifiers"):
         return train_all(the_plan, options.settings(), options.register)
 
 

@@ -186,7 +186,9 @@ def train_one(
     length = f" (L = {settings.slice_length})" if sweep else ""
     say(f"{prop} / {name}{length}: {len(split.train)} train, {len(split.valid)} valid, "
         f"{len(split.test)} test nets")  # fmt: skip
-    tags = {TAG_ROLE: "meta-classifier", "nws.property": prop, "nws.model": name}
+    from nws.backend import TAG_BACKEND, active
+
+    tags = {TAG_ROLE: "meta-classifier", "nws.property": prop, "nws.model": name, TAG_BACKEND: active()}
     if uses_slices:
         tags["nws.slice_length"] = str(settings.slice_length)
     run_name = f"{prop}-{name}-L{settings.slice_length}" if sweep else f"{prop}-{name}"
@@ -202,6 +204,7 @@ def train_one(
         for key, values in model.history.items():
             for epoch, value in enumerate(values, start=1):
                 mlflow.log_metric(f"train_{key}", value, step=epoch)
+        mlflow.log_metrics(model.fit_metrics)
         result = evaluate(
             model,
             samples["test"],
@@ -287,7 +290,10 @@ def _robustness(plan: Plan, model: Any, split: Split, settings: MetaSettings) ->
 def version_tags(
     plan: Plan, prop: str, split: Split, name: str, settings: MetaSettings, chance: Any, run_id: str
 ) -> dict[str, str]:
-    """What a registered version is: model type, property, chance, and how its nets were chosen."""
+    """What a registered version is: model type, property, chance, how its nets were chosen, and
+    the Keras backend it was trained on."""
+    from nws.backend import TAG_BACKEND, active
+
     chance_text = f"{chance:.4f}" if chance is not None and np.isfinite(chance) else "n/a (regression)"
     return {
         "nws.model": name,
@@ -302,6 +308,7 @@ def version_tags(
         "nws.nets": f"{len(plan.zoo)} selected, {len(split.train)} train, {len(split.valid)} valid, "
         f"{len(split.test)} test",
         "nws.source_run": run_id,
+        TAG_BACKEND: active(),
     }
 
 

@@ -53,9 +53,17 @@ class MetaSettings:
 
     slice_length: int = 5000
     region: str = "all"
-    epochs: int = 50
+    epochs: int = 50  # passes over the training samples: the invariant model, and the DMC at steps=0
+    steps: int = 2000
+    """The DMC's budget in optimizer steps, whatever the zoo's size; 0: the paper's schedule
+    (`epochs` passes over the training samples, a constant learning rate, the last weights)."""
+    validate_every: int = 100  # DMC steps between two validations (the steps budget only)
+    patience: int = 8
+    """Validations without a lower validation loss before the DMC stops (0: never); it keeps the
+    weights of its best validation either way."""
+    normalize: bool = True  # the DMC sees weights divided by the training slices' spread
     batch_size: int = 64
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-3  # Adam's; the DMC's peak, cosine-decayed over `steps`
     stats_slices: int = 16  # random slices per training snapshot for the stats model
     seed: int = 0
     save_optimizer: bool = False  # keep a Keras model's optimizer state (2x its weights) in its file
@@ -69,6 +77,7 @@ class MetaClassifier(ABC):
     settings: MetaSettings
     layout: WeightLayout | None = None  # the shared architecture (layer_stats; an imported zoo's)
     history: dict[str, list[float]] = field(default_factory=dict)
+    fit_metrics: dict[str, float] = field(default_factory=dict)  # how the fit went (steps taken...)
     name: ClassVar[str] = ""
     uses_slices: ClassVar[bool] = True
 

@@ -13,13 +13,14 @@ archive (a Lambda layer's code, a function of another module) is refused rather 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from nws import interrupts
-from nws.meta.base import MetaClassifier
+from nws import backend, interrupts
+from nws.meta.base import MetaClassifier, MetaSettings
 from nws.meta.keras_archive import load_checked, save_keras
 from nws.meta.samples import Samples
 from nws.progress import Steps
@@ -31,12 +32,15 @@ BN_MOMENTUM = 0.9
 """As the original (TensorLayer's BatchNormLayer decay); Keras' 0.99 leaves the moving statistics
 near their initial values for the first hundreds of steps."""
 RECALIBRATION_BATCHES = 10
+COSINE_FLOOR = 0.01
+"""The learning rate's end of the steps budget, as a fraction of its peak."""
 MIN_EXTRA_LAYERS = 6
 POOL_WHILE_ABOVE = 50
 MODEL_FILE = "dmc.keras"
 KERAS_OBJECTS = frozenset({
     "keras.src.models.functional.Functional", "keras.layers.InputLayer", "keras.layers.Reshape",
-    "keras.layers.Conv1D", "keras.layers.Activation", "keras.layers.BatchNormalization",
+    "keras.layers.Conv1D", "keras.layers.Rescaling", "keras.optimizers.schedules.CosineDecay",
+    "keras.layers.Activation", "keras.layers.BatchNormalization",
     "keras.layers.MaxPooling1D", "keras.layers.Flatten", "keras.layers.Dense", "keras.layers.Dropout",
     "keras.DTypePolicy", "keras.initializers.GlorotUniform", "keras.initializers.Zeros",
     "keras.initializers.Ones", "keras.optimizers.Adam", "keras.losses.SparseCategoricalCrossentropy",
@@ -63,12 +67,17 @@ def conv_plan(length: int) -> list[tuple[int, bool]]:
     return plan
 
 
-def build_dmc(length: int, n_outputs: int) -> Any:
+def build_dmc(length: int, n_outputs: int, scale: float = 1.0) -> Any:
+    """The DMC for slices of `length`; a `scale` other than 1 multiplies its inputs first (part of
+    the saved model, so a loaded DMC scales what it is given as it was trained)."""
     import keras
     from keras import layers
 
     inputs = keras.Input(shape=(length,), name="weights")
-    x = layers.Reshape((length, 1), name="as_sequence")(inputs)
+    x = inputs
+    if scale != 1.0:
+        x = layers.Rescaling(scale, name="input_scale")(x)
+    x = layers.Reshape((length, 1), name="as_sequence")(x)
     for i, (channels, pool) in enumerate(conv_plan(length), start=1):
         x = layers.Conv1D(channels, KERNEL, padding="same", name=f"conv{i}")(x)
         x = layers.Activation("relu", name=f"conv{i}_relu")(x)
@@ -85,30 +94,77 @@ def build_dmc(length: int, n_outputs: int) -> Any:
     return keras.Model(inputs, outputs, name="dmc")
 
 
-def array_batches(arrays: Any, batch_size: int) -> Any:
-    """Arrays as a tf.data stream of batches, for Keras' `predict` and validation.
+def slice_batches(samples: Samples, batch_size: int, seed: int, steps: int) -> Any:
+    """`steps` batches of (slices, targets) for Keras on any backend, a new random slice for every
+    sample of every batch (`Samples.batch`), made by two threads ahead of the training step."""
+    import keras
 
-    Given arrays, Keras builds its own stream with a parallel map, which tf.data turns into a
-    sequential one under op determinism, logging an error-level "NodeDef mentions attribute
-    use_unbounded_threadpool" line per call; this stream has no map."""
-    import tensorflow as tf
+    class SliceBatches(keras.utils.PyDataset):
+        def __init__(self) -> None:
+            super().__init__(workers=2, use_multiprocessing=False, max_queue_size=8)
 
-    return tf.data.Dataset.from_tensor_slices(arrays).batch(batch_size)
+        def __len__(self) -> int:
+            return steps
+
+        def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+            x, y = samples.batch(index, batch_size, seed)
+            return x, y.astype(np.float32) if y.dtype.kind == "f" else y
+
+    return SliceBatches()
 
 
-def slice_dataset(samples: Samples, batch_size: int, seed: int) -> Any:
-    """An endless tf.data stream of (slices, targets), a new random slice for every sample of
-    every batch, produced in a background thread ahead of the training step."""
-    import tensorflow as tf
+VALIDATION_SLICES = 16
+"""Evenly spaced slices per validation snapshot: the validation loss that picks the DMC's weights
+is then a per-net judgement, not one random slice's."""
+MAX_VALIDATION_SLICES = 4096  # fewer per snapshot on a big zoo (NWS: ~1,600 nets x 10 snapshots)
+SCALE_SLICES = 8  # random slices per training sample that set the input scale
 
-    length = samples.length
-    return tf.data.Dataset.from_generator(
-        lambda: samples.batches(batch_size, seed),
-        output_signature=(
-            tf.TensorSpec([batch_size, length], tf.float32),
-            tf.TensorSpec([batch_size], tf.float64 if samples.label.dtype.kind == "f" else tf.int64),
-        ),
-    ).prefetch(4)
+
+@dataclass(frozen=True)
+class Budget:
+    """How the DMC trains: Keras epochs of `steps_per_epoch` optimizer steps, validated after each."""
+
+    epochs: int
+    steps_per_epoch: int
+
+    @property
+    def steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
+def budget(settings: MetaSettings, samples: int, batch: int) -> Budget:
+    """The steps budget, in rounds of `validate_every` steps (the last round may be cut short by
+    rounding the budget up to whole rounds); at steps=0 the paper's schedule, one Keras epoch per
+    pass over the training samples, whose number of steps shrinks with the zoo."""
+    if settings.steps:
+        per_round = min(settings.validate_every, settings.steps)
+        return Budget(-(-settings.steps // per_round), per_round)
+    return Budget(settings.epochs, max(1, samples // batch))
+
+
+def input_scale(train: Samples, seed: int) -> float:
+    """1 / the spread (RMS) of the training slices' raw weights: a DMC input of unit scale, so the
+    first layer's bias and batch norm's epsilon (1e-3) do not swamp weights of spread ~0.01."""
+    rng = np.random.default_rng(seed)
+    slices = train.random_slices(rng.integers(0, len(train), min(4096, SCALE_SLICES * len(train))), rng)
+    rms = float(np.sqrt(np.mean(np.square(slices, dtype=np.float64))))
+    return 1.0 / rms if np.isfinite(rms) and rms > 0 else 1.0
+
+
+def training_forward(model: Any) -> Any:
+    """`model` in training mode behind Keras' own predict: batch norm uses and records each
+    batch's statistics, compiled once, on any backend."""
+    import keras
+
+    class TrainingForward(keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def call(self, x: Any) -> Any:
+            return self.inner(x, training=True)
+
+    return TrainingForward()
 
 
 class DMC(MetaClassifier):
@@ -116,19 +172,22 @@ class DMC(MetaClassifier):
 
     model: Any = None
 
-    def _compile(self) -> None:
+    def _compile(self, scale: float = 1.0, decay_steps: int = 0) -> None:
+        """A fresh DMC, compiled: its inputs multiplied by `scale`, its learning rate cosine-decayed
+        over `decay_steps` (0: constant)."""
         import keras
 
         n_outputs = 1 if self.task.is_regression else len(self.task.classes)
-        self.model = build_dmc(self.settings.slice_length, n_outputs)
+        self.model = build_dmc(self.settings.slice_length, n_outputs, scale)
         if self.task.is_regression:
             loss, metrics = keras.losses.MeanAbsoluteError(), []
         else:
             loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
             metrics = ["accuracy"]
-        self.model.compile(
-            optimizer=keras.optimizers.Adam(self.settings.learning_rate), loss=loss, metrics=metrics
-        )
+        rate: Any = self.settings.learning_rate
+        if decay_steps:
+            rate = keras.optimizers.schedules.CosineDecay(rate, decay_steps=decay_steps, alpha=COSINE_FLOOR)
+        self.model.compile(optimizer=keras.optimizers.Adam(rate), loss=loss, metrics=metrics)
 
     def _targets(self, samples: Samples) -> Samples:
         if not self.task.is_regression:
@@ -142,36 +201,52 @@ class DMC(MetaClassifier):
         with interrupts.deferred():  # a stop is raised between two steps (interrupts.between_steps)
             self._fit(train, valid)
 
+    def _validation(self, valid: Samples) -> Any:
+        """Evenly spaced slices of every validation snapshot, with their targets, as batches."""
+        valid = self._targets(valid)
+        per = max(1, min(VALIDATION_SLICES, MAX_VALIDATION_SLICES // len(valid)))
+        starts = valid.even_starts(per)
+        slices = np.concatenate([valid.even_slices(i, starts[i]) for i in range(len(valid))])
+        label = np.repeat(valid.label, per)
+        label = label.astype(np.float32) if self.task.is_regression else label
+        return backend.array_batches((slices, label), 256)
+
     def _fit(self, train: Samples, valid: Samples) -> None:
         import keras
-        import tensorflow as tf
 
-        keras.utils.set_random_seed(self.settings.seed)
-        self._compile()
+        backend.seed(self.settings.seed)
         train = self._targets(train)
         batch = min(self.settings.batch_size, len(train))
-        steps = max(1, len(train) // batch)
-        validation = None
-        if len(valid):
-            rng = np.random.default_rng(self.settings.seed + 1)
-            valid = self._targets(valid)
-            everything = np.arange(len(valid))
-            label = valid.label.astype(np.float32) if self.task.is_regression else valid.label
-            validation = array_batches((valid.random_slices(everything, rng), label), 256)
-        epochs = Steps(f"{self.task.prop} / dmc training", self.settings.epochs, "epochs")
-        with epochs:
+        plan = budget(self.settings, len(train), batch)
+        scale = input_scale(train, self.settings.seed + 3) if self.settings.normalize else 1.0
+        self._compile(scale, plan.steps if self.settings.steps else 0)
+        validation = self._validation(valid) if len(valid) else None
+        unit = f"rounds of {plan.steps_per_epoch} steps" if self.settings.steps else "epochs"
+        progress = Steps(f"{self.task.prop} / dmc training", plan.epochs, unit)
+        callbacks = [interrupts.between_steps(), progress.keras_callback()]
+        best = None
+        if self.settings.steps and validation is not None:
+            # Keras keeps the weights of the lowest validation loss and restores them at the end,
+            # stopped early or not.
+            best = keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=self.settings.patience or plan.epochs, restore_best_weights=True
+            )
+            callbacks.append(best)
+        with progress:
             history = self.model.fit(
-                slice_dataset(train, batch, self.settings.seed).map(
-                    lambda x, y: (x, tf.cast(y, tf.float32) if self.task.is_regression else y)
-                ),
-                epochs=self.settings.epochs,
-                steps_per_epoch=steps,
+                slice_batches(train, batch, self.settings.seed, plan.steps),
+                epochs=plan.epochs,
+                steps_per_epoch=plan.steps_per_epoch,
                 validation_data=validation,
-                callbacks=[interrupts.between_steps(), epochs.keras_callback()],
+                callbacks=callbacks,
                 shuffle=False,
                 verbose=0,
             )
         self.history = {k: [float(v) for v in vs] for k, vs in history.history.items()}
+        rounds = len(next(iter(self.history.values()), []))
+        self.fit_metrics = {"dmc_steps": float(rounds * plan.steps_per_epoch), "dmc_input_scale": scale}
+        if best is not None and best.best_epoch is not None:
+            self.fit_metrics["dmc_best_step"] = float((best.best_epoch + 1) * plan.steps_per_epoch)
         self._recalibrate_batch_norm(train, batch)
 
     def _recalibrate_batch_norm(self, train: Samples, batch: int) -> None:
@@ -184,37 +259,41 @@ class DMC(MetaClassifier):
         for few steps predicts well in training mode and poorly in inference mode.
         """
         import keras
-        import tensorflow as tf
 
         layers = self.model.layers
         dropouts = [layer for layer in layers if isinstance(layer, keras.layers.Dropout)]
         norms = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
         rates, momentum = [layer.rate for layer in dropouts], [layer.momentum for layer in norms]
-        # A compiled forward pass: the graph frees each activation once used, where an eager
-        # call holds all of them (at a slice length of 5,000, some 600 MB per batch of 64). The
-        # momentum is a variable, so one trace serves every step.
-        cumulative = tf.Variable(0.0, trainable=False, name="recalibration_momentum")
-        forward = tf.function(lambda x: self.model(x, training=True))
+        sums = [np.zeros(2 * layer.moving_mean.shape[0], np.float64) for layer in norms]
+        forward = training_forward(self.model)
         for layer in dropouts:
             layer.rate = 0.0
         for layer in norms:
-            layer.momentum = cumulative
+            layer.momentum = 0.0  # the moving statistics become the batch's own
         try:
-            batches = train.batches(batch, self.settings.seed + 2)
             for step in range(RECALIBRATION_BATCHES):
-                cumulative.assign(step / (step + 1))  # moving = mean of the batches seen so far
-                forward(tf.constant(next(batches)[0]))
+                x, _ = train.batch(step, batch, self.settings.seed + 2)
+                # Keras' compiled predict (one trace) frees each activation once used, where an
+                # eager call holds all of them (at a slice length of 5,000, ~600 MB per batch).
+                forward.predict_on_batch(x)
+                for total, layer in zip(sums, norms, strict=True):
+                    total += np.concatenate([keras.ops.convert_to_numpy(layer.moving_mean),
+                                             keras.ops.convert_to_numpy(layer.moving_variance)])  # fmt: skip
         finally:
             for layer, rate in zip(dropouts, rates, strict=True):
                 layer.rate = rate
             for layer, value in zip(norms, momentum, strict=True):
                 layer.momentum = value
+        for total, layer in zip(sums, norms, strict=True):  # the mean over the batches
+            mean, variance = np.split(total / RECALIBRATION_BATCHES, 2)
+            layer.moving_mean.assign(mean.astype(np.float32))
+            layer.moving_variance.assign(variance.astype(np.float32))
 
     def predict_slices(self, x: np.ndarray) -> np.ndarray:
         import keras
 
         with interrupts.deferred():  # as in `fit`
-            out = self.model.predict(array_batches(np.asarray(x, np.float32), 256), verbose=0,
+            out = self.model.predict(backend.array_batches(np.asarray(x, np.float32), 256), verbose=0,
                                      callbacks=[interrupts.between_steps()])  # fmt: skip
         if self.task.is_regression:
             return self.task.unscale(out[:, 0])

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from nws import interrupts
+from nws import backend, interrupts
 from nws.errors import DataError, one_line
 from nws.meta.base import MetaClassifier
 from nws.meta.keras_archive import load_checked, save_keras
@@ -165,7 +165,7 @@ class InvariantModel(MetaClassifier):
 
         if not len(table):
             raise ValueError("invariant: no training vectors")
-        keras.utils.set_random_seed(self.settings.seed)
+        backend.seed(self.settings.seed)
         self.feature_mean = table.features.mean(axis=0)
         std = table.features.std(axis=0)
         self.feature_std = np.where(std > 1e-6, std, 1.0).astype(np.float32)

@@ -63,6 +63,16 @@ class Samples:
     def even_slices(self, sample: int, starts: np.ndarray) -> np.ndarray:
         return self.zoo.gather(self.row_starts()[sample] + starts, self.length)
 
+    def batch(self, index: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batch `index` of an endless shuffled stream: a new order of the samples every pass, a
+        new random slice of every sample every time. Made from (seed, index) alone, so any thread
+        may make any batch and the stream is the same."""
+        per_pass = max(1, len(self) // batch_size)
+        epoch, position = divmod(index, per_pass)
+        order = np.random.default_rng([seed, epoch]).permutation(len(self))
+        chosen = order[position * batch_size : (position + 1) * batch_size]
+        return self.random_slices(chosen, np.random.default_rng([seed, epoch, position])), self.label[chosen]
+
     def batches(
         self, batch_size: int, seed: int, epochs: int | None = None
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:

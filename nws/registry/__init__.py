@@ -48,9 +48,13 @@ def _signature(regression: bool) -> Any:
 
 
 def _requirements() -> list[str]:
+    """The packages the model needs to load, at this process's versions: Keras on the backend
+    it was trained on (a `.keras` archive loads on either)."""
     from importlib.metadata import version
 
-    names = ("mlflow", "tensorflow", "keras", "scikit-learn", "skops", "numpy", "pandas")
+    from nws.backend import PACKAGES, active
+
+    names = ("mlflow", *PACKAGES[active()], "keras", "scikit-learn", "skops", "numpy", "pandas")
     return [f"{name}=={version(name)}" for name in names]
 
 
