@@ -1,4 +1,9 @@
-"""Which Keras 3 backend trains the nets: `tensorflow` (the default) or `jax`.
+"""Which Keras 3 backend trains the nets and the meta-classifiers: `tensorflow` (the default) or
+`jax`. Everything that differs between backends is decided here, from one `Backend` per name
+(`named`, `current`); no other module compares backend names. A new backend (PyTorch, say) is a
+`Backend` entry here, its branches below (`configure`, `seed`, `array_batches`), the input
+pipeline it uses (`tensorflow` picks `nws.pipeline`'s tf.data streams or its numpy batches), and
+its tests.
 
 A process has one Keras backend, fixed when `keras` is first imported, so `select` runs before
 that (entry points parse their parameters first; the worker processes of `--workers` get the
@@ -14,6 +19,7 @@ import os
 import platform
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +36,43 @@ TAG_BACKEND = "nws.backend"
 JAX_CACHE_BYTES = 2 * 1024**3
 
 
-PACKAGES = {TENSORFLOW: ("tensorflow",), JAX: ("jax", "jaxlib")}
-"""The distributions a backend is installed as (a registered model's requirements)."""
+@dataclass(frozen=True)
+class Backend:
+    """What differs between Keras backends."""
+
+    name: str
+    packages: tuple[str, ...]  # the distributions it is installed as (a registered model's requirements)
+    tensorflow: bool  # runs on TensorFlow: tf.data input pipelines, TensorFlow's logging tamed at start
+    packs: bool  # trains several nets in one compiled step (`sample --pack`, `nws.pack`)
+    resizer: str  # the package whose resize makes dataset images (`nws.data.preprocess`)
+
+    def environment(self, deterministic: bool, threads: int) -> None:
+        """What the backend reads from the environment when it starts: set before it starts."""
+        if self.tensorflow:
+            tensorflow_environment(threads)  # before loading images starts TensorFlow
+        else:
+            jax_environment(deterministic, threads)
+
+
+BY_NAME = {
+    TENSORFLOW: Backend(TENSORFLOW, ("tensorflow",), tensorflow=True, packs=False, resizer="tensorflow"),
+    JAX: Backend(JAX, ("jax", "jaxlib"), tensorflow=False, packs=True, resizer="jax"),
+}
+
+
+def named(name: str) -> Backend:
+    """The backend of that name; a ParameterError naming `backend` otherwise."""
+    return BY_NAME[check_backend(name)]
+
+
+def current() -> Backend:
+    """The backend Keras runs on in this process (imports Keras)."""
+    return BY_NAME[active()]
+
+
+def chosen() -> Backend:
+    """The backend this process is set to run on (`KERAS_BACKEND`), without importing Keras."""
+    return BY_NAME.get(os.environ.get("KERAS_BACKEND", DEFAULT_BACKEND), BY_NAME[DEFAULT_BACKEND])
 
 
 def check_backend(value: str, name: str = "backend") -> str:

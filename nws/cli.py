@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from nws import interrupts, logs
+from nws import backend, interrupts, logs
 from nws.commands.options import parse_bool
 from nws.errors import NWSError, ParameterError
 
@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     values = {k: v for k, v in vars(args).items() if k != "command"}
     restore_signals = interrupts.install()
     try:
-        if command.tensorflow and values.get("backend", "tensorflow") == "tensorflow":
+        if command.tensorflow and backend.named(values.get("backend", backend.DEFAULT_BACKEND)).tensorflow:
             logs.start_tensorflow()  # a JAX run must not import TensorFlow (`nws.backend`)
         return command.run(command.options(**values))
     except NWSError as e:

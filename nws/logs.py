@@ -21,9 +21,11 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+from nws.backend import DEFAULT_BACKEND
+
 ENVIRONMENT = {
     "TF_CPP_MIN_LOG_LEVEL": "2",  # TensorFlow's native info and warning lines; errors stay
-    "KERAS_BACKEND": "tensorflow",
+    "KERAS_BACKEND": DEFAULT_BACKEND,
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 """Read by TensorFlow, Keras and MLflow when they load: set before any of them is imported."""

@@ -30,7 +30,7 @@ import numpy as np
 
 from nws import interrupts
 from nws.backend import TENSORFLOW, configure_tensorflow, tensorflow_environment  # noqa: F401 (their old home)
-from nws.backend import active as active_backend
+from nws.backend import current as current_backend
 from nws.backend import seed as seed_backend
 from nws.cnn import build_model
 from nws.compiled import MODELS, CompiledModels
@@ -229,7 +229,7 @@ def train_net(
             # A fit cut short at any other point (a stop, an error) may leave Keras state of its
             # own in the model: the next net of this graph builds its own.
             if kept is not None:
-                kept.forget(graph_key(config, settings, active_backend() == TENSORFLOW))
+                kept.forget(graph_key(config, settings, current_backend().tensorflow))
             raise
 
 
@@ -322,10 +322,8 @@ def build_net(
     in this order, so that a net built here is the same wherever it trains (alone or packed).
     With `kept`, the models are the compiled ones of an earlier net of the same graph
     (`graph_key`) holding this net's starting values, when there are such (`nws.compiled`)."""
-    import keras
-
     augment = config.augmentation == "on"
-    tf_data = keras.backend.backend() == "tensorflow"
+    tf_data = current_backend().tensorflow
     streams = _streams(kept) if tf_data else None
     if streams is not None and settings.max_epochs > 0:
         source, steps = streams.training(data, config.batch_size, seed, augment)

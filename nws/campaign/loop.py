@@ -45,14 +45,11 @@ def open_campaign(settings: CampaignSettings) -> Any:
     server answers, the datasets are there), then its study, created or continued. A campaign
     started again first closes what a killed process of this host left RUNNING (a worker of
     `--workers` leaves that to its parent)."""
-    from nws.backend import TENSORFLOW, jax_environment, tensorflow_environment
+    from nws.backend import named
     from nws.data import check_available
 
     check_tracking_server()
-    if settings.backend == TENSORFLOW:
-        tensorflow_environment(settings.threads)  # before loading images starts TensorFlow
-    else:
-        jax_environment(settings.deterministic, settings.threads)  # before anything starts JAX
+    named(settings.backend).environment(settings.deterministic, settings.threads)
     check_available(list(settings.datasets), settings.data_dir, settings.download)
     study = open_study(settings)
     if not settings.parent_run_id:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nws.backend import DEFAULT_BACKEND
 from nws.space import NetConfig
 from nws.training import TrainSettings
 
@@ -32,7 +33,7 @@ class CampaignSettings:
     deterministic: bool  # TensorFlow op determinism
     threads: int  # TensorFlow CPU threads (0: TensorFlow's choice)
     parent_run_id: str  # the run to nest nets under, held by another process ("": this one's)
-    backend: str = "tensorflow"  # the Keras backend that trains the nets (nws.backend)
+    backend: str = DEFAULT_BACKEND  # the Keras backend that trains the nets (nws.backend)
     pack: int = 1  # nets trained together in one compiled step (JAX; nws.pack)
     experiment: str = ""  # the MLflow experiment option ("": nws.tracking.experiments' rule)
 

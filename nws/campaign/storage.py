@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from nws import space
+from nws.backend import TENSORFLOW
 from nws.campaign.settings import CampaignSettings
 from nws.campaign.trials import fail_and_retry
 from nws.checks import writable_directory
@@ -154,7 +155,7 @@ def open_study(settings: CampaignSettings) -> Any:
               "fidelity": settings.train.fidelity, "backend": settings.backend}  # fmt: skip
     existing = study.user_attrs
     if study.get_trials(deepcopy=False):  # begun before the option: its nets trained clean, on TF
-        existing = {"fidelity": "clean", "backend": "tensorflow", **existing}
+        existing = {"fidelity": "clean", "backend": TENSORFLOW, **existing}
     for key, value in wanted.items():
         # Key by key: workers starting together may see the study before its creator has set
         # every attribute; the first to find one missing sets it.

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from nws import space
-from nws.backend import BACKENDS, DEFAULT_BACKEND, JAX, check_backend, select
+from nws.backend import BACKENDS, BY_NAME, DEFAULT_BACKEND, named, select
 from nws.campaign.loop import CampaignSummary
 from nws.campaign.settings import CampaignSettings
 from nws.campaign.storage import DEFAULT_STORAGE
@@ -99,11 +99,12 @@ class SampleOptions:
         at_least("workers", self.workers, 1)
         at_least("threads", self.threads, 0)
         at_least("heartbeat", self.heartbeat, 1)
-        check_backend(self.backend)
+        backend = named(self.backend)
         at_least("pack", self.pack, 1)
         if self.pack > 1:
-            if self.backend != JAX:
-                raise ParameterError("pack", f"{self.pack} needs backend jax (got {self.backend})")
+            if not backend.packs:
+                packing = " or ".join(name for name, b in BY_NAME.items() if b.packs)
+                raise ParameterError("pack", f"{self.pack} needs backend {packing} (got {self.backend})")
             if self.lr_decay != 1.0 or self.mixed_precision:
                 raise ParameterError("pack", f"{self.pack} needs lr_decay 1.0 and mixed_precision false")
         storage = check_storage(self.storage)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nws.backend import chosen
 from nws.data import offline, readers
 from nws.data.preprocess import ImageSet, to_rgb32
 from nws.errors import DataError, ParameterError
@@ -212,8 +213,7 @@ def _offline_fingerprint(name: str) -> str:
     digest = xxhash.xxh3_64()
     for source in (offline.__file__, preprocess.__file__, __file__):
         digest.update(Path(source).read_bytes())
-    resizer = "jax" if os.environ.get("KERAS_BACKEND") == "jax" else "tensorflow"  # see preprocess._resize
-    for package in ("numpy", "scikit-learn", "mlxtend", resizer):
+    for package in ("numpy", "scikit-learn", "mlxtend", chosen().resizer):  # see preprocess._resize
         digest.update(f"{package} {importlib.metadata.version(package)};".encode())
     return f"{name}-{digest.hexdigest()}"
 

@@ -8,11 +8,11 @@ Images are kept as uint8 (a quarter of float32's memory); the training pipeline 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from nws.backend import chosen
 from nws.errors import DataError
 from nws.fidelity import DEFAULT_FIDELITY, PAPER, check_fidelity
 
@@ -81,7 +81,7 @@ def _resize(images: np.ndarray) -> np.ndarray:
     downsampling STL-10 differs by one level in 0.014 % of its pixels."""
     downsampling = images.shape[1] > SIDE or images.shape[2] > SIDE
     out = np.empty((len(images), SIDE, SIDE, images.shape[-1]), dtype=np.uint8)
-    resize = _jax_resize if os.environ.get("KERAS_BACKEND") == "jax" else _tensorflow_resize
+    resize = _tensorflow_resize if chosen().tensorflow else _jax_resize
     for start in range(0, len(images), _RESIZE_CHUNK):
         chunk = resize(images[start : start + _RESIZE_CHUNK].astype(np.float32), downsampling)
         out[start : start + _RESIZE_CHUNK] = np.clip(np.round(chunk), 0, 255)

@@ -52,9 +52,9 @@ def _requirements() -> list[str]:
     it was trained on (a `.keras` archive loads on either)."""
     from importlib.metadata import version
 
-    from nws.backend import PACKAGES, active
+    from nws.backend import current
 
-    names = ("mlflow", *PACKAGES[active()], "keras", "scikit-learn", "skops", "numpy", "pandas")
+    names = ("mlflow", *current().packages, "keras", "scikit-learn", "skops", "numpy", "pandas")
     return [f"{name}=={version(name)}" for name in names]
 
 
