@@ -9,6 +9,9 @@ DMC took and the step of its best validation, and the fit's seconds. Nothing is 
 Run (after the default `mlflow run . --env-manager local --experiment-name nws`, same store):
     python benchmarks/dmc_steps.py --steps 30,300,3000 [--props initialization,optimizer]
         [--variants budget,paper,raw] [--csv out.csv]
+and the DMC's step time per backend (random batches in memory, no zoo needed), each backend in a
+process of its own, side by side:
+    python benchmarks/dmc_steps.py --step-time 512,5000 [--timed-steps 10]
 
 Variants: `budget` (the defaults: steps, cosine rate, best validation, inputs scaled), `raw`
 (the same without input scaling), `paper` (steps=0: `--paper-epochs` passes over the training
@@ -46,13 +49,20 @@ def main() -> None:
     parser.add_argument("--baselines", default="stats,layer_stats")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--csv", default="")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: every core)")
+    parser.add_argument("--step-time", default="", help="slice lengths: time the DMC's steps instead")
+    parser.add_argument("--timed-steps", type=int, default=10)
+    parser.add_argument("--backend", default="", help=argparse.SUPPRESS)  # one timing process
     args = parser.parse_args()
+    if args.step_time:
+        step_times(args)
+        return
 
     import pandas as pd
 
     from nws import backend
 
-    backend.configure(True, 1)
+    backend.configure(True, args.threads)
     from nws.commands.train import TrainOptions, plan
     from nws.meta import create
     from nws.meta.base import Task
@@ -108,6 +118,61 @@ def main() -> None:
     print(table.to_string(index=False), file=sys.stdout)
     if args.csv:
         table.to_csv(args.csv, index=False)
+
+
+def step_times(args: argparse.Namespace) -> None:
+    """Seconds per DMC training step at each slice length, per backend; in a child process per
+    backend (a process has one Keras backend)."""
+    import json
+    import subprocess
+
+    lengths = [int(x) for x in args.step_time.split(",")]
+    if args.backend:
+        print(json.dumps(time_steps(args.backend, lengths, args.timed_steps, args.threads)))
+        return
+    found = {}
+    for name in ("tensorflow", "jax"):
+        done = subprocess.run(
+            [sys.executable, __file__, "--step-time", args.step_time, "--timed-steps", str(args.timed_steps),
+             "--threads", str(args.threads), "--backend", name],
+            env={**os.environ, "KERAS_BACKEND": name}, capture_output=True, text=True,
+        )  # fmt: skip
+        if done.returncode:
+            sys.exit(f"{name}: {done.stderr.strip().splitlines()[-1]}")
+        found[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"DMC training step, batch 64, {args.timed_steps} steps after 3 of warm-up, threads {args.threads}")
+    for length in lengths:
+        tf_ms, jax_ms = (found[name][str(length)] * 1000 for name in ("tensorflow", "jax"))
+        print(f"  L = {length:>5}: tensorflow {tf_ms:8.1f} ms/step   jax {jax_ms:8.1f} ms/step   "
+              f"jax / tensorflow = {jax_ms / tf_ms:.2f}")  # fmt: skip
+
+
+def time_steps(name: str, lengths: list[int], steps: int, threads: int) -> dict[str, float]:
+    import numpy as np
+
+    from nws import backend
+
+    backend.select(name)
+    backend.chosen().environment(True, threads)
+    backend.configure(True, threads)
+    import keras
+
+    from nws.meta.dmc import build_dmc
+
+    out = {}
+    rng = np.random.default_rng(0)
+    for length in lengths:
+        backend.seed(0)
+        model = build_dmc(length, 4)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))  # fmt: skip
+        x = rng.standard_normal((64 * (steps + 3), length), dtype=np.float32)
+        y = rng.integers(0, 4, len(x))
+        model.fit(backend.array_batches((x[: 64 * 3], y[: 64 * 3]), 64), epochs=1, verbose=0)
+        start = time.perf_counter()
+        model.fit(backend.array_batches((x[64 * 3 :], y[64 * 3 :]), 64), epochs=1, verbose=0)
+        out[str(length)] = (time.perf_counter() - start) / steps
+    return out
 
 
 if __name__ == "__main__":

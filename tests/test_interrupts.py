@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 
@@ -321,3 +322,42 @@ def test_train_interrupted_ends_its_run_and_the_model_being_trained_killed(in_me
     runs = mlflow.search_runs([experiment], output_format="list")
     ended = {(r.data.tags["nws.role"], r.info.status) for r in runs}
     assert ended == {("meta", "KILLED"), ("meta-classifier", "KILLED")}
+
+
+def test_a_stop_while_another_process_holds_the_journal_lock_waits_for_the_write(tmp_path):
+    """Optuna's journal lock is a symbolic link next to the journal. A stop that lands while a
+    write waits for another process's lock must neither remove that lock nor cut the write: the
+    record is written once the lock is free, then the stop is raised."""
+    import json
+    import threading
+
+    from nws.campaign.storage import _journal_file
+
+    path = tmp_path / "journal.log"
+    journal = _journal_file(str(path))
+    lock = Path(f"{path}.lock")
+    os.symlink(path, lock)  # held by another process
+    seen: dict[str, bool] = {}
+
+    def other_process() -> None:
+        give_up = time.monotonic() + 120  # only a broken product waits this long
+        while not interrupts._deferring and time.monotonic() < give_up:  # our write waits for the lock
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+        while not interrupts.requested():  # the stop reached the handler
+            time.sleep(0.01)
+        seen["lock kept"] = lock.is_symlink()
+        lock.unlink()  # the other process is done
+
+    restore = interrupts.install()
+    helper = threading.Thread(target=other_process, daemon=True)
+    try:
+        helper.start()
+        with pytest.raises(KeyboardInterrupt):
+            journal.append_logs([{"op_code": 0, "worker_id": "w", "study_name": "s"}])
+    finally:
+        restore()
+    helper.join()
+    assert seen == {"lock kept": True}
+    assert [json.loads(line)["study_name"] for line in path.read_text().splitlines()] == ["s"]
+    assert not lock.exists()

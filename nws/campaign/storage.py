@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from nws import space
+from nws import interrupts, space
 from nws.backend import TENSORFLOW
 from nws.campaign.settings import CampaignSettings
 from nws.campaign.trials import fail_and_retry
@@ -34,7 +34,7 @@ def open_storage(url: str, heartbeat: int | None = None) -> Any:
     twice that long is failed, its MLflow run marked FAILED, and Optuna retries its configuration.
     """
     import optuna
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
+    from optuna.storages.journal import JournalStorage
 
     url = check_storage(url)
     if "://" in url:
@@ -52,7 +52,25 @@ def open_storage(url: str, heartbeat: int | None = None) -> Any:
         except Exception as e:  # SQLAlchemy raises many types for bad URLs or servers
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ParameterError("storage", f"cannot open {url}: {reason}") from None
-    return JournalStorage(JournalFileBackend(str(_journal_path(url))))
+    return JournalStorage(_journal_file(str(_journal_path(url))))
+
+
+def _journal_file(path: str) -> Any:
+    """Optuna's journal file, each write whole with respect to a stop signal.
+
+    Optuna takes the journal's lock (a symbolic link) around each write. A KeyboardInterrupt
+    landing inside that, on the way in or out, makes Optuna remove a lock it does not hold
+    (another process's) or raise FileNotFoundError in place of the interrupt (the process then
+    ends with exit 1, not 130; seen with two processes stopped at once). Held until the write is
+    over, the stop is raised between two journal operations."""
+    from optuna.storages.journal import JournalFileBackend
+
+    class WholeWrites(JournalFileBackend):
+        def append_logs(self, logs: list[dict[str, Any]]) -> None:
+            with interrupts.deferred():
+                super().append_logs(logs)
+
+    return WholeWrites(path)
 
 
 def check_storage(url: str) -> str:
