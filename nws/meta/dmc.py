@@ -67,16 +67,21 @@ def conv_plan(length: int) -> list[tuple[int, bool]]:
     return plan
 
 
-def build_dmc(length: int, n_outputs: int, scale: float = 1.0) -> Any:
-    """The DMC for slices of `length`; a `scale` other than 1 multiplies its inputs first (part of
-    the saved model, so a loaded DMC scales what it is given as it was trained)."""
+def build_dmc(length: int, n_outputs: int, scale: float | None = None) -> Any:
+    """The DMC for slices of `length`. A `scale` multiplies its inputs, then softsign squashes
+    them with softsign, x / (1 + |x|): monotonic, so nothing is lost, but a slice's rare large
+    weights (a batch-norm variance of the net, say) no longer set a batch's statistics. Without
+    it, batch norm's moving statistics average batches that such outliers dominate, and the DMC
+    that is right in training mode predicts one class at inference (measured on the positive
+    control). Both are layers of the saved model, so a loaded DMC sees inputs as it was trained."""
     import keras
     from keras import layers
 
     inputs = keras.Input(shape=(length,), name="weights")
     x = inputs
-    if scale != 1.0:
+    if scale is not None:
         x = layers.Rescaling(scale, name="input_scale")(x)
+        x = layers.Activation("softsign", name="input_tails")(x)
     x = layers.Reshape((length, 1), name="as_sequence")(x)
     for i, (channels, pool) in enumerate(conv_plan(length), start=1):
         x = layers.Conv1D(channels, KERNEL, padding="same", name=f"conv{i}")(x)
@@ -143,12 +148,13 @@ def budget(settings: MetaSettings, samples: int, batch: int) -> Budget:
 
 
 def input_scale(train: Samples, seed: int) -> float:
-    """1 / the spread (RMS) of the training slices' raw weights: a DMC input of unit scale, so the
-    first layer's bias and batch norm's epsilon (1e-3) do not swamp weights of spread ~0.01."""
+    """1 / the typical size of the training slices' raw weights (the 75th percentile of |w|, which
+    rare large weights do not move): a DMC input of unit size, so that the first layer's bias and
+    batch norm's epsilon (1e-3) do not swamp weights of size ~0.01."""
     rng = np.random.default_rng(seed)
     slices = train.random_slices(rng.integers(0, len(train), min(4096, SCALE_SLICES * len(train))), rng)
-    rms = float(np.sqrt(np.mean(np.square(slices, dtype=np.float64))))
-    return 1.0 / rms if np.isfinite(rms) and rms > 0 else 1.0
+    size = float(np.quantile(np.abs(slices), 0.75))
+    return 1.0 / size if np.isfinite(size) and size > 0 else 1.0
 
 
 def training_forward(model: Any) -> Any:
@@ -172,9 +178,9 @@ class DMC(MetaClassifier):
 
     model: Any = None
 
-    def _compile(self, scale: float = 1.0, decay_steps: int = 0) -> None:
-        """A fresh DMC, compiled: its inputs multiplied by `scale`, its learning rate cosine-decayed
-        over `decay_steps` (0: constant)."""
+    def _compile(self, scale: float | None = None, decay_steps: int = 0) -> None:
+        """A fresh DMC, compiled: its inputs scaled by `scale` (None: raw, `build_dmc`), its
+        learning rate cosine-decayed over `decay_steps` (0: constant)."""
         import keras
 
         n_outputs = 1 if self.task.is_regression else len(self.task.classes)
@@ -218,7 +224,7 @@ class DMC(MetaClassifier):
         train = self._targets(train)
         batch = min(self.settings.batch_size, len(train))
         plan = budget(self.settings, len(train), batch)
-        scale = input_scale(train, self.settings.seed + 3) if self.settings.normalize else 1.0
+        scale = input_scale(train, self.settings.seed + 3) if self.settings.normalize else None
         self._compile(scale, plan.steps if self.settings.steps else 0)
         validation = self._validation(valid) if len(valid) else None
         unit = f"rounds of {plan.steps_per_epoch} steps" if self.settings.steps else "epochs"
@@ -244,7 +250,10 @@ class DMC(MetaClassifier):
             )
         self.history = {k: [float(v) for v in vs] for k, vs in history.history.items()}
         rounds = len(next(iter(self.history.values()), []))
-        self.fit_metrics = {"dmc_steps": float(rounds * plan.steps_per_epoch), "dmc_input_scale": scale}
+        self.fit_metrics = {
+            "dmc_steps": float(rounds * plan.steps_per_epoch),
+            "dmc_input_scale": scale or 1.0,
+        }
         if best is not None and best.best_epoch is not None:
             self.fit_metrics["dmc_best_step"] = float((best.best_epoch + 1) * plan.steps_per_epoch)
         self._recalibrate_batch_norm(train, batch)
