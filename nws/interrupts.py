@@ -80,6 +80,19 @@ def deferred() -> Iterator[None]:
         check()
 
 
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """Only record a stop signal during the block, for code of another library that must not be
+    cut and must not see the stop either (Optuna's journal write, inside Optuna's own handling of
+    a trial's end, which breaks on a KeyboardInterrupt): the next `check()` raises it."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+
+
 def forget_unhandled() -> None:
     """Let a process that handled its stop end with its own exit code.
 

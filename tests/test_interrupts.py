@@ -327,7 +327,7 @@ def test_train_interrupted_ends_its_run_and_the_model_being_trained_killed(in_me
 def test_a_stop_while_another_process_holds_the_journal_lock_waits_for_the_write(tmp_path):
     """Optuna's journal lock is a symbolic link next to the journal. A stop that lands while a
     write waits for another process's lock must neither remove that lock nor cut the write: the
-    record is written once the lock is free, then the stop is raised."""
+    record is written once the lock is free, and the next check raises the stop."""
     import json
     import threading
 
@@ -353,8 +353,10 @@ def test_a_stop_while_another_process_holds_the_journal_lock_waits_for_the_write
     helper = threading.Thread(target=other_process, daemon=True)
     try:
         helper.start()
+        journal.append_logs([{"op_code": 0, "worker_id": "w", "study_name": "s"}])
+        assert interrupts.requested() == "SIGINT"
         with pytest.raises(KeyboardInterrupt):
-            journal.append_logs([{"op_code": 0, "worker_id": "w", "study_name": "s"}])
+            interrupts.check()
     finally:
         restore()
     helper.join()

@@ -61,13 +61,14 @@ def _journal_file(path: str) -> Any:
     Optuna takes the journal's lock (a symbolic link) around each write. A KeyboardInterrupt
     landing inside that, on the way in or out, makes Optuna remove a lock it does not hold
     (another process's) or raise FileNotFoundError in place of the interrupt (the process then
-    ends with exit 1, not 130; seen with two processes stopped at once). Held until the write is
-    over, the stop is raised between two journal operations."""
+    ends with exit 1, not 130; seen with two processes stopped at once). The stop is only recorded
+    during the write: raised at its end, it would land in Optuna's handling of a trial's end,
+    which it breaks (UnboundLocalError); the campaign's next `interrupts.check()` raises it."""
     from optuna.storages.journal import JournalFileBackend
 
     class WholeWrites(JournalFileBackend):
         def append_logs(self, logs: list[dict[str, Any]]) -> None:
-            with interrupts.deferred():
+            with interrupts.held():
                 super().append_logs(logs)
 
     return WholeWrites(path)
