@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow  # one real `nws main`, about a minute
 
 TINY_MAIN = ["--n-nets", "6", "--datasets", "digits,shapes", "--max-epochs", "0", "--min-epochs", "0",
              "--prints", "2", "--K", "1,2", "--max-train-images", "64", "--max-eval-images", "32",
-             "--props", "dataset", "--models", "dmc,layer_stats", "--steps", "3", "--slice-length", "256",
-             "--campaign", "newcomer", "--save-optimizer", "false"]  # fmt: skip
+             "--props", "dataset", "--models", "dmc,layer_stats", "--steps", "3", "--validate-every", "1",
+             "--slice-length", "256", "--campaign", "newcomer", "--save-optimizer", "false"]  # fmt: skip
 TENSORFLOW_ERROR = re.compile(r"^E\d{4} |^E tensorflow| E external/|cuInit|NodeDef mentions")
 """TensorFlow's error-level native line (absl's `E0000 ...`, older `E tensorflow/...`)."""
 
