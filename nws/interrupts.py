@@ -70,12 +70,8 @@ def deferred() -> Iterator[None]:
     """Hold a stop signal's KeyboardInterrupt until the block is over: for a step that must not
     be cut in two, such as creating an MLflow run and learning its id (cut after the commit, the
     run would stay RUNNING with nobody left who knows it)."""
-    global _deferring
-    _deferring += 1
-    try:
+    with held():
         yield
-    finally:
-        _deferring -= 1
     if not _deferring:
         check()
 

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from nws import interrupts
+from nws.backend import TAG_BACKEND, active
 from nws.meta import KINDS
 from nws.meta.base import MetaSettings, Task
 from nws.progress import say
@@ -186,8 +187,6 @@ def train_one(
     length = f" (L = {settings.slice_length})" if sweep else ""
     say(f"{prop} / {name}{length}: {len(split.train)} train, {len(split.valid)} valid, "
         f"{len(split.test)} test nets")  # fmt: skip
-    from nws.backend import TAG_BACKEND, active
-
     tags = {TAG_ROLE: "meta-classifier", "nws.property": prop, "nws.model": name, TAG_BACKEND: active()}
     if uses_slices:
         tags["nws.slice_length"] = str(settings.slice_length)
@@ -292,8 +291,6 @@ def version_tags(
 ) -> dict[str, str]:
     """What a registered version is: model type, property, chance, how its nets were chosen, and
     the Keras backend it was trained on."""
-    from nws.backend import TAG_BACKEND, active
-
     chance_text = f"{chance:.4f}" if chance is not None and np.isfinite(chance) else "n/a (regression)"
     return {
         "nws.model": name,

@@ -61,7 +61,7 @@ class MetaSettings:
     patience: int = 8
     """Validations without a lower validation loss before the DMC stops (0: never); it keeps the
     weights of its best validation either way."""
-    normalize: bool = True  # the DMC sees weights divided by the training slices' spread
+    normalize: bool = True  # the DMC sees weights scaled to their typical size, then softsign
     batch_size: int = 64
     learning_rate: float = 1e-3  # Adam's; the DMC's peak, cosine-decayed over `steps`
     stats_slices: int = 16  # random slices per training snapshot for the stats model

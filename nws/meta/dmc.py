@@ -69,7 +69,7 @@ def conv_plan(length: int) -> list[tuple[int, bool]]:
 
 def build_dmc(length: int, n_outputs: int, scale: float | None = None) -> Any:
     """The DMC for slices of `length`. A `scale` multiplies its inputs, then softsign squashes
-    them with softsign, x / (1 + |x|): monotonic, so nothing is lost, but a slice's rare large
+    them, x / (1 + |x|): monotonic, so nothing is lost, but a slice's rare large
     weights (a batch-norm variance of the net, say) no longer set a batch's statistics. Without
     it, batch norm's moving statistics average batches that such outliers dominate, and the DMC
     that is right in training mode predicts one class at inference (measured on the positive

@@ -6,7 +6,6 @@ normalisation) of a sample, starting anywhere inside the chosen region (referenc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,16 +71,3 @@ class Samples:
         order = np.random.default_rng([seed, epoch]).permutation(len(self))
         chosen = order[position * batch_size : (position + 1) * batch_size]
         return self.random_slices(chosen, np.random.default_rng([seed, epoch, position])), self.label[chosen]
-
-    def batches(
-        self, batch_size: int, seed: int, epochs: int | None = None
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Shuffled batches with a fresh random slice for every sample of every batch."""
-        rng = np.random.default_rng(seed)
-        epoch = 0
-        while epochs is None or epoch < epochs:
-            order = rng.permutation(len(self))
-            for start in range(0, len(order) - batch_size + 1, batch_size):
-                index = order[start : start + batch_size]
-                yield self.random_slices(index, rng), self.label[index]
-            epoch += 1
