@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from nws import backend, interrupts, logs
+from nws import backend, diskspace, interrupts, logs
 from nws.commands.options import parse_bool
 from nws.errors import NWSError, ParameterError
 
@@ -209,11 +210,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # unexpected: keep the traceback, but end on one clear line
+        if diskspace.is_disk_full(e):
+            print(f"{prog}: error: {diskspace.message(prog, e, _paths_given(values))}", file=sys.stderr)
+            return 1
         traceback.print_exc()
         print(f"{prog}: error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
         return 1
     finally:
         restore_signals()
+
+
+def _paths_given(values: dict[str, Any]) -> list[str]:
+    """The files and folders a command was given or writes by default (its option values that
+    name paths, MLflow's tracking database, the working directory): where a full disk may be."""
+    texts = [str(v) for v in values.values() if isinstance(v, str | os.PathLike) and str(v).strip()]
+    if "mlflow" in sys.modules:
+        texts.append(sys.modules["mlflow"].get_tracking_uri())
+    paths = []
+    for text in texts:
+        for part in text.split(","):
+            part = part.strip().removeprefix("journal:").removeprefix("file://")
+            if part.startswith("sqlite:///"):
+                part = part.removeprefix("sqlite:///")
+                part = part if part.startswith("/") else os.path.join(os.getcwd(), part)
+            if "://" not in part and ("/" in part or os.path.exists(part)):
+                paths.append(part)
+    return [*paths, os.getcwd()]
 
 
 def mlproject_text() -> str:

@@ -19,6 +19,7 @@ LAYERS = [
         "nws.progress",
         "nws.processes",
         "nws.checks",
+        "nws.diskspace",
         "nws.fidelity",
         "nws.backend",
     ),

@@ -196,7 +196,8 @@ def test_a_packed_block_stopped_killed_and_resumed_ends_at_the_target_exactly(tm
     assert len(by_state["COMPLETE"]) == 6, [t.state.name for t in trials]
     killed = [t for t in by_state["FAIL"] if t.user_attrs.get("worker", "").endswith(f":{killed_pid}")]
     assert len(killed) == 4
-    retried = {optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) for t in by_state["COMPLETE"]}
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback
+    retried = {retry.retried_trial_number(t) for t in by_state["COMPLETE"]}
     assert {t.number for t in killed} <= retried
     assert len(by_state["PRUNED"]) == 2
     statuses = run_statuses(uri, name)

@@ -196,7 +196,7 @@ def test_a_worker_killed_mid_net_is_detected_and_its_net_retried(servers, client
     killed_run = client.get_run(killed[0].user_attrs["mlflow_run_id"])
     assert killed_run.info.status == "FAILED"
     assert "died" in killed_run.data.tags["nws.failure"]
-    retries = [t for t in trials if optuna.storages.RetryFailedTrialCallback.retried_trial_number(t)
+    retries = [t for t in trials if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
                == killed[0].number]  # fmt: skip
     assert len(retries) == 1 and retries[0].state.name == "COMPLETE"
     assert retries[0].params == killed[0].params
@@ -312,7 +312,7 @@ def test_on_a_journal_file_a_gone_process_trial_is_failed_and_retried(tmp_path):
     trials = study.get_trials(deepcopy=False)
     assert [t.state.name for t in trials] == ["FAIL", "RUNNING", "WAITING"]
     assert trials[2].params == trials[0].params
-    assert optuna.storages.RetryFailedTrialCallback.retried_trial_number(trials[2]) == orphan.number
+    assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trials[2]) == orphan.number
 
 
 @pytest.fixture(scope="module")
@@ -404,7 +404,7 @@ def test_cleanup_lists_a_killed_processs_runs_and_trial_and_closes_them(orphans,
     trials = study.get_trials(deepcopy=False)
     assert [t.state.name for t in trials] == ["FAIL", "WAITING"]  # failed, and queued again
     assert trials[1].params == trials[0].params
-    assert optuna.storages.RetryFailedTrialCallback.retried_trial_number(trials[1]) == 0
+    assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trials[1]) == 0
     assert trials[0].user_attrs["mlflow_run_id"] == before["net"][0].info.run_id
 
     assert main([*command, "--all-hosts", "true"]) == 0  # closes what it cannot check, never a live one

@@ -17,7 +17,13 @@ from typing import Any
 from nws.campaign.trials import fail_trial, optuna_state
 from nws.processes import GONE, OTHER_HOST, UNKNOWN, worker_state
 from nws.tracking.runs import end_failed_run
-from nws.tracking.tags import TAG_CAMPAIGN, TAG_ROLE, TAG_WORKER, tag_equals
+from nws.tracking.tags import TAG_CAMPAIGN, TAG_ROLE, TAG_SNAPSHOTS, TAG_WORKER, tag_equals
+
+EMPTY = "FINISHED without complete snapshots"
+EMPTY_REASON = (
+    "ended FINISHED without complete snapshots (by MLflow's exit hook, or an nws before 2026-12-07): "
+    "marked FAILED by cleanup"
+)
 
 
 @dataclass
@@ -68,6 +74,26 @@ def close_orphans(
         entry.closed = _closes(entry.state, all_hosts)
         if entry.closed and not dry_run and client.get_run(run.info.run_id).info.status == "RUNNING":
             end_failed_run(client, run.info.run_id, "FAILED", _reason(worker, entry.state))
+        entries.append(entry)
+    return entries
+
+
+def close_empty_net_runs(campaign: str, dry_run: bool = False, *, experiment_ids: list[str]) -> list[Entry]:
+    """Net runs of `campaign` that are FINISHED without complete snapshots (no `nws.snapshots`
+    tag): nws never ends a net so, but MLflow's exit hook did when recording a failure failed
+    (a tracking server away), in versions before this check. Each is ended FAILED with the reason."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    query = (f"{tag_equals(TAG_CAMPAIGN, campaign)} and {tag_equals(TAG_ROLE, 'net')} and "
+             f"attributes.status = 'FINISHED' and tags.`{TAG_SNAPSHOTS}` IS NULL")  # fmt: skip
+    runs = mlflow.search_runs(experiment_ids=experiment_ids, filter_string=query, output_format="list")
+    client = MlflowClient()
+    entries = []
+    for run in runs:
+        entry = Entry(f"net run {run.info.run_id}", run.data.tags.get(TAG_WORKER, ""), EMPTY, closed=True)
+        if not dry_run:
+            end_failed_run(client, run.info.run_id, "FAILED", EMPTY_REASON)
         entries.append(entry)
     return entries
 

@@ -7,8 +7,12 @@ so Optuna would write its tables into MLflow's. That is refused however the URL 
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,9 @@ from nws.errors import ParameterError
 DEFAULT_STORAGE = "optuna-journal.log"
 STUDY_ATTRS = ("subset", "datasets", "fidelity", "backend")
 """Study user attributes that fix a campaign's space; a continuation must match them."""
+TAIL_CHUNK = 1 << 16
+JOURNAL_RECORD_START = b'{"op_code":'
+"""How Optuna writes each journal record (compact JSON, its operation first)."""
 SERVER_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433, "oracle": 1521}
 """Default ports, so that a URL with the port and one without name the same server."""
 
@@ -64,14 +71,100 @@ def _journal_file(path: str) -> Any:
     ends with exit 1, not 130; seen with two processes stopped at once). The stop is only recorded
     during the write: raised at its end, it would land in Optuna's handling of a trial's end,
     which it breaks (UnboundLocalError); the campaign's next `interrupts.check()` raises it."""
-    from optuna.storages.journal import JournalFileBackend
+    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
     class WholeWrites(JournalFileBackend):
         def append_logs(self, logs: list[dict[str, Any]]) -> None:
             with interrupts.held():
+                with _locked(self._lock):
+                    cut_torn_tail(Path(path))
                 super().append_logs(logs)
 
+    if os.path.exists(path):
+        with interrupts.held(), _locked(JournalFileSymlinkLock(path)):
+            heal_journal(Path(path))
     return WholeWrites(path)
+
+
+@contextmanager
+def _locked(lock: Any) -> Iterator[None]:
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def cut_torn_tail(path: Path) -> int:
+    """Cut a torn last record (a write that stopped halfway: a full disk, a kill) off the journal,
+    so that the next record starts on a line of its own; the bytes cut (0: none). Optuna reads
+    past a torn last line but appends to it, which glues the next record onto it for good.
+    Called under the journal's lock."""
+    with open(path, "rb+") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end == 0:
+            return 0
+        f.seek(end - 1)
+        if f.read(1) == b"\n":
+            return 0
+        start = max(0, end - TAIL_CHUNK)
+        while True:  # the last newline, read backwards in chunks
+            f.seek(start)
+            chunk = f.read(end - start)
+            newline = chunk.rfind(b"\n")
+            if newline >= 0 or start == 0:
+                keep = start + newline + 1 if newline >= 0 else 0
+                break
+            start = max(0, start - TAIL_CHUNK)
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    _say(path, f"cut a torn last record ({end - keep} bytes) left by a write that stopped halfway")
+    return end - keep
+
+
+def heal_journal(path: Path) -> tuple[int, int]:
+    """Make a journal readable again before use (under its lock): cut a torn last record
+    (`cut_torn_tail`), and split records that an earlier version glued onto a torn one (the
+    torn part dropped, the whole record after it kept). Returns (bytes cut at the tail,
+    glued records split)."""
+    cut = cut_torn_tail(path)
+    with open(path, "rb") as f:
+        lines = f.readlines()
+    split = 0
+    for i, line in enumerate(lines):
+        try:
+            json.loads(line)
+            continue
+        except ValueError:
+            pass
+        record = _last_whole_record(line)
+        if record is None:
+            raise ParameterError("storage", f"{path} line {i + 1} is not an Optuna journal record")
+        lines[i] = record
+        split += 1
+    if split:
+        healed = path.with_name(path.name + ".healing")
+        healed.write_bytes(b"".join(lines))
+        os.replace(healed, path)
+        _say(path, f"dropped the torn start of {split} record(s) that a later write was glued onto")
+    return cut, split
+
+
+def _last_whole_record(line: bytes) -> bytes | None:
+    """The whole journal record at the end of a line that starts with a torn one, or None."""
+    start = line.find(JOURNAL_RECORD_START, 1)
+    while start > 0:
+        try:
+            json.loads(line[start:])
+            return line[start:]
+        except ValueError:
+            start = line.find(JOURNAL_RECORD_START, start + 1)
+    return None
+
+
+def _say(path: Path, what: str) -> None:
+    print(f"nws: journal {path}: {what}", file=sys.stderr, flush=True)
 
 
 def check_storage(url: str) -> str:

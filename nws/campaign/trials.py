@@ -4,7 +4,7 @@ that died (failed, its MLflow run marked FAILED, its configuration queued again)
 
 Workers (processes, machines) coordinate through the study's storage only. On an RDB storage each
 running trial sends Optuna heartbeats, and the trial of a worker that went silent is failed and
-retried by Optuna's RetryFailedTrialCallback; on a journal file, which has no heartbeats, the
+retried by Optuna's RetryHeartbeatStaleTrialCallback; on a journal file, which has no heartbeats, the
 trials of this host's processes that are gone are failed here instead.
 """
 
@@ -31,7 +31,7 @@ def optuna_state(name: str) -> Any:
 
 def fail_and_retry(study: Any, trial: Any) -> None:
     """A trial whose worker died: mark its MLflow run FAILED, then let Optuna's
-    RetryFailedTrialCallback enqueue its configuration again."""
+    RetryHeartbeatStaleTrialCallback enqueue its configuration again."""
     import optuna
 
     run_id = trial.user_attrs.get("mlflow_run_id")
@@ -41,7 +41,9 @@ def fail_and_retry(study: Any, trial: Any) -> None:
     except Exception as e:  # the retry matters more; the run stays not FINISHED either way
         print(f"could not mark MLflow run {run_id} FAILED: {type(e).__name__}: {e}", file=sys.stderr)
     finally:
-        optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRIES)(study, trial)
+        with warnings.catch_warnings():  # marked experimental; the old name is deprecated
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, trial)
 
 
 def fail_trial(study: Any, trial: Any) -> None:

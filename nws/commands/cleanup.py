@@ -1,5 +1,6 @@
 """The `cleanup` entry point: list a campaign's RUNNING runs and trials with their workers, and
-close those whose process is gone (`nws.campaign.orphans`), as a resumed campaign does."""
+close those whose process is gone (`nws.campaign.orphans`), as a resumed campaign does; and mark
+FAILED the net runs that ended FINISHED without complete snapshots (left by earlier versions)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class CleanupOptions:
 
 def run_cleanup(options: CleanupOptions) -> list[Entry]:
     """List a campaign's RUNNING runs and trials, close those whose process is gone."""
-    from nws.campaign.orphans import close_orphans
+    from nws.campaign.orphans import EMPTY, close_empty_net_runs, close_orphans
     from nws.campaign.storage import load_study
     from nws.tracking.experiments import working_experiment
     from nws.tracking.runs import check_tracking_server
@@ -48,10 +49,14 @@ def run_cleanup(options: CleanupOptions) -> list[Entry]:
     entries = close_orphans(
         study, options.campaign, options.all_hosts, options.dry_run, experiment_ids=[experiment_id]
     )
-    for entry in entries:
+    empty = close_empty_net_runs(options.campaign, options.dry_run, experiment_ids=[experiment_id])
+    for entry in [*entries, *empty]:
         print(entry.line(options.dry_run))
     closed = sum(e.closed for e in entries)
     verb = "would be closed" if options.dry_run else "closed"
     left = len(entries) - closed
-    print(f"campaign {options.campaign}: {len(entries)} running, {closed} {verb}, {left} left running")
-    return entries
+    line = f"campaign {options.campaign}: {len(entries)} running, {closed} {verb}, {left} left running"
+    if empty:
+        line += f", {len(empty)} {EMPTY} {'would be marked' if options.dry_run else 'marked'} FAILED"
+    print(line)
+    return [*entries, *empty]

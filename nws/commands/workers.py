@@ -4,7 +4,9 @@ The parent holds the campaign's MLflow run and starts each worker as `nws sample
 parameters, one worker each, the CPU threads split between them (on a GPU they share the device,
 memory growth on). The workers coordinate only through the campaign's Optuna storage. The parent
 supervises them: on a storage without heartbeats (a journal file) it fails and retries the trials
-of a worker that died itself; in target mode it starts a replacement worker.
+of a worker that died itself; in target mode it starts a replacement worker. A worker does not
+outlive its parent: on Linux it gets SIGTERM when the parent dies, even by SIGKILL (`_end_with_parent`),
+and stops as on any stop (its net's run KILLED, its trial retried by the next resume).
 """
 
 from __future__ import annotations
@@ -26,6 +28,26 @@ from nws.tracking.runs import parent_run
 from nws.tracking.tags import campaign_tags
 
 POLL_SECONDS = 1.0
+PR_SET_PDEATHSIG = 1  # Linux prctl(2)
+
+
+def _end_with_parent() -> Any:
+    """A function for `Popen(preexec_fn=...)` that makes the child get SIGTERM when this process
+    dies (Linux; None elsewhere, where workers of a killed parent run on until their quota and
+    `nws cleanup` or the resume closes what they leave)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def end_with_parent() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the request: do not start
+            os._exit(128 + signal.SIGTERM)
+
+    return end_with_parent
 
 
 def worker_command(params: Mapping[str, Any], **changes: Any) -> list[str]:
@@ -84,7 +106,8 @@ def run_workers(
         # it: the worker has its own session (a terminal's Ctrl-C reaches the parent only, which
         # passes it on once), so one left out would run on alone.
         with interrupts.deferred():
-            workers[subprocess.Popen(command, env=env, start_new_session=True)] = quota
+            worker = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_end_with_parent())
+            workers[worker] = quota
 
     restarts = n_workers
     failed = False

@@ -9,6 +9,7 @@ is held until its id is known, so a stop never leaves a run RUNNING behind.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 from collections.abc import Iterator, Mapping
@@ -24,6 +25,47 @@ def _mlflow() -> Any:
     import mlflow
 
     return mlflow
+
+
+LEFT_ACTIVE = "the process ended before nws ended this run"
+_owned: set[str] = set()
+"""Runs nws started in this process and has not ended yet."""
+
+
+def _own(run_id: str) -> None:
+    """Keep `run_id` until nws ends it. The first time, register the exit hook that ends what is
+    left FAILED: registered after MLflow's own (which ends the active run FINISHED), it runs first."""
+    if not _owned and not getattr(_own, "hooked", False):
+        _mlflow()  # MLflow's hook is registered when it is imported
+        atexit.register(end_runs_left_active)
+        _own.hooked = True  # type: ignore[attr-defined]
+    _owned.add(run_id)
+
+
+def end_runs_left_active() -> list[str]:
+    """End FAILED, with the reason, every run nws started here and did not end (a write of its end
+    that failed, a path out of a run that nothing closed), and take them off MLflow's active-run
+    stack, so that MLflow's exit hook cannot end them FINISHED. Returns their ids."""
+    from mlflow import MlflowClient
+
+    left = sorted(_owned)
+    for run_id in left:
+        with contextlib.suppress(Exception):  # the server may still be away: the run stays RUNNING
+            if MlflowClient().get_run(run_id).info.status == "RUNNING":
+                end_failed_run(MlflowClient(), run_id, "FAILED", LEFT_ACTIVE)
+        _take_off_stack(run_id, "FAILED")
+        _owned.discard(run_id)
+    return left
+
+
+def _take_off_stack(run_id: str, status: str) -> None:
+    """Take `run_id` off MLflow's active-run stack while it is on top. MLflow pops before it
+    writes the end, so a failed write still leaves the stack without it."""
+    mlflow = _mlflow()
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        with contextlib.suppress(Exception):
+            mlflow.end_run(status)
 
 
 def check_tracking_server(timeout: float = 5.0) -> None:
@@ -76,6 +118,7 @@ def parent_run(
         if owned:
             where = _experiment_for(experiment, nested)
             run = mlflow.start_run(run_name=run_name, nested=nested, experiment_id=where)
+            _own(run.info.run_id)
         elif experiment.strip():
             working_experiment(experiment)  # refuses an experiment other than the active run's
     run_id = run.info.run_id
@@ -120,6 +163,7 @@ def start_net_run(
             else:
                 run = mlflow.start_run(run_name=run_name, nested=True, tags=dict(tags), experiment_id=where)
             run_id = run.info.run_id
+            _own(run_id)
         mlflow.log_params(dict(params))
     except BaseException as error:  # Ctrl-C included
         if run_id:
@@ -150,10 +194,13 @@ def log_epoch(epoch: int, metrics: Mapping[str, float], run_id: str = "") -> Non
 
 
 def end_run(status: str = "FINISHED", tags: Mapping[str, str] | None = None) -> None:
+    """End the active run (a net's) with `status`, after its tags."""
     mlflow = _mlflow()
+    run_id = mlflow.active_run().info.run_id
     if tags:
         mlflow.set_tags(dict(tags))
-    mlflow.end_run(status=status)
+    mlflow.end_run(status=status)  # off the stack first: a failed write leaves it RUNNING, not ours
+    _owned.discard(run_id)
 
 
 def abort_run(run_id: str, error: BaseException) -> None:
@@ -162,15 +209,18 @@ def abort_run(run_id: str, error: BaseException) -> None:
     `mlflow.end_run` takes the run off the active-run stack before it writes the end: a Ctrl-C in
     that write left the run RUNNING, and ending "the active run" again would then have ended its
     parent instead. So the end is written by id, and the stack is popped only while the run is
-    still on top.
+    still on top, whether the write worked or not: left on the stack, MLflow's exit hook would end
+    it FINISHED once its server answers again. A write that failed leaves the run to the exit
+    hook (`end_runs_left_active`) and to `nws cleanup`.
     """
     from mlflow import MlflowClient
 
     status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-    end_failed_run(MlflowClient(), run_id, status, error_text(error))
-    active = _mlflow().active_run()
-    if active is not None and active.info.run_id == run_id:
-        _mlflow().end_run(status)
+    try:
+        end_failed_run(MlflowClient(), run_id, status, error_text(error))
+        _owned.discard(run_id)
+    finally:
+        _take_off_stack(run_id, status)
 
 
 def end_active_run(run_id: str, status: str) -> None:
@@ -178,9 +228,8 @@ def end_active_run(run_id: str, status: str) -> None:
     from mlflow import MlflowClient
 
     MlflowClient().set_terminated(run_id, status)
-    active = _mlflow().active_run()
-    if active is not None and active.info.run_id == run_id:
-        _mlflow().end_run(status)
+    _owned.discard(run_id)
+    _take_off_stack(run_id, status)
 
 
 def end_failed_run(client: Any, run_id: str, status: str, failure: str) -> None:
