@@ -12,10 +12,12 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NoReturn
 
 from nws import backend, diskspace, interrupts, logs
-from nws.commands.options import parse_bool
+from nws.checks import Check
+from nws.commands.options import check_of, parse_bool
 from nws.errors import NWSError, ParameterError
 
 logs.quiet_environment()  # before anything imports TensorFlow, Keras or MLflow
@@ -146,14 +148,16 @@ class _OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _bool_type(name: str) -> Callable[[str], bool]:
-    def convert(text: str) -> bool:
-        try:
-            return parse_bool(name, text)
-        except ParameterError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
+def _checked_type(name: str, convert: Callable[[str], Any], check: Check) -> Callable[[str], Any]:
+    """argparse's `type` for an option: the text converted (argparse's own line when it is not
+    a number), then its declared check, whose `ParameterError` leaves argparse and becomes the
+    same one line as any other (`main`), before anything is made."""
 
-    return convert
+    def parse(text: str) -> Any:
+        return check(name, convert(text))
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse: "invalid int value: 'x'"
+    return parse
 
 
 def _help_text(text: str, default: Any) -> str:
@@ -178,7 +182,8 @@ def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
         )  # fmt: skip
         for f in dataclasses.fields(command.options):
             is_bool = str(f.type) == "bool"
-            kind = {"int": int, "float": float, "bool": _bool_type(f.name)}.get(str(f.type), str)
+            convert = {"int": int, "float": float, "bool": partial(parse_bool, f.name)}.get(str(f.type), str)
+            kind = _checked_type(f.name, convert, check_of(f))
             flags = dict.fromkeys([f"--{f.name.replace('_', '-')}", f"--{f.name}"])
             p.add_argument(
                 *flags,
@@ -193,7 +198,13 @@ def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     commands = _commands()
-    args = build_parser(commands).parse_args(argv)
+    try:
+        args = build_parser(commands).parse_args(argv)
+    except ParameterError as e:  # a value its option's declared check refused
+        given = list(sys.argv[1:] if argv is None else argv)
+        name = next((a for a in given if a in commands), "")
+        print(f"nws {name}: error: {e}" if name else f"nws: error: {e}", file=sys.stderr)
+        return 2
     command = commands[args.command]
     prog = f"nws {command.name}"
     values = {k: v for k, v in vars(args).items() if k != "command"}

@@ -21,7 +21,7 @@ from nws.campaign.settings import CampaignSettings
 from nws.campaign.storage import open_study
 from nws.campaign.trials import TAKEN_OVER, drop_taken_over, is_surplus, nets_to_ask, trial_failed
 from nws.processes import worker_name
-from nws.tracking.experiments import working_experiment
+from nws.tracking.experiments import existing_run, working_experiment
 from nws.tracking.runs import check_tracking_server, fail_net_run, parent_run
 from nws.tracking.tags import campaign_tags
 
@@ -51,6 +51,8 @@ def open_campaign(settings: CampaignSettings) -> Any:
     check_tracking_server()
     named(settings.backend).environment(settings.deterministic, settings.threads)
     check_available(list(settings.datasets), settings.data_dir, settings.download)
+    if settings.parent_run_id:
+        existing_run("parent_run_id", settings.parent_run_id)
     study = open_study(settings)
     if not settings.parent_run_id:
         experiment_id = working_experiment(settings.experiment)

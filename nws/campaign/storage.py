@@ -124,31 +124,42 @@ def cut_torn_tail(path: Path) -> int:
 
 
 def heal_journal(path: Path) -> tuple[int, int]:
-    """Make a journal readable again before use (under its lock): cut a torn last record
-    (`cut_torn_tail`), and split records that an earlier version glued onto a torn one (the
-    torn part dropped, the whole record after it kept). Returns (bytes cut at the tail,
-    glued records split)."""
-    cut = cut_torn_tail(path)
-    with open(path, "rb") as f:
-        lines = f.readlines()
-    split = 0
-    for i, line in enumerate(lines):
-        try:
-            json.loads(line)
-            continue
-        except ValueError:
-            pass
-        record = _last_whole_record(line)
-        if record is None:
-            raise ParameterError("storage", f"{path} line {i + 1} is not an Optuna journal record")
-        lines[i] = record
-        split += 1
+    """Make a journal readable again before use (under its lock, in place): cut a torn last
+    record (`cut_torn_tail`), and split records that an earlier version glued onto a torn one
+    (the torn part dropped, the whole record after it kept). A file that is not an Optuna journal
+    is refused in one line and left as it is. Returns (bytes cut at the tail, records split)."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # after the last newline: empty, or a torn record
+    healed, split = [], 0
+    for number, line in enumerate(lines, 1):
+        record = line if _is_record(line) else _last_whole_record(line)
+        if record is None or not line.startswith(JOURNAL_RECORD_START):
+            raise ParameterError(
+                "storage", f"{path} is not an Optuna journal (line {number} is no record of one)"
+            )
+        healed.append(record)
+        split += record is not line
+    if tail and not (JOURNAL_RECORD_START.startswith(tail[:11]) or tail.startswith(JOURNAL_RECORD_START)):
+        raise ParameterError(
+            "storage", f"{path} is not an Optuna journal (its last line is no record of one)"
+        )
+    cut = cut_torn_tail(path) if tail else 0
     if split:
-        healed = path.with_name(path.name + ".healing")
-        healed.write_bytes(b"".join(lines))
-        os.replace(healed, path)
+        with open(path, "rb+") as f:
+            f.write(b"".join(record + b"\n" for record in healed))
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
         _say(path, f"dropped the torn start of {split} record(s) that a later write was glued onto")
     return cut, split
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def _last_whole_record(line: bytes) -> bytes | None:

@@ -34,7 +34,7 @@ def run_cleanup(options: CleanupOptions) -> list[Entry]:
     """List a campaign's RUNNING runs and trials, close those whose process is gone."""
     from nws.campaign.orphans import EMPTY, close_empty_net_runs, close_orphans
     from nws.campaign.storage import load_study
-    from nws.tracking.experiments import working_experiment
+    from nws.tracking.experiments import existing_experiment
     from nws.tracking.runs import check_tracking_server
 
     check_campaign(options.campaign)
@@ -45,7 +45,7 @@ def run_cleanup(options: CleanupOptions) -> list[Entry]:
         print(
             f"no Optuna study {options.campaign!r} in {where}: only MLflow runs are checked", file=sys.stderr
         )
-    experiment_id = working_experiment(options.experiment)
+    experiment_id = existing_experiment(options.experiment)
     entries = close_orphans(
         study, options.campaign, options.all_hosts, options.dry_run, experiment_ids=[experiment_id]
     )

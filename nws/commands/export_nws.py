@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from nws.checks import writable_directory
+from nws.checks import SEED, Directory, Real, writable_directory
 from nws.commands.options import Selection, param
 from nws.errors import ParameterError
 from nws.formats.exporter import LAYOUTS
@@ -17,13 +17,17 @@ from nws.zoo.cache import default_cache_dir
 class ExportOptions(Selection):
     """The parameters of the `export_nws` entry point: the selection (as `train`), then where."""
 
-    out: str = param("nws-export", "output directory")
+    out: str = param("nws-export", "output directory", Directory())
     format: str = param("nws", "nws (the published layout) or cnn_zoo (Small CNN Zoo, one architecture)")
-    test_fraction: float = param(0.2, "share of nets written to the test CSV when a net has no nws.split tag")
-    seed: int = param(0, "seed of that train/test assignment")
+    test_fraction: float = param(
+        0.2,
+        "share of nets written to the test CSV when a net has no nws.split tag",
+        Real(0.0, 1.0, high_open=True),
+    )
+    seed: int = param(0, "seed of that train/test assignment", SEED)
     absolute_paths: bool = param(False, "write absolute paths into the index CSVs")
     kernels_only: bool = param(False, "cnn_zoo: write kernels and biases only, no batch-norm variables")
-    cache_dir: str = param("", "snapshot cache (default $NWS_CACHE_DIR or ~/.cache/nws/zoo)")
+    cache_dir: str = param("", "snapshot cache (default $NWS_CACHE_DIR or ~/.cache/nws/zoo)", Directory())
 
     def validate(self) -> Path:
         if self.format not in LAYOUTS:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nws.checks import at_least
+from nws.checks import Count, at_least
 from nws.commands.options import check_campaign, param
 from nws.errors import DataError, ParameterError
 from nws.formats.importer import ImportSummary
@@ -19,7 +19,7 @@ class ImportZooOptions:
 
     dir: str = param("", "the zoo's directory: weights.npy, metrics.csv.gz, layout.csv")
     campaign: str = param("cnn-zoo", "the nws.campaign tag of the imported nets")
-    checkpoints: int = param(0, "checkpoints every net must have (0: the number most nets have)")
+    checkpoints: int = param(0, "checkpoints every net must have (0: the number most nets have)", Count(0))
     allow_refused: bool = param(False, "exit 0 even when some nets were refused")
 
     def directory(self) -> Path:

@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nws.checks import at_least
+from nws.checks import Count, at_least
 from nws.commands.options import param
 from nws.errors import DataError, ParameterError
 from nws.formats import nws as nws_format
@@ -23,8 +23,8 @@ class ImportOptions:
     root: str = param("", "directory the CSVs' path column is relative to (default: each CSV's)")
     subset: str = param("", "fixed or main (default: from the CSV name, else main)")
     campaign: str = param("", "the nws.campaign tag of the imported nets (default: nws-<subset>)")
-    prints: int = param(nws_format.PUBLISHED_PRINTS, "snapshots per net (weights/001.bin ...)")
-    workers: int = param(2, "worker processes importing nets in parallel (1: in this process)")
+    prints: int = param(nws_format.PUBLISHED_PRINTS, "snapshots per net (weights/001.bin ...)", Count(1))
+    workers: int = param(2, "worker processes importing nets in parallel (1: in this process)", Count(1))
     allow_refused: bool = param(False, "exit 0 even when some nets were refused")
     experiment: str = param(
         "",

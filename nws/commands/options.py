@@ -9,15 +9,29 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from nws.checks import TEXT, Check, Real
 from nws.errors import ParameterError
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off"}
 
 
-def param(default: Any, help: str) -> Any:
-    """A dataclass field whose help text the CLI shows."""
-    return field(default=default, metadata={"help": help})
+def param(default: Any, help: str, check: Check = TEXT) -> Any:
+    """A dataclass field whose help text the CLI shows and whose values `check` accepts (applied
+    when the CLI parses the value; a number must say which, `tests/test_bad_input.py`)."""
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+def check_of(option: Any) -> Check:
+    """The check declared with an option (a dataclass field)."""
+    return option.metadata.get("check", TEXT)
+
+
+def check_declared(options: Any) -> None:
+    """Apply every option's declared check to its value: what the CLI does when it parses them,
+    for options made in code (`main`'s parts, a library caller)."""
+    for option in dataclasses.fields(options):
+        check_of(option)(option.name, getattr(options, option.name))
 
 
 def default_of(settings: type, name: str) -> Any:
@@ -66,7 +80,7 @@ class Selection:
         "$MLFLOW_EXPERIMENT_NAME or $MLFLOW_EXPERIMENT_ID, else nws)",
     )
     filter: str = param("", "MLflow search filter, AND-ed with: finished net runs with complete snapshots")
-    min_test_accuracy: float = param(0.0, "leave out nets below this test accuracy")
+    min_test_accuracy: float = param(0.0, "leave out nets below this test accuracy", Real(0.0, 1.0))
 
     def query(self) -> Any:
         """The selected nets (`nws.zoo.query.query_nets`), or one line naming the parameter that

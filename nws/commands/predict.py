@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nws.checks import at_least
+from nws.checks import Count, RunId, at_least
 from nws.commands.options import param
 from nws.errors import DataError, ParameterError
 from nws.space import PROPERTY_NAMES, get_property
@@ -25,9 +25,9 @@ from nws.tracking.tags import SNAPSHOTS_COMPLETE, TAG_ROLE, TAG_SNAPSHOTS, TAG_S
 class PredictOptions:
     """The parameters of the `predict` entry point."""
 
-    run_id: str = param("", "the MLflow run of the net to look at")
+    run_id: str = param("", "the MLflow run of the net to look at", RunId())
     snapshot: str = param("", "or a snapshot file (.npy): one flat vector or [prints, n_weights]")
-    k: int = param(0, "which snapshot (1-based) of the run or file; 0 = the last")
+    k: int = param(0, "which snapshot (1-based) of the run or file; 0 = the last", Count(0))
     props: str = param("all", "comma list of properties, or all")
     alias: str = param("champion", "the registered models' alias to use")
     experiment: str = param(

@@ -11,8 +11,8 @@ from nws.backend import BACKENDS, BY_NAME, DEFAULT_BACKEND, named, select
 from nws.campaign.loop import CampaignSummary
 from nws.campaign.settings import CampaignSettings
 from nws.campaign.storage import DEFAULT_STORAGE
-from nws.checks import at_least
-from nws.commands.options import check_campaign, default_of, param
+from nws.checks import SEED, Count, Directory, Real, RunId
+from nws.commands.options import check_campaign, check_declared, default_of, param
 from nws.errors import ParameterError
 from nws.fidelity import check_fidelity
 from nws.space import NetConfig
@@ -23,15 +23,15 @@ from nws.training import TrainSettings
 class SampleOptions:
     """The parameters of the `sample` entry point."""
 
-    n_nets: int = param(1, "nets to train in this call")
+    n_nets: int = param(1, "nets to train in this call", Count(1))
     subset: str = param("main", "fixed (architecture pinned) or main (architecture drawn too)")
     datasets: str = param("offline", "comma list of datasets to draw from; 'offline' or 'paper' name groups")
-    prints: int = param(20, "snapshots kept per net (>= 2)")
-    max_epochs: int = param(default_of(TrainSettings, "max_epochs"), "most epochs per net")
+    prints: int = param(20, "snapshots kept per net (>= 2)", Count(2))
+    max_epochs: int = param(default_of(TrainSettings, "max_epochs"), "most epochs per net", Count(0))
     min_epochs: int = param(
-        default_of(TrainSettings, "min_epochs"), "epochs before early stopping may stop a net"
+        default_of(TrainSettings, "min_epochs"), "epochs before early stopping may stop a net", Count(0)
     )
-    seed: int = param(0, "campaign seed: hyper-parameters and net seeds derive from it")
+    seed: int = param(0, "campaign seed: hyper-parameters and net seeds derive from it", SEED)
     campaign: str = param("default", "campaign name: the Optuna study and the nws.campaign tag")
     experiment: str = param(
         "",
@@ -41,16 +41,20 @@ class SampleOptions:
         "", f"Optuna storage: an RDB URL or a journal file path (default ./{DEFAULT_STORAGE})"
     )
     data_dir: str = param(
-        "", "root of the datasets' official files (default $NWS_DATA_DIR, else ~/.cache/nws/data)"
+        "",
+        "root of the datasets' official files (default $NWS_DATA_DIR, else ~/.cache/nws/data)",
+        Directory(),
     )
     download: bool = param(True, "download missing paper datasets")
-    max_train_images: int = param(0, "cap on training images per net (0 = all)")
-    max_eval_images: int = param(0, "cap on validation and test images per net (0 = all)")
+    max_train_images: int = param(0, "cap on training images per net (0 = all)", Count(0))
+    max_eval_images: int = param(0, "cap on validation and test images per net (0 = all)", Count(0))
     config: str = param(
         "", "replay one configuration: name=value,... (all 13) or 13 values in NWS column order"
     )
     lr_decay: float = param(
-        default_of(TrainSettings, "lr_decay"), "per-epoch learning-rate factor (1.0 = constant, as published)"
+        default_of(TrainSettings, "lr_decay"),
+        "per-epoch learning-rate factor (1.0 = constant, as published)",
+        Real(0.0, 1.0, low_open=True),
     )
     mixed_precision: bool = param(
         default_of(TrainSettings, "mixed_precision"), "train in mixed float16 (GPU)"
@@ -61,46 +65,38 @@ class SampleOptions:
     )
     deterministic: bool = param(True, "op determinism (bit-identical on CPU)")
     backend: str = param(DEFAULT_BACKEND, f"Keras backend that trains the nets: {' or '.join(BACKENDS)}")
-    pack: int = param(1, "nets trained together in one compiled step (backend jax; 1 on a CPU)")
-    target: int = param(0, "finished nets the campaign should hold; workers train until then (0: n_nets)")
-    workers: int = param(1, "worker processes on this machine, all on the same campaign")
+    pack: int = param(1, "nets trained together in one compiled step (backend jax; 1 on a CPU)", Count(1))
+    target: int = param(
+        0, "finished nets the campaign should hold; workers train until then (0: n_nets)", Count(0)
+    )
+    workers: int = param(1, "worker processes on this machine, all on the same campaign", Count(1))
     threads: int = param(
         1,
         "CPU threads per worker (0: the cores split between workers); a net's last bits depend on it, "
         "so a fixed count gives the same nets with any number of workers",
+        Count(0),
     )
     heartbeat: int = param(
-        30, "seconds between heartbeats on an RDB storage; a trial silent for 2x this is retried"
+        30, "seconds between heartbeats on an RDB storage; a trial silent for 2x this is retried", Count(1)
     )
-    parent_run_id: str = param("", "MLflow run to nest the nets under (set for the workers of --workers)")
+    parent_run_id: str = param(
+        "", "MLflow run to nest the nets under (set for the workers of --workers)", RunId()
+    )
 
     def settings(self) -> CampaignSettings:
         """Check every parameter; the campaign they describe."""
         from nws.campaign.storage import check_storage
         from nws.data import resolve_datasets
 
-        at_least("n_nets", self.n_nets, 1)
+        check_declared(self)
         space.check_subset(self.subset)
-        at_least("prints", self.prints, 2)
-        at_least("max_epochs", self.max_epochs, 0)
-        at_least("min_epochs", self.min_epochs, 0)
         if self.min_epochs > self.max_epochs:
             raise ParameterError(
                 "min_epochs", f"{self.min_epochs} is larger than max_epochs ({self.max_epochs})"
             )
-        at_least("seed", self.seed, 0)
-        at_least("max_train_images", self.max_train_images, 0)
-        at_least("max_eval_images", self.max_eval_images, 0)
-        if not 0.0 < self.lr_decay <= 1.0:
-            raise ParameterError("lr_decay", f"{self.lr_decay} is not in (0, 1]")
         check_fidelity(self.fidelity)
         check_campaign(self.campaign)
-        at_least("target", self.target, 0)
-        at_least("workers", self.workers, 1)
-        at_least("threads", self.threads, 0)
-        at_least("heartbeat", self.heartbeat, 1)
         backend = named(self.backend)
-        at_least("pack", self.pack, 1)
         if self.pack > 1:
             if not backend.packs:
                 packing = " or ".join(name for name, b in BY_NAME.items() if b.packs)

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 
 from nws.backend import BACKENDS, DEFAULT_BACKEND, TAG_BACKEND, check_backend, select
-from nws.checks import at_least, writable_directory
-from nws.commands.options import Selection, default_of, names_list, param
+from nws.checks import SEED, Count, Directory, Real, at_least, writable_directory
+from nws.commands.options import Selection, check_declared, default_of, names_list, param
 from nws.commands.train_runs import Plan, train_all
 from nws.errors import ParameterError
 from nws.meta import KINDS, MODEL_NAMES
@@ -37,7 +37,9 @@ class TrainOptions(Selection):
         "all", "comma list of properties to predict (or test_accuracy, generalization_gap), or all"
     )
     K: str = param("", "snapshot range a,b within 1..prints (default: every snapshot)")
-    slice_length: int = param(default_of(MetaSettings, "slice_length"), "consecutive weights per input slice")
+    slice_length: int = param(
+        default_of(MetaSettings, "slice_length"), "consecutive weights per input slice", Count(1)
+    )
     slice_lengths: str = param(
         "", "comma list of further slice lengths for the dissection's how-much sweep (default: none)"
     )
@@ -47,13 +49,17 @@ class TrainOptions(Selection):
         default_of(MetaSettings, "steps"),
         "DMC optimizer steps, whatever the zoo's size (0: the paper's schedule, epochs passes over the "
         "training samples at a constant rate)",
+        Count(0),
     )
     validate_every: int = param(
-        default_of(MetaSettings, "validate_every"), "DMC steps between validations (it keeps its best)"
+        default_of(MetaSettings, "validate_every"),
+        "DMC steps between validations (it keeps its best)",
+        Count(1),
     )
     patience: int = param(
         default_of(MetaSettings, "patience"),
         "validations without a lower DMC validation loss before it stops (0: never)",
+        Count(0),
     )
     normalize: bool = param(
         default_of(MetaSettings, "normalize"), "DMC inputs divided by the training weights' spread"
@@ -61,15 +67,19 @@ class TrainOptions(Selection):
     epochs: int = param(
         default_of(MetaSettings, "epochs"),
         "training epochs of the invariant model, and of the DMC at steps=0",
+        Count(1),
     )
-    batch_size: int = param(default_of(MetaSettings, "batch_size"), "DMC batch size")
+    batch_size: int = param(default_of(MetaSettings, "batch_size"), "DMC batch size", Count(1))
     learning_rate: float = param(
         default_of(MetaSettings, "learning_rate"),
         "DMC (peak, cosine-decayed) and invariant learning rate (Adam)",
+        Real(0.0, low_open=True),
     )
-    test_fraction: float = param(0.2, "share of each class's nets held out for testing")
+    test_fraction: float = param(
+        0.2, "share of each class's nets held out for testing", Real(0.0, 1.0, low_open=True, high_open=True)
+    )
     split: str = param("random", "random (by net, seeded) or published (the nets' nws.split tags)")
-    seed: int = param(default_of(MetaSettings, "seed"), "seed of the split and the training")
+    seed: int = param(default_of(MetaSettings, "seed"), "seed of the split and the training", SEED)
     register: bool = param(True, "register the models and move the champion alias")
     backend: str = param(
         DEFAULT_BACKEND, f"Keras backend of the DMC and the invariant model: {' or '.join(BACKENDS)}"
@@ -78,7 +88,7 @@ class TrainOptions(Selection):
         default_of(MetaSettings, "save_optimizer"),
         "keep the DMC's optimizer state in its model file (three times the size; to resume training)",
     )
-    cache_dir: str = param("", "snapshot cache (default $NWS_CACHE_DIR or ~/.cache/nws/zoo)")
+    cache_dir: str = param("", "snapshot cache (default $NWS_CACHE_DIR or ~/.cache/nws/zoo)", Directory())
     robustness: str = param(
         "", "also evaluate on test nets transformed at random: comma list of permute, rescale"
     )
@@ -97,19 +107,8 @@ class TrainOptions(Selection):
 
     def validate(self) -> tuple[list[str], list[str]]:
         """Check the parameters that need no data; return the properties and models."""
+        check_declared(self)
         check_backend(self.backend)
-        at_least("epochs", self.epochs, 1)
-        at_least("steps", self.steps, 0)
-        at_least("validate_every", self.validate_every, 1)
-        at_least("patience", self.patience, 0)
-        at_least("batch_size", self.batch_size, 1)
-        at_least("seed", self.seed, 0)
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ParameterError("test_fraction", f"{self.test_fraction} is not in (0, 1)")
-        if not self.learning_rate > 0:
-            raise ParameterError("learning_rate", f"{self.learning_rate} is not positive")
-        if not 0.0 <= self.min_test_accuracy <= 1.0:
-            raise ParameterError("min_test_accuracy", f"{self.min_test_accuracy} is not in [0, 1]")
         if self.split not in SPLITS:
             raise ParameterError("split", f"{self.split!r} is not one of {', '.join(SPLITS)}")
         if self.region not in REGIONS:

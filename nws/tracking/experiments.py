@@ -110,5 +110,33 @@ def working_experiment(option: str = "", parent_run_id: str = "") -> str:
     return _from_environment() or get_or_create(DEFAULT_EXPERIMENT)
 
 
+def existing_run(option: str, run_id: str) -> Any:
+    """The run `run_id`, or one line naming the option when the tracking store has none such."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _client().get_run(run_id)
+    except MlflowException:
+        raise ParameterError(option, f"no run {run_id} in the tracking store {_tracking_uri()}") from None
+
+
+def existing_experiment(option: str) -> str:
+    """The id of the experiment named by `option` (or the working one when empty), refused in
+    one line when no such experiment exists: a command that only looks must not create one."""
+    name = option.strip()
+    if not name:
+        return working_experiment()
+    found = _client().get_experiment_by_name(name)
+    if found is None:
+        raise ParameterError("experiment", f"no experiment named {name!r} in {_tracking_uri()}")
+    return found.experiment_id
+
+
+def _tracking_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
 def experiment_name(experiment_id: str) -> str:
     return _client().get_experiment(experiment_id).name
