@@ -42,7 +42,7 @@ def sizes(values):
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
-    """Three good nets (fixed + two main architectures) and six broken ones."""
+    """Three good nets (fixed + two main architectures) and seven broken ones."""
     base = tmp_path_factory.mktemp("published")
     root, outside = base / "root", base / "outside"
     pub.write_net(outside / "net", FIXED, pub.published_weights(sum(sizes(FIXED)), 9))
@@ -60,9 +60,11 @@ def published(tmp_path_factory):
     nan[12, 100] = np.nan
     pub.write_net(root / "nets" / "I", FIXED, nan)
     os.symlink(outside / "net", root / "nets" / "E")  # a link that leaves the root
+    pub.write_net(root / "nets" / "J", FIXED, pub.published_weights(n, 10))
+    (root / "nets" / "J" / "meta.csv").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")  # damaged
     fixed_rows = [
         pub.index_row(FIXED, sizes(FIXED), p)
-        for p in ("nets/A", "../outside/net", "nets/E", "nets/F", "nets/G", "nets/H", "nets/I")
+        for p in ("nets/A", "../outside/net", "nets/E", "nets/F", "nets/G", "nets/H", "nets/I", "nets/J")
     ]
     fixed_rows[5]["optimizer"] = 0  # the index says adam, meta.csv holds the unknown code 7
     main_rows = [
@@ -102,23 +104,24 @@ def imported(tracking_uri, published):
 def test_each_broken_net_is_refused_with_its_reason_and_the_others_are_imported(imported):
     code, out, err, runs = imported
     assert code == 1
-    assert "imported 3 nets, skipped 0 already imported, refused 6" in out, err
+    assert "imported 3 nets, skipped 0 already imported, refused 7" in out, err
     assert sorted(runs) == ["A", "B", "C"]
     assert all(r.info.status == "FINISHED" for r in runs.values())
     refusals = [line for line in err.splitlines() if line.startswith("refused ")]
     reasons = "\n".join(refusals)
-    assert len(refusals) == 6
+    assert len(refusals) == 7
     assert reasons.count("leads outside the root") == 2  # ../ and the symlink
     assert "weights/001.bin holds 92865 values, not weightn_conv + weightn_fc = 92868" in reasons
     assert "weights/007.bin is missing" in reasons
     assert "meta.csv: optimizer: '7' is not one of adam, rmsprop, momentum" in reasons
     assert "weights/013.bin holds NaN or infinite weights" in reasons
+    assert "meta.csv is not a CSV file" in reasons
     parent = mlflow.get_run(runs["A"].data.tags["mlflow.parentRunId"])
-    assert parent.data.metrics == {"imported": 3.0, "skipped": 0.0, "refused": 6.0}
+    assert parent.data.metrics == {"imported": 3.0, "skipped": 0.0, "refused": 7.0}
     table = pd.read_csv(
         mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="refusals.csv")
     )
-    assert len(table) == 6 and set(table.columns) == {"csv", "path", "reason"}
+    assert len(table) == 7 and set(table.columns) == {"csv", "path", "reason"}
 
 
 @pytest.mark.slow
@@ -197,7 +200,7 @@ def test_a_second_import_skips_what_is_there(imported, published):
         "true",
     )
     assert code == 0
-    assert "imported 0 nets, skipped 3 already imported, refused 6" in out
+    assert "imported 0 nets, skipped 3 already imported, refused 7" in out
     assert len(imported_runs()) == 3
 
 
@@ -216,7 +219,7 @@ def test_an_import_into_an_mlflow_server_matches_one_into_a_database(
         "import_nws", "--csv", csvs, "--root", root, "--allow-refused", "true", "--workers", "1"
     )
     assert code == 0, err
-    assert "imported 3 nets, skipped 0 already imported, refused 6" in out
+    assert "imported 3 nets, skipped 0 already imported, refused 7" in out
     served = {r.data.tags[TAG_SOURCE_PATH].split("/")[-1]: r for r in imported_runs()}
     assert sorted(served) == ["A", "B", "C"]
     curves = []

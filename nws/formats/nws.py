@@ -106,6 +106,8 @@ def _read_meta(directory: Path) -> NetConfig:
             rows = list(csv.reader(f))
     except OSError as e:
         raise Refused(f"meta.csv unreadable ({e.strerror})") from None
+    except (UnicodeDecodeError, csv.Error) as e:  # damaged: binary bytes, a NUL, a broken quote
+        raise Refused(f"meta.csv is not a CSV file ({e})") from None
     if len(rows) < 2 or tuple(h.strip() for h in rows[0]) != PROPERTY_NAMES:
         raise Refused("meta.csv does not have the 13 NWS columns and one row")
     try:
@@ -132,7 +134,11 @@ def read_net(directory: Path, row: Mapping[str, Any], prints: int = PUBLISHED_PR
         different = [n for n in PROPERTY_NAMES if getattr(listed, n) != getattr(config, n)]
         raise Refused(f"meta.csv and the index CSV disagree on {', '.join(different)}")
     layout = weight_layout(config)
-    conv, fc = int(row["weightn_conv"]), int(row["weightn_fc"])
+    try:
+        conv, fc = int(row["weightn_conv"]), int(row["weightn_fc"])
+    except (TypeError, ValueError):
+        sizes = f"{row['weightn_conv']!r}/{row['weightn_fc']!r}"
+        raise Refused(f"index row: weightn_conv/weightn_fc {sizes} are not whole numbers") from None
     if (conv, fc) != (layout.weightn_conv, layout.weightn_fc):
         raise Refused(
             f"weightn_conv/weightn_fc {conv}/{fc} do not match the architecture "
