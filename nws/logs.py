@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from nws.backend import DEFAULT_BACKEND
+from nws.diskspace import is_disk_full
 
 ENVIRONMENT = {
     "TF_CPP_MIN_LOG_LEVEL": "2",  # TensorFlow's native info and warning lines; errors stay
@@ -43,14 +44,37 @@ RETRACING = "triggered tf.function retracing"
 
 
 def quiet_environment() -> None:
-    """The environment of `ENVIRONMENT`, where the user has not set it."""
+    """The environment of `ENVIRONMENT`, where the user has not set it; MLflow's tracebacks of a
+    full disk dropped (`_DropDiskFull`)."""
     for name, value in ENVIRONMENT.items():
         os.environ.setdefault(name, value)
+    for name in DISK_FULL_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropDiskFull) for f in logger.filters):
+            logger.addFilter(_DropDiskFull())
 
 
 class _DropRetracing(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return RETRACING not in record.getMessage()
+
+
+class _DropDiskFull(logging.Filter):
+    """MLflow logs a database error with its traceback before it raises it (one per failed
+    write: hundreds of lines when the database's disk fills). A full disk is told in one line
+    by the CLI instead, with the traceback in a file (`nws.diskspace`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or not is_disk_full(error)
+
+
+DISK_FULL_LOGGERS = (
+    "mlflow.store.db.utils",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "optuna.study._optimize",
+)
+"""Loggers that print a full disk's traceback before the error reaches the CLI."""
 
 
 @contextlib.contextmanager

@@ -82,32 +82,6 @@ class TensorFlowStreams:
         self._batches: dict[bool, Callable[[], Iterator[Any]]] = {}
         self._running: dict[bool, weakref.ref] = {}
         self._augmenter: Any = None
-        self._evaluations: dict[tuple[str, bool], KeptEvaluation] = {}
-        self._evaluation_augmenter: Any = None
-
-    def evaluation(
-        self, role: str, x: np.ndarray, y: np.ndarray, batch_size: int, drop_remainder: bool, augment: bool
-    ) -> Any:
-        """The batches of an evaluation of `x` (scaled to [0, 1]; with `augment`, augmented by the
-        evaluation augmenter plugged in last), through this process's kept pipeline for `role`:
-        built and traced once, each evaluation plugs in its images. A role's dataset holds the
-        images last plugged in: a net's evaluations of one role follow each other."""
-        kept = self._evaluations.get((role, augment))
-        if kept is None:
-            augmenter = self._evaluation_augmenter if augment else None
-            kept = self._evaluations[role, augment] = KeptEvaluation(augmenter)
-        return kept.plug(x, y, _evaluation_parts(len(y), batch_size, drop_remainder))
-
-    def plug_evaluation_augmenter(self, seed: int) -> None:
-        """Give the kept evaluation augmenter the starting values of a new one seeded with
-        `seed`: one per net, whose random stream its evaluations continue, as the released code."""
-        self._evaluation_augmenter = _plugged(self._evaluation_augmenter, seed)
-
-    def forget_evaluations(self) -> None:
-        """Build the evaluation pipelines again (after an evaluation cut short: its iterator may
-        still read the images of its role)."""
-        self._evaluations.clear()
-        self._evaluation_augmenter = None
 
     def training(self, data: NetData, batch_size: int, seed: int, augment: bool) -> tuple[Any, int]:
         """An endless stream of class-balanced epochs (augmented with seed `seed`), and the steps
@@ -128,7 +102,14 @@ class TensorFlowStreams:
         return self._streams[augment], steps
 
     def _plug_augmenter(self, seed: int) -> None:
-        self._augmenter = _plugged(self._augmenter, seed)
+        """Give the kept augmenter the starting values of a new one seeded with `seed`."""
+        from nws.compiled import copy_values
+
+        fresh = build_augmenter(seed)
+        if self._augmenter is None:
+            self._augmenter = fresh
+        else:
+            copy_values(fresh.variables, self._augmenter.variables)
 
     def _stream(self, augment: bool) -> Any:
         import tensorflow as tf
@@ -157,56 +138,18 @@ class TensorFlowStreams:
         return running() is None
 
 
-def _plugged(augmenter: Any, seed: int) -> Any:
-    """A kept augmenter holding the starting values of a new one seeded with `seed` (the new one
-    itself when none is kept yet)."""
-    from nws.compiled import copy_values
+def evaluation_dataset(
+    x: np.ndarray, y: np.ndarray, batch_size: int, drop_remainder: bool = False, augmenter: Any = None
+) -> Any:
+    """Batches of images scaled to [0, 1]; with an `augmenter`, augmented as in training. A
+    pipeline of the net's own, without Python in its loop (see `TensorFlowStreams`)."""
+    import tensorflow as tf
 
-    fresh = build_augmenter(seed)
-    if augmenter is None:
-        return fresh
-    copy_values(fresh.variables, augmenter.variables)
-    return augmenter
-
-
-class KeptEvaluation:
-    """One evaluation pipeline kept by a process, without Python in its loop: its images, labels
-    and batch bounds are TensorFlow variables that each evaluation assigns, so the pipeline (its
-    scaling and augmenting maps) is traced once, and the evaluation step sees one input signature
-    whatever the batch size (a net's own `from_tensor_slices` pipeline cost about 0.5 s of tracing
-    per map, per net). Its batches are those of `from_tensor_slices(...).batch(...)`, bit for bit.
-    """
-
-    def __init__(self, augmenter: Any) -> None:
-        import tensorflow as tf
-
-        self.images = tf.Variable(
-            np.zeros((0, *IMAGE_SHAPE), np.uint8), shape=tf.TensorShape([None, *IMAGE_SHAPE]), trainable=False
-        )
-        self.labels = tf.Variable(np.zeros(0, np.int64), shape=tf.TensorShape([None]), trainable=False)
-        self.bounds = tf.Variable(
-            np.zeros((0, 2), np.int64), shape=tf.TensorShape([None, 2]), trainable=False
-        )
-        images, labels, bounds = self.images, self.labels, self.bounds
-
-        def batch(i: Any) -> tuple[Any, Any]:
-            start, stop = bounds[i, 0], bounds[i, 1]
-            return images[start:stop], labels[start:stop]
-
-        ds = tf.data.Dataset.range(np.iinfo(np.int64).max).take_while(
-            lambda i: i < tf.shape(bounds, out_type=tf.int64)[0]
-        )
-        ds = ds.map(batch).map(_to_unit)
-        if augmenter is not None:
-            ds = ds.map(lambda a, b: (augmenter(a, training=True), b))
-        self.dataset = ds.prefetch(2)
-
-    def plug(self, x: np.ndarray, y: np.ndarray, parts: list[slice]) -> Any:
-        """The dataset, holding these images."""
-        self.images.assign(x)
-        self.labels.assign(y.astype(np.int64, copy=False))
-        self.bounds.assign(np.array([(p.start, min(p.stop, len(y))) for p in parts], np.int64).reshape(-1, 2))
-        return self.dataset
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.map(_to_unit)
+    if augmenter is not None:
+        ds = ds.map(lambda a, b: (augmenter(a, training=True), b))
+    return ds.prefetch(2)
 
 
 def _to_unit(images: Any, labels: Any) -> tuple[Any, Any]:

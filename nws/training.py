@@ -39,8 +39,10 @@ from nws.fidelity import DEFAULT_FIDELITY, PAPER, check_fidelity
 from nws.pipeline import (
     TensorFlowStreams,
     balanced_batches,
+    build_augmenter,
     evaluation_augmenter_seed,
     evaluation_batches,
+    evaluation_dataset,
     evaluation_model,
     paper_evaluation_batch,
     training_model,
@@ -228,7 +230,6 @@ def train_net(
             # own in the model: the next net of this graph builds its own.
             if kept is not None:
                 kept.forget(graph_key(config, settings, current_backend().tensorflow))
-            STREAMS.forget_evaluations()
             raise
 
 
@@ -246,8 +247,8 @@ def _train(
     started = time.perf_counter()
     built = build_net(config, data, seed, settings, kept)
     model, evaluation_sets = built.net, built.evaluation
-    valid_ds = evaluation_sets.of(data.x_valid, data.y_valid, role="valid")
-    test_ds = evaluation_sets.of(data.x_test, data.y_test, role="test")
+    valid_ds = evaluation_sets.of(data.x_valid, data.y_valid)
+    test_ds = evaluation_sets.of(data.x_test, data.y_test)
     result = TrainResult(steps_per_epoch=built.steps)
     stopping = EarlyStopping(settings)
     stopper = interrupts.between_steps()
@@ -396,20 +397,19 @@ class EvaluationSets:
     ) -> None:
         self.config, self.data, self.seed, self.settings = config, data, seed, settings
         self.streams = streams
-        self.augment = streams is not None and settings.paper and config.augmentation == "on"
-        if self.augment:
-            streams.plug_evaluation_augmenter(evaluation_augmenter_seed(seed))
+        self.augmenter = None
+        if streams is not None and settings.paper and config.augmentation == "on":
+            self.augmenter = build_augmenter(evaluation_augmenter_seed(seed))
 
-    def of(self, x: np.ndarray, y: np.ndarray, role: str = "evaluation") -> Any:
-        """The batches of an evaluation of `x`; on TensorFlow through the process's kept pipeline
-        of `role`, which holds these images until the next evaluation of that role."""
+    def of(self, x: np.ndarray, y: np.ndarray) -> Any:
+        """The batches of an evaluation of `x`."""
         if not self.settings.paper:
             batch, drop = self.settings.eval_batch_size, False
         else:
             batch, drop = paper_evaluation_batch(len(y), self.config.batch_size), True
         if self.streams is None:
             return evaluation_batches(x, y, batch, drop_remainder=drop)
-        return self.streams.evaluation(role, x, y, batch, drop, self.augment)
+        return evaluation_dataset(x, y, batch, drop_remainder=drop, augmenter=self.augmenter)
 
     def train_probe(self) -> Any:
         """Epoch 0's train accuracy. Under `paper`: the first batch of the training stream (the
@@ -418,10 +418,10 @@ class EvaluationSets:
         data = self.data
         if not self.settings.paper:
             probe = min(len(data.y_train), TRAIN_PROBE_IMAGES)
-            return self.of(data.x_train[:probe], data.y_train[:probe], role="train_probe")
+            return self.of(data.x_train[:probe], data.y_train[:probe])
         sampler = BalancedSampler(data.y_train, self.seed)  # the stream's sampler, same seed
         first = sampler.epoch()[: min(self.config.batch_size, sampler.epoch_size)]
-        return self.of(data.x_train[first], data.y_train[first], role="train_probe")
+        return self.of(data.x_train[first], data.y_train[first])
 
 
 def _metrics(

@@ -244,3 +244,35 @@ def test_workers_end_with_their_parent_killed_by_sigkill(tmp_path):
     nets = net_runs(MlflowClient(uri), "orphaned")
     statuses = [(r.info.run_name, r.info.status) for r in nets]
     assert nets and {status for _, status in statuses} == {"KILLED"}, statuses
+
+
+@needs_root
+def test_a_tracking_database_that_fills_its_disk_is_one_line_and_the_resume_ends_at_the_target(tmp_path):
+    """MLflow's SQLite database on a filesystem that fills mid-campaign: one line naming it (no
+    tracebacks from MLflow or Optuna before it, the traceback in the file the line names); after
+    the filesystem grows, the same campaign ends at its target with every net complete."""
+    from mlflow import MlflowClient
+
+    from nws.tracking.tags import TAG_SNAPSHOTS
+
+    with small_filesystem(tmp_path / "db", "1200k") as db:
+        uri = f"sqlite:///{db / 'mlflow.db'}"
+        args = ["--storage", str(tmp_path / "journal.log"), "--campaign", "dbfull", "--max-epochs", "3",
+                "--min-epochs", "3"]  # fmt: skip
+        first = nws("sample", *args, "--target", "200", tracking_uri=uri, cwd=tmp_path)
+        assert first.returncode == 1, first.stderr[-3000:]
+        errors = [line for line in first.stderr.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and f"no space left on device while writing {db / 'mlflow.db'}" in errors[0]
+        assert "Traceback" not in first.stderr, first.stderr[-3000:]
+        log = Path(errors[0].rsplit("traceback in ", 1)[1].rstrip(")"))
+        assert "database or disk is full" in log.read_text()
+
+        grow(db, "16m")
+        client = MlflowClient(uri)
+        done = len(net_runs(client, "dbfull", "FINISHED"))
+        second = nws("sample", *args, "--target", str(done + 2), tracking_uri=uri, cwd=tmp_path)
+        assert second.returncode == 0, second.stderr[-3000:]
+        finished = net_runs(client, "dbfull", "FINISHED")
+        assert len(finished) == done + 2
+        assert all(r.data.tags.get(TAG_SNAPSHOTS) == "complete" for r in finished)
+        assert not net_runs(client, "dbfull", "RUNNING")

@@ -28,8 +28,8 @@ def _mlflow() -> Any:
 
 
 LEFT_ACTIVE = "the process ended before nws ended this run"
-_owned: set[str] = set()
-"""Runs nws started in this process and has not ended yet."""
+_owned: dict[str, None] = {}
+"""Runs nws started in this process and has not ended yet, in the order they started."""
 
 
 def _own(run_id: str) -> None:
@@ -39,7 +39,7 @@ def _own(run_id: str) -> None:
         _mlflow()  # MLflow's hook is registered when it is imported
         atexit.register(end_runs_left_active)
         _own.hooked = True  # type: ignore[attr-defined]
-    _owned.add(run_id)
+    _owned[run_id] = None
 
 
 def end_runs_left_active() -> list[str]:
@@ -48,13 +48,13 @@ def end_runs_left_active() -> list[str]:
     stack, so that MLflow's exit hook cannot end them FINISHED. Returns their ids."""
     from mlflow import MlflowClient
 
-    left = sorted(_owned)
+    left = list(reversed(_owned))  # nested runs first, as they sit on the stack
     for run_id in left:
         with contextlib.suppress(Exception):  # the server may still be away: the run stays RUNNING
             if MlflowClient().get_run(run_id).info.status == "RUNNING":
                 end_failed_run(MlflowClient(), run_id, "FAILED", LEFT_ACTIVE)
         _take_off_stack(run_id, "FAILED")
-        _owned.discard(run_id)
+        _owned.pop(run_id, None)
     return left
 
 
@@ -200,7 +200,7 @@ def end_run(status: str = "FINISHED", tags: Mapping[str, str] | None = None) -> 
     if tags:
         mlflow.set_tags(dict(tags))
     mlflow.end_run(status=status)  # off the stack first: a failed write leaves it RUNNING, not ours
-    _owned.discard(run_id)
+    _owned.pop(run_id, None)
 
 
 def abort_run(run_id: str, error: BaseException) -> None:
@@ -218,7 +218,7 @@ def abort_run(run_id: str, error: BaseException) -> None:
     status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
     try:
         end_failed_run(MlflowClient(), run_id, status, error_text(error))
-        _owned.discard(run_id)
+        _owned.pop(run_id, None)
     finally:
         _take_off_stack(run_id, status)
 
@@ -228,7 +228,7 @@ def end_active_run(run_id: str, status: str) -> None:
     from mlflow import MlflowClient
 
     MlflowClient().set_terminated(run_id, status)
-    _owned.discard(run_id)
+    _owned.pop(run_id, None)
     _take_off_stack(run_id, status)
 
 
