@@ -245,7 +245,7 @@ def _paths_given(values: dict[str, Any]) -> list[str]:
                 part = part.removeprefix("sqlite:///")
                 part = part if part.startswith("/") else os.path.join(os.getcwd(), part)
             if "://" not in part and ("/" in part or os.path.exists(part)):
-                paths.append(part)
+                paths.append(os.path.abspath(os.path.expanduser(part)))
     return [*paths, os.getcwd()]
 
 
