@@ -111,7 +111,7 @@ def test_every_number_and_path_option_declares_what_it_accepts():
 
 
 @pytest.mark.parametrize("command,option", OPTIONS, ids=[f"{c}-{o.name}" for c, o in OPTIONS])
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_a_bad_value_is_one_line_naming_the_option_exit_2_and_nothing_made(workdir, command, option, data):
     value = data.draw(bad_values(option), label="value")
