@@ -42,6 +42,20 @@ def test_runs_go_to_the_nws_experiment_by_default_and_nested_runs_beside_their_p
         pass
     assert experiment_of(outer) == experiment_of(inner) == "nws"
     assert MlflowClient().get_run(inner.info.run_id).data.tags["mlflow.parentRunId"] == outer.info.run_id
+    # MLflow 3's UI opens an experiment on its training runs, not its GenAI layout, by this tag
+    tags = MlflowClient().get_experiment_by_name("nws").tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_an_experiment_made_elsewhere_is_tagged_unless_it_says_what_it_is(clean_environment, monkeypatch):
+    client = MlflowClient()
+    plain = client.create_experiment("plain")
+    genai = client.create_experiment("genai", tags={"mlflow.experimentKind": "genai_development"})
+    for name in ("plain", "genai"):
+        monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", name)
+        working_experiment()
+    assert client.get_experiment(plain).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(genai).tags["mlflow.experimentKind"] == "genai_development"
 
 
 def test_the_option_wins_over_the_environment_which_wins_over_the_default(clean_environment, monkeypatch):

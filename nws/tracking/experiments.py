@@ -21,6 +21,7 @@ import os
 from typing import Any
 
 from nws.errors import ParameterError
+from nws.tracking.tags import EXPERIMENT_KIND, TAG_EXPERIMENT_KIND
 
 DEFAULT_EXPERIMENT = "nws"
 ALL_EXPERIMENTS = "*"
@@ -35,14 +36,15 @@ def _client() -> Any:
 
 def get_or_create(name: str) -> str:
     """The id of the active experiment `name`, created when missing (a worker that lost the race
-    to create it reads the winner's)."""
+    to create it reads the winner's), tagged as model training for MLflow's UI
+    (`mlflow.experimentKind`), unless it already says what it is."""
     from mlflow.exceptions import MlflowException
 
     client = _client()
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(name, tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
         except MlflowException:
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
@@ -51,6 +53,8 @@ def get_or_create(name: str) -> str:
         raise ParameterError(
             "experiment", f"MLflow experiment {name!r} is deleted (restore it or pick another)"
         )
+    if TAG_EXPERIMENT_KIND not in experiment.tags:  # made by an earlier nws, or by MLflow itself
+        client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
     return experiment.experiment_id
 
 

@@ -23,6 +23,10 @@ TAG_FAILURE = "nws.failure"
 TAG_STOP_REASON = "nws.stop_reason"
 TAG_SPLIT = "nws.split"  # "train" or "test" when a net comes with a published split
 SNAPSHOTS_COMPLETE = "complete"
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+"""MLflow's own experiment tag that its UI reads: without it MLflow 3 opens an experiment in its
+GenAI layout (traces, prompts)."""
+EXPERIMENT_KIND = "custom_model_development"
 
 # Where a run's data came from: an imported net's source, or what a prediction looked at.
 TAG_SOURCE = "nws.source"  # "nws-import" on imported nets; a prediction's run id or file
