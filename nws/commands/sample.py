@@ -11,7 +11,7 @@ from nws.backend import BACKENDS, BY_NAME, DEFAULT_BACKEND, named, select
 from nws.campaign.loop import CampaignSummary
 from nws.campaign.settings import CampaignSettings
 from nws.campaign.storage import DEFAULT_STORAGE
-from nws.checks import SEED, Count, Directory, Real, RunId
+from nws.checks import SEED, Count, Real, RunId
 from nws.commands.options import check_campaign, check_declared, default_of, param
 from nws.errors import ParameterError
 from nws.fidelity import check_fidelity
@@ -43,7 +43,6 @@ class SampleOptions:
     data_dir: str = param(
         "",
         "root of the datasets' official files (default $NWS_DATA_DIR, else ~/.cache/nws/data)",
-        Directory(),
     )
     download: bool = param(True, "download missing paper datasets")
     max_train_images: int = param(0, "cap on training images per net (0 = all)", Count(0))
