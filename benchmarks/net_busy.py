@@ -15,9 +15,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-CONFIG = ("lrate=0.002,batch_size={},batch_norm=on,augmentation={},optimizer=adam,activation=relu,"
-          "initialization=glorot_uniform,filter_size=5,depth_conv=3,depth_fc=2,width_conv=8,width_fc=128,"
-          "dataset=shapes")  # fmt: skip
+from net_setup import CONFIG, single_thread_tensorflow  # the script beside this one
 
 
 def main() -> None:
@@ -27,17 +25,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--augmentation", default="off")
     args = parser.parse_args()
-    from nws import backend
-
-    backend.select("tensorflow")
-    backend.tensorflow_environment(1)
-    backend.configure(True, 1)
+    single_thread_tensorflow()
     from nws.data import load_images, split_for_net
     from nws.space import NetConfig
     from nws.training import TrainSettings, train_net
 
     settings = TrainSettings(max_epochs=args.epochs, min_epochs=args.epochs)
-    config = NetConfig.parse(CONFIG.format(args.batch_size, args.augmentation))
+    config = NetConfig.parse(CONFIG.format(batch_size=args.batch_size, augmentation=args.augmentation))
     for seed in range(args.nets):
         data = split_for_net(load_images("shapes"), seed, 500, 200, fidelity="paper")
         wall, cpu = time.perf_counter(), time.process_time()

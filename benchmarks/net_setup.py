@@ -15,9 +15,18 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-CONFIG = ("lrate=0.002,batch_size=64,batch_norm=on,augmentation={},optimizer=adam,activation=relu,"
-          "initialization=glorot_uniform,filter_size=5,depth_conv=3,depth_fc=2,width_conv=8,width_fc=128,"
+CONFIG = ("lrate=0.002,batch_size={batch_size},batch_norm=on,augmentation={augmentation},optimizer=adam,"
+          "activation=relu,initialization=glorot_uniform,filter_size=5,depth_conv=3,depth_fc=2,width_conv=8,width_fc=128,"
           "dataset=shapes")  # fmt: skip
+
+
+def single_thread_tensorflow() -> None:
+    """TensorFlow on one thread, deterministic: a worker of `nws sample` with its defaults."""
+    from nws import backend
+
+    backend.select("tensorflow")
+    backend.tensorflow_environment(1)
+    backend.configure(True, 1)
 
 
 def main() -> None:
@@ -25,11 +34,7 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="keep no models")
     parser.add_argument("--old", action="store_true", help="an earlier checkout (no `kept` argument)")
     args = parser.parse_args()
-    from nws import backend
-
-    backend.select("tensorflow")
-    backend.tensorflow_environment(1)
-    backend.configure(True, 1)
+    single_thread_tensorflow()
     from nws.data import load_images, split_for_net
     from nws.space import NetConfig
     from nws.training import TrainSettings, train_net
@@ -38,7 +43,7 @@ def main() -> None:
     extra = {"kept": None} if args.fresh and not args.old else {}
     for augmentation in ("off", "on"):
         for seed in range(3):
-            config = NetConfig.parse(CONFIG.format(augmentation))
+            config = NetConfig.parse(CONFIG.format(batch_size=64, augmentation=augmentation))
             data = split_for_net(load_images("shapes"), seed, 500, 200, fidelity="paper")
             stamps = [
                 h["elapsed_seconds"] for h in train_net(config, data, seed, settings, [], **extra).history

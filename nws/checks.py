@@ -15,11 +15,6 @@ from typing import Any
 from nws.errors import ParameterError
 
 
-def at_least(name: str, value: float, low: float) -> None:
-    if value < low:
-        raise ParameterError(name, f"{value} is below {low}")
-
-
 def writable_directory(name: str, path: str | Path) -> Path:
     """A directory the entry point will write into (made if missing): refuse it now, in one line
     naming the parameter, when it or the nearest part of it that exists is not a directory or

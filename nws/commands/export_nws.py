@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nws.checks import SEED, Directory, Real, writable_directory
-from nws.commands.options import Selection, param
+from nws.commands.options import Selection, check_declared, param
 from nws.errors import ParameterError
 from nws.formats.exporter import LAYOUTS
 from nws.zoo.cache import default_cache_dir
@@ -34,9 +34,8 @@ class ExportOptions(Selection):
             raise ParameterError("format", f"{self.format!r} is not one of {', '.join(LAYOUTS)}")
         if self.kernels_only and self.format != "cnn_zoo":
             raise ParameterError("kernels_only", "applies to format cnn_zoo only")
-        if not 0.0 <= self.test_fraction < 1.0:
-            raise ParameterError("test_fraction", f"{self.test_fraction} is not in [0, 1)")
-        out = writable_directory("out", self.out)
+        check_declared(self)  # test_fraction, seed; out and cache_dir tried for real
+        out = Path(self.out).expanduser()
         if out.exists() and any(out.iterdir()):
             raise ParameterError("out", f"{out} exists and is not empty")
         writable_directory("cache_dir", self.cache_dir or default_cache_dir())

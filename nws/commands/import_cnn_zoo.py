@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nws.checks import Count, at_least
-from nws.commands.options import check_campaign, param
+from nws.checks import Count
+from nws.commands.options import check_campaign, check_declared, param
 from nws.errors import DataError, ParameterError
 from nws.formats.importer import ImportSummary
 
@@ -29,7 +29,7 @@ class ImportZooOptions:
         if not path.is_dir():
             raise ParameterError("dir", f"{path} is not a directory")
         check_campaign(self.campaign)
-        at_least("checkpoints", self.checkpoints, 0)
+        check_declared(self)
         return path
 
 

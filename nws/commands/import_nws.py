@@ -8,8 +8,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nws.checks import Count, at_least
-from nws.commands.options import param
+from nws.checks import Count
+from nws.commands.options import check_declared, param
 from nws.errors import DataError, ParameterError
 from nws.formats import nws as nws_format
 from nws.formats.importer import ImportJob, ImportSummary
@@ -38,8 +38,7 @@ class ImportOptions:
         for path in paths:
             if not path.is_file():
                 raise ParameterError("csv", f"{path} does not exist")
-        at_least("prints", self.prints, 1)
-        at_least("workers", self.workers, 1)
+        check_declared(self)
         if self.subset and self.subset not in ("fixed", "main"):
             raise ParameterError("subset", f"{self.subset!r} is not one of fixed, main")
         if self.root and not Path(self.root).expanduser().is_dir():

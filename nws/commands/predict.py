@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nws.checks import Count, RunId, at_least
-from nws.commands.options import param
+from nws.checks import Count, RunId
+from nws.commands.options import check_declared, param
 from nws.errors import DataError, ParameterError
 from nws.space import PROPERTY_NAMES, get_property
 from nws.tracking.tags import SNAPSHOTS_COMPLETE, TAG_ROLE, TAG_SNAPSHOTS, TAG_SOURCE, TAG_WEIGHTS_DIGEST
@@ -38,7 +38,7 @@ class PredictOptions:
     def validate(self) -> list[str]:
         if bool(self.run_id.strip()) == bool(self.snapshot.strip()):
             raise ParameterError("run_id", "give either run_id or snapshot")
-        at_least("k", self.k, 0)
+        check_declared(self)
         if self.props.strip() in ("", "all"):
             return list(PROPERTY_NAMES)
         names = [p.strip() for p in self.props.split(",") if p.strip()]

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from nws.backend import BACKENDS, DEFAULT_BACKEND, TAG_BACKEND, check_backend, select
-from nws.checks import SEED, Count, Directory, Real, at_least, writable_directory
+from nws.checks import SEED, Count, Directory, Real, writable_directory
 from nws.commands.options import Selection, check_declared, default_of, names_list, param
 from nws.commands.train_runs import Plan, train_all
 from nws.errors import ParameterError
@@ -113,7 +113,6 @@ class TrainOptions(Selection):
             raise ParameterError("split", f"{self.split!r} is not one of {', '.join(SPLITS)}")
         if self.region not in REGIONS:
             raise ParameterError("region", f"{self.region!r} is not one of {', '.join(REGIONS)}")
-        at_least("slice_length", self.slice_length, 1)
         self.sweep_lengths()
         k_bounds(self.K)  # its syntax now; its range once the nets' snapshot counts are known
         models = names_list(self.models)
