@@ -41,6 +41,10 @@ class Check:
 
     kind = "text"
 
+    def describe(self) -> str:
+        """What the option accepts, in words (the generated entry-point reference)."""
+        return "text"
+
     def __call__(self, name: str, value: Any) -> Any:
         if isinstance(value, str) and "\0" in value:
             raise ParameterError(name, "holds a NUL character")
@@ -54,6 +58,9 @@ class Count(Check):
     low: int
     high: int | None = None
     kind = "count"
+
+    def describe(self) -> str:
+        return f"integer ≥ {self.low}" if self.high is None else f"integer {self.low}..{self.high}"
 
     def __call__(self, name: str, value: Any) -> Any:
         if value < self.low:
@@ -77,17 +84,22 @@ class Real(Check):
     high_open: bool = False
     kind = "real"
 
+    def interval(self) -> str:
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        return f"{left}{low}, {high}{right}"
+
+    def describe(self) -> str:
+        return f"number in {self.interval()}"
+
     def __call__(self, name: str, value: Any) -> Any:
         if not math.isfinite(value):
             raise ParameterError(name, f"{value} is not a finite number")
         below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
         above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
         if below or above:
-            left = "(" if self.low_open else "["
-            right = ")" if self.high_open else "]"
-            low = "-inf" if self.low is None else f"{self.low:g}"
-            high = "inf" if self.high is None else f"{self.high:g}"
-            raise ParameterError(name, f"{value} is not in {left}{low}, {high}{right}")
+            raise ParameterError(name, f"{value} is not in {self.interval()}")
         return value
 
 
@@ -98,6 +110,9 @@ class Directory(Check):
     /proc included)."""
 
     kind = "directory"
+
+    def describe(self) -> str:
+        return "writable directory"
 
     def __call__(self, name: str, value: Any) -> Any:
         super().__call__(name, value)
@@ -112,6 +127,9 @@ class RunId(Check):
     tracking store is known."""
 
     kind = "run_id"
+
+    def describe(self) -> str:
+        return "MLflow run id"
 
     def __call__(self, name: str, value: Any) -> Any:
         text = str(value).strip()

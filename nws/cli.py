@@ -287,6 +287,42 @@ def mlproject_text() -> str:
     return "\n".join(lines)
 
 
+def reference_text() -> str:
+    """The docs site's entry-point reference, rendered from the options dataclasses as MLproject
+    is (a test checks docs/reference.md equals it), so the reference cannot drift from the code.
+
+    Regenerate: python -c "from nws.cli import reference_text as t; print(t(), end='')" > docs/reference.md
+    """
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = [
+        "<!-- Generated from the entry points' options by nws.cli.reference_text(); do not edit by hand. -->",
+        "# Entry-point reference",
+        "",
+        "Every entry point runs three ways with the same parameters: `mlflow run . -e NAME "
+        "--env-manager local -P key=value`, `nws NAME --key value` (or `--key-value`), and "
+        "`python -m entrypoints.NAME --key value`. A value its parameter does not accept ends in one "
+        "line naming the parameter and exit code 2, before anything is made. The narrative "
+        "behind each entry point is in [Entry points](entry-points.md).",
+        "",
+    ]
+    for name, command in _commands().items():
+        lines += [f"## `{name}`", "", command.help[0].upper() + command.help[1:] + ".", "",
+                  "```bash", command.example, "```", "",
+                  "| parameter | default | accepts | meaning |", "|---|---|---|---|"]  # fmt: skip
+        for f in dataclasses.fields(command.options):
+            if str(f.type) == "bool":
+                default, accepts = ("true" if f.default else "false"), "true/false"
+            else:
+                default, accepts = (str(f.default) if f.default != "" else "empty"), check_of(f).describe()
+            help_text = cell(f.metadata.get("help", ""))
+            lines.append(f"| `{f.name}` | `{cell(default)}` | {accepts} | {help_text} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def run_entry_point(name: str) -> NoReturn:
     """What the scripts in entrypoints/ call: `nws <name> <argv...>`."""
     raise SystemExit(main([name, *sys.argv[1:]]))

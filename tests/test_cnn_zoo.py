@@ -93,6 +93,9 @@ def test_import_reads_every_net_in_step_order_refuses_bad_ones_and_resumes(track
     run = runs["net4"]
     assert run.data.params["config.learning_rate"] == "0.005" and run.data.params["prints"] == "3"
     assert run.data.tags["nws.campaign"] == "tiny" and run.data.tags["nws.weights_shape"] == f"3x{N_WEIGHTS}"
+    (trained_on,) = run.inputs.dataset_inputs
+    assert trained_on.dataset.name == run.data.params.get("config.dataset", "zoo")
+    assert "Small CNN Zoo" in trained_on.dataset.source
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "test_accuracy")
     assert sorted(m.step for m in history if m.step) == [4, 12]
     ours = np.load(artifact(run, WEIGHTS_ARTIFACT, tmp_path))

@@ -135,6 +135,10 @@ def test_an_imported_net_is_a_run_like_a_sampled_one(imported, published, tmp_pa
     assert (tags["nws.role"], tags["nws.subset"], tags["nws.campaign"]) == ("net", "fixed", "nws-fixed")
     assert tags["nws.split"] == "train" and tags["nws.source_csv"] == "nws_fixed_train.csv"
     assert runs["B"].data.tags["nws.subset"] == "main" and runs["B"].data.tags["nws.split"] == "test"
+    (trained_on,) = a.inputs.dataset_inputs
+    assert trained_on.dataset.name == a.data.params["dataset"]
+    assert {t.key: t.value for t in trained_on.tags}["nws.source_csv"] == "nws_fixed_train.csv"
+    assert json.loads(trained_on.dataset.source)["tags"]["nws.source"] == "imported"
     history = MlflowClient().get_metric_history(a.info.run_id, "train_accuracy")
     errors = np.fromfile(published["root"] / "nets" / "A" / "error.bin").reshape(-1, 5)
     assert [m.step for m in history] == list(range(30))

@@ -3,6 +3,8 @@ the registry's champion alias, pyfunc loading, `predict`, and bad input."""
 
 from __future__ import annotations
 
+import json
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -116,6 +118,50 @@ def test_results_reach_mlflow_and_the_champion_is_registered(learned):
     champion = client.get_model_version_by_alias(name, CHAMPION)
     assert champion.tags["nws.score_metric"] == "net_accuracy"
     assert float(champion.tags["nws.score"]) == 1.0
+
+
+def test_each_net_and_meta_run_names_its_training_data_as_an_mlflow_dataset(learned):
+    """The UI's Dataset column: a net's image dataset (one entity per dataset, shared by its
+    nets, with what the net drew in the input's tags), and the zoo a meta run learned from, on
+    the parent run, every child and the logged model's scores."""
+    _, table = learned
+    client = MlflowClient()
+    everywhere = {"search_all_experiments": True, "output_format": "list"}
+    nets = mlflow.search_runs(filter_string=f"tags.`{TAG_ROLE}` = 'net'", **everywhere)
+    assert len(nets) >= 30
+    digests: dict[str, set[str]] = {}
+    for net in nets:
+        (entry,) = net.inputs.dataset_inputs
+        tags = {tag.key: tag.value for tag in entry.tags}
+        assert entry.dataset.name == net.data.params["dataset"]
+        assert tags["mlflow.data.context"] == "training"
+        assert tags["nws.n_train"] == net.data.params["n_train"]
+        assert tags["nws.split_seed"] == net.data.tags["nws.seed"]
+        assert json.loads(entry.dataset.source)["tags"]["nws.source"] == "offline"
+        digests.setdefault(entry.dataset.name, set()).add(entry.dataset.digest)
+    assert len(digests) >= 2 and all(len(d) == 1 for d in digests.values())  # one entity per dataset
+    name = next(iter(digests))
+    on_it = mlflow.search_runs(filter_string=f"dataset.name = '{name}'", **everywhere)
+    assert {r.info.run_id for r in on_it} == {n.info.run_id for n in nets if n.data.params["dataset"] == name}
+
+    children = [mlflow.get_run(run_id) for run_id in table["run_id"]]
+    parent = mlflow.get_run(children[0].data.tags["mlflow.parentRunId"])
+    zoos = {(e.dataset.name, e.dataset.digest) for r in [parent, *children] for e in r.inputs.dataset_inputs}
+    assert len(zoos) == 1
+    ((zoo_name, zoo_digest),) = zoos
+    assert zoo_name.startswith("zoo ") and len(zoo_digest) == 32
+    (model,) = client.search_logged_models(
+        experiment_ids=[children[0].info.experiment_id],
+        filter_string=f"source_run_id = '{children[0].info.run_id}'",
+    )
+    scores = {m.key: m for m in model.metrics}
+    row = table.set_index("run_id").loc[children[0].info.run_id]
+    assert scores["net_accuracy"].value == pytest.approx(row["net_accuracy"])
+    assert scores["net_accuracy"].dataset_digest == zoo_digest
+    registered = json.loads(model.tags["mlflow.modelVersions"])
+    version = int(row["registered"].split(" v")[1])
+    assert registered == [{"name": registered_name(row["property"]), "version": version}]
+    assert children[0].data.metrics["net_accuracy"] == pytest.approx(row["net_accuracy"])
 
 
 def test_a_worse_model_does_not_take_the_champion_alias(learned):

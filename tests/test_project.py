@@ -4,6 +4,7 @@ and CI runs the README's test command."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 
 import pytest
@@ -71,3 +72,62 @@ def test_cluster_job_files_run_sample_with_its_parameters():
     k8s_params = {a.split("=")[0].removeprefix("--").replace("-", "_") for a in container["args"]}
     assert {"campaign", "target", "storage"} <= k8s_params <= names
     assert {e["name"] for e in container["env"]} >= {"MLFLOW_TRACKING_URI"}
+
+
+def test_docs_reference_is_the_rendered_declaration():
+    from nws.cli import reference_text
+
+    assert (ROOT / "docs" / "reference.md").read_text() == reference_text()
+
+
+def test_reference_lists_every_parameter_with_what_it_accepts():
+    from nws.cli import reference_text
+
+    text = reference_text()
+    for name, command in _commands().items():
+        section = text.split(f"## `{name}`\n", 1)[1].split("\n## ", 1)[0]
+        rows = [line for line in section.splitlines() if line.startswith("| `")]
+        assert [row.split("`")[1] for row in rows] == [f.name for f in dataclasses.fields(command.options)]
+    assert "| `seed` | `0` | integer 0..4294967295 |" in text
+    assert "| `test_fraction` | `0.2` | number in (0, 1) |" in text
+
+
+def _headings_slugs(path):
+    from markdown.extensions.toc import slugify
+
+    slugs = set()
+    for line in path.read_text().splitlines():
+        heading = re.match(r"#+ (.*?)(?: \{#([\w-]+)\})?$", line)
+        if heading:
+            slugs.add(heading.group(2) or slugify(heading.group(1).replace("`", ""), "-"))
+    return slugs
+
+
+def test_readme_is_a_short_front_door_whose_links_resolve():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    links = re.findall(r"\]\(([^)#\s]+)(?:#([^)\s]+))?\)", readme)
+    assert len(links) >= 10
+    for target, anchor in links:
+        if "://" in target:
+            continue
+        path = ROOT / target
+        assert path.is_file(), target
+        if anchor:
+            assert anchor in _headings_slugs(path), f"{target}#{anchor}"
+
+
+@pytest.mark.slow
+def test_docs_site_builds_strict_offline(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT, capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    pages = {p.relative_to(tmp_path / "site").as_posix() for p in (tmp_path / "site").rglob("index.html")}
+    assert {"index.html", "tutorial/index.html", "reference/index.html", "extending/index.html"} <= pages
+    assert (tmp_path / "site" / "search" / "search_index.json").is_file()

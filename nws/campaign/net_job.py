@@ -77,8 +77,9 @@ class NetJob:
 
     def start(self) -> tuple[Any, Any, str]:
         """The net's images, its weight layout and its MLflow run, started in this thread."""
-        from nws.data import load_images, split_for_net
+        from nws.data import dataset_identity, load_images, split_for_net
         from nws.snapshots import weight_layout
+        from nws.tracking.datasets import image_dataset, net_input_tags
 
         c = self.campaign
         images = load_images(self.config.dataset, c.data_dir, c.download)
@@ -86,11 +87,16 @@ class NetJob:
             images, self.seed, c.max_train_images, c.max_eval_images, fidelity=c.train.fidelity
         )
         layout = weight_layout(self.config)
+        digest, origin = dataset_identity(self.config.dataset, c.data_dir, c.download)
         run_id = runs.start_net_run(
             f"net-{c.name}-{self.trial_number:05d}",
             self.tags(),
             self.params(data.sizes()),
             parent_run_id=c.parent_run_id or None,
+            dataset=(
+                image_dataset(self.config.dataset, digest, origin),
+                net_input_tags(self.seed, data.sizes()),
+            ),
         )
         return data, layout, run_id
 

@@ -291,11 +291,14 @@ def plan(options: TrainOptions) -> Plan:
     say(f"zoo: {len(zoo)} nets, {zoo.size_bytes / 1e6:.1f} MB ({how})")
     robustness = options.transforms()
     activations = _activations(nets, documents) if "rescale" in robustness else []
+    from nws.tracking.datasets import zoo_dataset
     from nws.zoo.query import filter_string
 
     where = options.experiment.strip() or "the working experiment"
     selection = f"{filter_string(options.filter, options.min_test_accuracy)} (experiments: {where})"
-    return Plan(zoo, k_range, splits, models, layout, robustness, activations, sweep, selection)
+    nets_digests = zip(zoo.nets["run_id"], zoo.nets["digest"], strict=True)
+    trained_on = zoo_dataset(zoo.nets["campaign"], selection, nets_digests)
+    return Plan(zoo, k_range, splits, models, layout, robustness, activations, sweep, selection, trained_on)
 
 
 def _activations(nets: pd.DataFrame, documents: list[dict]) -> list[str]:

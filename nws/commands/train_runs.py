@@ -23,6 +23,7 @@ from nws.meta import KINDS
 from nws.meta.base import MetaSettings, Task
 from nws.progress import say
 from nws.space import PROPERTY_NAMES, SNAPSHOT_TARGETS
+from nws.tracking.datasets import log_input
 from nws.tracking.runs import parent_run
 from nws.tracking.tags import TAG_ROLE
 from nws.zoo.splits import Split
@@ -42,6 +43,7 @@ class Plan:
     activations: list[str] = field(default_factory=list)  # per net, for `rescale`
     sweep_lengths: list[int] = field(default_factory=list)  # the how-much sweep beyond slice_length
     selection: str = ""  # the run query that selected the nets, as the registry records it
+    zoo_input: Any = None  # the nets as the MLflow dataset its runs learned from (`nws.tracking.datasets`)
 
 
 @dataclass
@@ -73,6 +75,7 @@ def train_all(plan: Plan, settings: MetaSettings, register: bool) -> pd.DataFram
     mlflow.log_params({"n_nets": len(plan.zoo), "k_first": plan.k_range[0],
                        "k_last": plan.k_range[1]})  # fmt: skip
     mlflow.log_text(selection_table(plan).to_csv(index=False), "selection.csv")
+    log_input(plan.zoo_input)
     from nws.meta import KINDS
 
     rows, findings = [], []
@@ -214,7 +217,7 @@ def train_one(
         )
         if not sweep:
             result.metrics.update(_robustness(plan, model, split, settings))
-        mlflow.log_metrics(result.metrics)
+        log_input(plan.zoo_input, {"nws.property": prop})
         metric = "accuracy_by_snapshot" if not task.is_regression else "mae_by_snapshot"
         for k, value in result.by_snapshot.items():
             mlflow.log_metric(metric, value, step=int(k))
@@ -237,8 +240,9 @@ def train_one(
             plan, prop, split, name, settings, result.metrics.get("chance"), child.info.run_id
         )
         registration = log_meta_classifier(
-            model, register, value, metric, higher_is_better, about, version_description(about, metric, value)
-        )
+            model, register, value, metric, higher_is_better, about,
+            version_description(about, metric, value), metrics=result.metrics, dataset=plan.zoo_input,
+        )  # fmt: skip
         row = {"property": prop, "model": name, "run_id": child.info.run_id,
                "slice_length": settings.slice_length if uses_slices else np.nan, **result.metrics,
                "chance": result.metrics.get("chance", np.nan), "n_train_nets": len(split.train),

@@ -23,6 +23,7 @@ import pandas as pd
 from nws.formats.cnn_zoo_reader import CnnZoo, Refused, ZooNet, layout_document
 from nws.formats.importer import EarlierRun, ImportSummary, imported_runs
 from nws.tracking import artifacts
+from nws.tracking.datasets import foreign_dataset, log_input
 from nws.tracking.runs import end_failed_run, error_text, parent_run
 from nws.tracking.sql import RunNotActive
 from nws.tracking.tags import (
@@ -50,6 +51,10 @@ def _write(
         client, target["tracking_uri"], target["experiment_id"], f"cnn-zoo-{net.key}"[:250], tags
     )
     try:
+        name = str(net.config.get("config.dataset") or zoo.directory.resolve().name)
+        log_input(
+            foreign_dataset(name, f"the Small CNN Zoo in {zoo.directory.resolve().name}"), {}, run_id, client
+        )
         history = [{k: v for k, v in s.items() if k not in ("snapshot", "step")} for s in net.snapshots]
         last = net.snapshots[-1]
         final = {"epochs": last["epoch"], "weightn_conv": zoo.layout.weightn_conv,

@@ -41,6 +41,7 @@ from nws.errors import NWSError
 from nws.formats import nws as nws_format
 from nws.snapshots import published_error_rows
 from nws.tracking import artifacts
+from nws.tracking.datasets import foreign_dataset, log_input
 from nws.tracking.runs import end_failed_run, error_text, parent_run
 from nws.tracking.sql import RunNotActive
 from nws.tracking.tags import (
@@ -186,6 +187,9 @@ class _Importer:
             tags,
         )
         try:
+            origin = f"the published NWS dataset ({job.csv.name})"
+            trained_on = foreign_dataset(net.config.dataset, origin)
+            log_input(trained_on, {TAG_SOURCE_CSV: job.csv.name}, run_id, self.client)
             history = nws_format.history_from_errors(net.errors)
             rows = published_error_rows(len(history), self.target.prints)
             snapshots = [{"snapshot": k + 1, **history[i]} for k, i in enumerate(rows)]

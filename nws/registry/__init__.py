@@ -16,6 +16,7 @@ paths of the machine that logged it (`_PortablePyfunc`).
 
 from __future__ import annotations
 
+import json
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -94,9 +95,13 @@ def log_meta_classifier(
     higher_is_better: bool,
     about: Mapping[str, str] | None = None,
     description: str = "",
+    metrics: Mapping[str, float] | None = None,
+    dataset: Any = None,
 ) -> Registration | None:
     """Log `model` into the active run as a pyfunc model; register and maybe promote it. The
-    version gets `description` and the tags `about` (what it is, how its nets were selected)."""
+    version gets `description` and the tags `about` (what it is, how its nets were selected).
+    `metrics` (its held-out scores) are logged to the run and to the logged model, measured on
+    `dataset` (the zoo), so the experiment's Models tab compares models by them."""
     import mlflow
 
     import nws
@@ -117,6 +122,8 @@ def log_meta_classifier(
             signature=_signature(model.task.is_regression),
             pip_requirements=_requirements(),
         )
+    if metrics:
+        mlflow.log_metrics(dict(metrics), model_id=info.model_id, dataset=dataset)
     if not register:
         return None
     name = registered_name(model.task.prop)
@@ -131,6 +138,7 @@ def _create_version(name: str, info: Any, tags: dict[str, str], description: str
     print nothing, where `register_model` prints two lines per version."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
     client = MlflowClient()
     try:
@@ -140,10 +148,15 @@ def _create_version(name: str, info: Any, tags: dict[str, str], description: str
     except MlflowException as e:
         if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
-    return client.create_model_version(
+    version = client.create_model_version(
         name, source=info.model_uri, run_id=info.run_id, tags=tags, description=description,
         model_id=info.model_id,
     )  # fmt: skip
+    # What `mlflow.register_model` adds: the logged model names its version (the Models tab's
+    # "Registered models" column), a new logged model has no other.
+    versions = [{"name": name, "version": version.version}]
+    client.set_logged_model_tags(info.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(versions)})
+    return version
 
 
 def promote_if_better(

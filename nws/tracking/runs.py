@@ -146,11 +146,16 @@ def _experiment_for(option: str, nested: bool) -> str:
 
 
 def start_net_run(
-    run_name: str, tags: Mapping[str, str], params: Mapping[str, Any], parent_run_id: str | None = None
+    run_name: str,
+    tags: Mapping[str, str],
+    params: Mapping[str, Any],
+    parent_run_id: str | None = None,
+    dataset: tuple[Any, Mapping[str, str]] | None = None,
 ) -> str:
     """A run for one net, nested under the active campaign run (or the given parent run, for the
     worker processes of a campaign whose run lives in another process); returns its id. A stop
-    signal while it is being made ends it KILLED, never leaves it RUNNING."""
+    signal while it is being made ends it KILLED, never leaves it RUNNING. `dataset` (an MLflow
+    dataset and the input's tags, `nws.tracking.datasets`) becomes its training input."""
     mlflow = _mlflow()
     run_id = ""
     try:
@@ -165,6 +170,10 @@ def start_net_run(
             run_id = run.info.run_id
             _own(run_id)
         mlflow.log_params(dict(params))
+        if dataset is not None:
+            from nws.tracking.datasets import log_input
+
+            log_input(dataset[0], dataset[1], run_id)
     except BaseException as error:  # Ctrl-C included
         if run_id:
             abort_run(run_id, error)
