@@ -37,9 +37,9 @@ def main() -> None:
     import keras
     import tensorflow as tf
 
+    from nws.backend import configure_tensorflow
     from nws.meta.dmc import build_dmc, slice_batches
     from nws.meta.samples import Samples
-    from nws.training import configure_tensorflow
     from nws.zoo.store import Zoo
 
     configure_tensorflow(deterministic=False)

@@ -75,7 +75,7 @@ def snapshots(fidelity: str, root: Path) -> list[tuple[object, object, object, d
     import mlflow
     import numpy as np
 
-    from nws.snapshots import weight_layout
+    from nws.net.snapshots import weight_layout
     from nws.space import PROPERTY_NAMES, NetConfig
     from nws.tracking.tags import TAG_CAMPAIGN, TAG_ROLE, TAG_TRIAL, WEIGHTS_ARTIFACT
 
@@ -161,8 +161,8 @@ def epoch_times(repeats: int = 2) -> None:
     import numpy as np
 
     from nws.data import load_images, split_for_net
+    from nws.net.training import TrainSettings, train_net
     from nws.space import NetConfig
-    from nws.training import TrainSettings, train_net
 
     for augmentation in (1, 0):
         config = NetConfig.parse(f"shapes,0.002,64,1,{augmentation},0,0,2,5,3,2,8,128")
@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument("--timing-only", action="store_true", help="only the epoch times of both fidelities")
     args = parser.parse_args()
     if args.timing_only:
-        from nws.training import configure_tensorflow
+        from nws.backend import configure_tensorflow
 
         configure_tensorflow(deterministic=True)
         print(f"{platform.node()}: {os.cpu_count()} CPUs")
@@ -207,7 +207,7 @@ def main() -> None:
     os.chdir(root)
     import mlflow
 
-    from nws.training import configure_tensorflow
+    from nws.net.training import configure_tensorflow
 
     configure_tensorflow(deterministic=True)
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])

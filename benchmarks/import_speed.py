@@ -142,7 +142,7 @@ def finish_cost(data: Path, csv: Path, store: tuple[str, Path], nets: int = 40) 
     from nws.tracking import sql as sql_tracking
     from nws.tracking.artifacts import finish_through_client, net_result_entities
 
-    row = nws_format.read_index(csv).to_dict("records")[0]
+    row = nws_format.read_published_index(csv).to_dict("records")[0]
     net = nws_format.read_net(data / row["path"], row)
     history = nws_format.history_from_errors(net.errors)
     params = {**net.config.as_params(), "prints": PRINTS, "source": row["path"]}

@@ -27,8 +27,8 @@ def main() -> None:
     args = parser.parse_args()
     single_thread_tensorflow()
     from nws.data import load_images, split_for_net
+    from nws.net.training import TrainSettings, train_net
     from nws.space import NetConfig
-    from nws.training import TrainSettings, train_net
 
     settings = TrainSettings(max_epochs=args.epochs, min_epochs=args.epochs)
     config = NetConfig.parse(CONFIG.format(batch_size=args.batch_size, augmentation=args.augmentation))

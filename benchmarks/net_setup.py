@@ -36,8 +36,8 @@ def main() -> None:
     args = parser.parse_args()
     single_thread_tensorflow()
     from nws.data import load_images, split_for_net
+    from nws.net.training import TrainSettings, train_net
     from nws.space import NetConfig
-    from nws.training import TrainSettings, train_net
 
     settings = TrainSettings(max_epochs=6, min_epochs=6)
     extra = {"kept": None} if args.fresh and not args.old else {}

@@ -6,7 +6,7 @@ Imports no TensorFlow (except in the TensorFlow column's own process), MLflow or
 on a machine with jax, numpy and keras only (and this repository on PYTHONPATH). Each backend
 runs in a child process (a process has one Keras backend). Per backend the lone net's path
 (Keras `fit` on a generator of class-balanced batches, as `sample` trains) is the baseline;
-packs run `nws.pack.PackTrainer`'s vmapped step (JAX only). Images are random uint8 images on
+packs run `nws.net.pack.PackTrainer`'s vmapped step (JAX only). Images are random uint8 images on
 the device, so the figures measure training, not data loading.
 
 nets/hour = 3600 P / ((epochs_per_net + 1) (train_images P / img_s + eval_images P s_per_eval_image)):
@@ -105,8 +105,8 @@ def child(args: argparse.Namespace) -> None:
 
     from nws.backend import seed as seed_backend
     from nws.data.preprocess import NetData
+    from nws.net.training import TrainSettings, compile_model
     from nws.space import NetConfig
-    from nws.training import TrainSettings, compile_model
 
     def emit(**row: object) -> None:
         print(json.dumps({"backend": args.child, **row}), flush=True)
@@ -164,7 +164,7 @@ def child(args: argparse.Namespace) -> None:
         return
     import jax
 
-    from nws.pack import PackTrainer
+    from nws.net.pack import PackTrainer
 
     data = NetData(images, labels.astype(np.int64), images[:64], labels[:64], images[:64], labels[:64])
 

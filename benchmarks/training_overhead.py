@@ -4,7 +4,7 @@ Compares per-epoch wall time (median over epochs after the first, which includes
   plain      a plain `model.fit(x, y, validation_data=...)` of the same compiled model on the
              same images (one class-balanced epoch, as float32 arrays), plus `model.evaluate`
              of the test set per epoch (the same evaluation work our loop does);
-  nws        `nws.training.train_net` without observers;
+  nws        `nws.net.training.train_net` without observers;
   nws+log    the full net job: snapshot capture to disk and MLflow logging (local SQLite).
 Targets: nws / plain <= 1.10; (nws+log - nws) / nws < 3 %.
 
@@ -40,7 +40,7 @@ def plain_fit(config, data, epochs: int, seed: int) -> float:
 
     from nws.backend import seed as seed_backend
     from nws.data import BalancedSampler
-    from nws.training import TrainSettings, compile_model
+    from nws.net.training import TrainSettings, compile_model
 
     seed_backend(seed)
     index = BalancedSampler(data.y_train, seed).epoch()
@@ -75,7 +75,7 @@ def plain_fit(config, data, epochs: int, seed: int) -> float:
 
 
 def nws_fit(config, data, epochs: int, seed: int) -> float:
-    from nws.training import TrainSettings, train_net
+    from nws.net.training import TrainSettings, train_net
 
     stamps: list[float] = []
     settings = TrainSettings(max_epochs=epochs, min_epochs=epochs)
@@ -89,7 +89,7 @@ def nws_logged(config, data, epochs: int, seed: int, options) -> float:
     import mlflow
 
     from nws.campaign.net_job import NetJob
-    from nws.training import TrainSettings
+    from nws.net.training import TrainSettings
 
     stamps: list[float] = []
     settings = dataclasses.replace(

@@ -34,7 +34,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 def make_runs(n: int, prints: int) -> None:
     import mlflow
 
-    from nws.snapshots import weight_layout
+    from nws.net.snapshots import weight_layout
     from nws.space import NetConfig
     from nws.tracking.artifacts import log_net_result
     from nws.tracking.tags import TAG_ROLE

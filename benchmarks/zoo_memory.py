@@ -27,10 +27,10 @@ def train(store: str, slice_length: int, steps: int) -> None:
     """The child: train the DMC for `steps` steps on random slices of the whole store."""
     import numpy as np
 
+    from nws.backend import configure_tensorflow
     from nws.meta import create
     from nws.meta.base import MetaSettings, Task
     from nws.meta.samples import Samples
-    from nws.training import configure_tensorflow
     from nws.zoo.store import Zoo
 
     configure_tensorflow(deterministic=False)

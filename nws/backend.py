@@ -2,7 +2,7 @@
 `jax`. Everything that differs between backends is decided here, from one `Backend` per name
 (`named`, `current`); no other module compares backend names. A new backend (PyTorch, say) is a
 `Backend` entry here, its branches below (`configure`, `seed`, `array_batches`), the input
-pipeline it uses (`tensorflow` picks `nws.pipeline`'s tf.data streams or its numpy batches), and
+pipeline it uses (`tensorflow` picks `nws.net.pipeline`'s tf.data streams or its numpy batches), and
 its tests.
 
 A process has one Keras backend, fixed when `keras` is first imported, so `select` runs before
@@ -43,7 +43,7 @@ class Backend:
     name: str
     packages: tuple[str, ...]  # the distributions it is installed as (a registered model's requirements)
     tensorflow: bool  # runs on TensorFlow: tf.data input pipelines, TensorFlow's logging tamed at start
-    packs: bool  # trains several nets in one compiled step (`sample --pack`, `nws.pack`)
+    packs: bool  # trains several nets in one compiled step (`sample --pack`, `nws.net.pack`)
     resizer: str  # the package whose resize makes dataset images (`nws.data.preprocess`)
 
     def environment(self, deterministic: bool, threads: int) -> None:

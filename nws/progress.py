@@ -40,7 +40,7 @@ class Progress:
             self._line(f"net {index}/{self.total}: {label}")
 
     def epoch(self, _model: Any, epoch: int, metrics: Mapping[str, float]) -> None:
-        """An observer for `nws.training.train_net`."""
+        """An observer for `nws.net.training.train_net`."""
         summary = (
             f"train {metrics['train_accuracy']:.3f} valid {metrics['valid_accuracy']:.3f} "
             f"test {metrics['test_accuracy']:.3f}"

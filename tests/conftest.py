@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def _tensorflow() -> None:
-    from nws.training import configure_tensorflow
+    from nws.backend import configure_tensorflow
 
     configure_tensorflow(deterministic=True, threads=1)
 

@@ -14,10 +14,10 @@ from nws.backend import select
 select("jax")  # before Keras starts; also JAX's compilation cache, as `sample --backend jax`
 
 from nws.data import load_images, split_for_net  # noqa: E402
-from nws.pack import PackTrainer  # noqa: E402
-from nws.snapshots import flatten, weight_layout  # noqa: E402
+from nws.net.pack import PackTrainer  # noqa: E402
+from nws.net.snapshots import flatten, weight_layout  # noqa: E402
+from nws.net.training import TrainingDiverged, TrainSettings, build_net, seed_backend, train_net  # noqa: E402
 from nws.space import NetConfig  # noqa: E402
-from nws.training import TrainingDiverged, TrainSettings, build_net, seed_backend, train_net  # noqa: E402
 
 CONFIG = NetConfig.parse("shapes,0.003,32,1,1,2,0,2,5,3,2,8,128")
 """Fixed architecture, augmentation on, momentum SGD, ReLU (the paper fidelity's evaluation then

@@ -1,4 +1,4 @@
-"""Nets trained on kept compiled models (`nws.compiled`) against the same nets built fresh, for
+"""Nets trained on kept compiled models (`nws.net.compiled`) against the same nets built fresh, for
 every property value, on the backend of the calling process (tests/test_training.py runs it on
 TensorFlow, tests/jax_checks.py on JAX)."""
 
@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from nws.compiled import CompiledModels
 from nws.data import load_images, split_for_net
+from nws.net.compiled import CompiledModels
+from nws.net.training import TrainSettings, train_net
 from nws.space import NetConfig
-from nws.training import TrainSettings, train_net
 
 FIXED = "filter_size=5,depth_conv=3,depth_fc=2,width_conv=8,width_fc=128"
 SMALL = "filter_size=3,depth_conv=4,depth_fc=3,width_conv=4,width_fc=64"

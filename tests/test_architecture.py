@@ -20,14 +20,22 @@ LAYERS = [
         "nws.processes",
         "nws.checks",
         "nws.diskspace",
-        "nws.fidelity",
+        "nws.net",
+        "nws.net.fidelity",
         "nws.backend",
     ),
     ("nws.space",),
     ("nws.data",),
-    ("nws.cnn", "nws.layers"),
-    ("nws.compiled", "nws.augmentation", "nws.pipeline", "nws.optimizers", "nws.training", "nws.pack"),
-    ("nws.snapshots", "nws.symmetry"),
+    ("nws.net.cnn", "nws.net.layers"),
+    (
+        "nws.net.compiled",
+        "nws.net.augmentation",
+        "nws.net.pipeline",
+        "nws.net.optimizers",
+        "nws.net.training",
+        "nws.net.pack",
+    ),
+    ("nws.net.snapshots", "nws.net.symmetry"),
     ("nws.tracking",),
     ("nws.campaign",),
     ("nws.zoo",),
@@ -93,10 +101,15 @@ def _is_package(name: str, parsed: Mapping[str, ast.Module]) -> bool:
 
 
 def layer_of(module: str) -> int | None:
-    for index, layer in enumerate(LAYERS):
-        if any(module == entry or (entry != "nws" and module.startswith(entry + ".")) for entry in layer):
-            return index
-    return None
+    """The layer of the longest entry naming `module` or a package above it (`nws.net` itself is
+    one entry, its modules others)."""
+    found = [
+        (len(entry), index)
+        for index, layer in enumerate(LAYERS)
+        for entry in layer
+        if module == entry or (entry != "nws" and module.startswith(entry + "."))
+    ]
+    return max(found)[1] if found else None
 
 
 def cycles(graph: Mapping[str, Iterable[str]]) -> list[str]:

@@ -211,7 +211,7 @@ def test_a_pack_holds_each_datasets_images_once_and_every_net_finds_its_own():
     from dataclasses import replace
 
     from nws.data import load_images, split_for_net
-    from nws.pack import _device_images
+    from nws.net.pack import _device_images
 
     digits = load_images("digits")
     data = [split_for_net(digits, seed, 200, 32) for seed in (1, 2)]

@@ -15,15 +15,15 @@ import optuna
 import pytest
 
 from nws.campaign.storage import open_storage
-from nws.cnn import build_model
 from nws.commands.sample import SampleOptions, run_campaign
 from nws.data import ImageSet, load_images, split_for_net
 from nws.errors import DataError, ParameterError
 from nws.meta.evaluation import paper_pairwise_mae
-from nws.pipeline import TensorFlowStreams
-from nws.snapshots import SnapshotRecorder, flatten, load_into, weight_layout
+from nws.net.cnn import build_model
+from nws.net.pipeline import TensorFlowStreams
+from nws.net.snapshots import SnapshotRecorder, flatten, load_into, weight_layout
+from nws.net.training import EarlyStopping, EvaluationSets, TrainSettings, make_optimizer, train_net
 from nws.space import NetConfig
-from nws.training import EarlyStopping, EvaluationSets, TrainSettings, make_optimizer, train_net
 
 FIDELITIES = ("paper", "clean")
 LR = 0.005
@@ -102,7 +102,7 @@ def test_rmsprop_follows_tf1_under_paper_one_and_two_steps(fidelity):
 
 
 def test_tf1_rmsprop_is_serializable_and_starts_its_accumulator_at_one():
-    from nws.optimizers import TF1RMSprop
+    from nws.net.optimizers import TF1RMSprop
 
     optimizer = TF1RMSprop(0.003)
     again = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
@@ -214,7 +214,7 @@ def test_evaluation_images_are_augmented_under_paper(fidelity):
 
 
 def test_evaluation_augmentation_has_its_own_seed_stream():
-    from nws.pipeline import evaluation_augmenter_seed
+    from nws.net.pipeline import evaluation_augmenter_seed
 
     seeds = [evaluation_augmenter_seed(s) for s in range(50)]
     assert len(set(seeds)) == 50 and not set(seeds) & set(range(60))

@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from nws import cli
 from nws.campaign.storage import open_storage
 from nws.errors import ParameterError
-from nws.snapshots import weight_layout
+from nws.net.snapshots import weight_layout
 from nws.space import NetConfig
 from nws.tracking.tags import TAG_SUBSET
 from tests import published as pub

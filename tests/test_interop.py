@@ -21,10 +21,10 @@ import pytest
 from mlflow import MlflowClient
 
 from nws import cli
-from nws.cnn import build_model
 from nws.commands.export_nws import ExportOptions, run_export
 from nws.formats.small_cnn_zoo import config_column
-from nws.snapshots import flatten, load_into, weight_layout
+from nws.net.cnn import build_model
+from nws.net.snapshots import flatten, load_into, weight_layout
 from nws.space import PROPERTY_NAMES, NetConfig
 from nws.tracking.tags import TAG_SOURCE_PATH, TAG_WEIGHTS_DIGEST, WEIGHTS_ARTIFACT
 from tests import published as pub

@@ -124,8 +124,8 @@ def test_a_stop_during_training_is_raised_between_two_steps_of_keras():
     import traceback
 
     from nws.data import load_images, split_for_net
+    from nws.net.training import TrainSettings, train_net
     from nws.space import NetConfig
-    from nws.training import TrainSettings, train_net
 
     data = split_for_net(load_images("shapes"), seed=4, max_train_images=64, max_eval_images=32)
     config = NetConfig.parse("shapes,0.002,32,1,1,0,0,2,3,3,2,4,64")  # augmentation on

@@ -18,9 +18,9 @@ from nws.meta.base import MetaSettings, Task
 from nws.meta.invariant import MODEL_FILE, InvariantModel
 from nws.meta.samples import Samples
 from nws.meta.unit_features import SLOTS, UnitTable, max_units, template
-from nws.snapshots import architecture_for_length, conv_size_for_length, weight_layout
+from nws.net.snapshots import architecture_for_length, conv_size_for_length, weight_layout
+from nws.net.symmetry import permute
 from nws.space import NetConfig
-from nws.symmetry import permute
 from nws.zoo.store import Zoo
 
 ARCHITECTURES = ((3, 3, 2, 4, 64), (5, 4, 3, 8, 64))  # filter, depth conv / fc, width conv / fc
@@ -36,11 +36,11 @@ def config(architecture: tuple[int, ...], initialization: str) -> NetConfig:
 @pytest.fixture(scope="module")
 def nets() -> pd.DataFrame:
     """One row per net: its architecture, initialisation, seed and initial flat vector (what
-    snapshot 1 of a `clean` net is), built with `nws.cnn.build_model`."""
+    snapshot 1 of a `clean` net is), built with `nws.net.cnn.build_model`."""
     import keras
 
-    from nws.cnn import build_model
-    from nws.snapshots import flatten
+    from nws.net.cnn import build_model
+    from nws.net.snapshots import flatten
 
     rows = []
     for seed in range(SEEDS):

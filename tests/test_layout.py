@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from nws.cnn import build_model, conv_blocks, layer_plan
-from nws.snapshots import flatten, load_into, unflatten, weight_layout
+from nws.net.cnn import build_model, conv_blocks, layer_plan
+from nws.net.snapshots import flatten, load_into, unflatten, weight_layout
 from nws.space import NetConfig
 
 FIXED = NetConfig.parse("mnist,0.001,64,1,0,0,0,2,5,3,2,8,128")
@@ -150,7 +150,7 @@ def test_batch_norm_off_has_no_batch_norm_tensors_and_round_trips():
 def test_layout_records_round_trip_through_json():
     import json
 
-    from nws.snapshots import WeightLayout
+    from nws.net.snapshots import WeightLayout
 
     layout = weight_layout(LARGEST)
     again = WeightLayout.from_records(json.loads(json.dumps(layout.to_records())))

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from nws.commands.predict import PredictOptions, run_predict
 from nws.commands.train import TrainOptions, run_training
 from nws.meta.dmc import build_dmc, conv_plan
-from nws.registry import CHAMPION, registered_name
+from nws.registry.registration import CHAMPION, registered_name
 from nws.tracking.tags import TAG_ROLE, WEIGHTS_ARTIFACT
 
 PLAIN = "params.initialization != 'glorot_uniform' and params.initialization != 'glorot_normal'"
@@ -260,7 +260,7 @@ class NoTensorFlow:  # a machine with JAX alone: TensorFlow cannot be imported
 sys.meta_path.insert(0, NoTensorFlow())
 import mlflow, numpy as np
 from nws.commands.train import TrainOptions, run_training
-from nws.registry import CHAMPION, registered_name
+from nws.registry.registration import CHAMPION, registered_name
 
 options = TrainOptions(**json.loads(sys.argv[1]))
 table = run_training(options)

@@ -30,8 +30,8 @@ from nws.meta import create
 from nws.meta.base import MetaClassifier, MetaSettings, Task
 from nws.meta.baselines import TRUSTED_TYPES, _estimator
 from nws.meta.features import slice_statistics
-from nws.registry import load_champion, log_meta_classifier, registered_name
-from nws.snapshots import weight_layout
+from nws.net.snapshots import weight_layout
+from nws.registry.registration import load_champion, log_meta_classifier, registered_name
 from nws.space import NetConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,8 +20,9 @@ from nws.campaign.net_job import NetJob
 from nws.campaign.storage import open_storage
 from nws.commands.sample import SampleOptions, run_campaign
 from nws.errors import ParameterError
+from nws.net.snapshots import select_prints, weight_layout
+from nws.net.training import TrainSettings
 from nws.processes import worker_name
-from nws.snapshots import select_prints, weight_layout
 from nws.space import PROPERTY_NAMES, NetConfig
 from nws.tracking.artifacts import weights_digest
 from nws.tracking.tags import (
@@ -40,7 +41,6 @@ from nws.tracking.tags import (
     TAG_WORKER,
     WEIGHTS_ARTIFACT,
 )
-from nws.training import TrainSettings
 from tests.conftest import ROOT, ZOO_PARAMETERS
 
 

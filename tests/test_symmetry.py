@@ -1,4 +1,4 @@
-"""Function-preserving transformations (nws.symmetry) checked on real Keras nets: the logits of
+"""Function-preserving transformations (nws.net.symmetry) checked on real Keras nets: the logits of
 the transformed vector on real images equal the original's.
 
 Tolerance: the logits are float32, so the bound is relative to their scale:
@@ -14,9 +14,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nws.snapshots import WeightLayout, load_into, unflatten, weight_layout
-from nws.space import NetConfig
-from nws.symmetry import (
+from nws.net.snapshots import WeightLayout, load_into, unflatten, weight_layout
+from nws.net.symmetry import (
     apply_permutations,
     hidden_layers,
     inverse_permutations,
@@ -24,6 +23,7 @@ from nws.symmetry import (
     random_permutations,
     rescale,
 )
+from nws.space import NetConfig
 
 TOLERANCE = {"paper": 1e-4, "clean": 1e-5}
 
@@ -62,7 +62,7 @@ class Net:
     """A built model of a configuration, and its logits for any vector of its layout."""
 
     def __init__(self, config: NetConfig, fidelity: str, images: np.ndarray) -> None:
-        from nws.cnn import build_model
+        from nws.net.cnn import build_model
 
         self.layout = weight_layout(config)
         self.model = build_model(config, fidelity=fidelity)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from nws.data import BalancedSampler, load_images, split_for_net
+from nws.net.snapshots import SnapshotRecorder, select_prints, weight_layout
+from nws.net.training import EarlyStopping, TrainingDiverged, TrainSettings, train_net
 from nws.progress import Progress
-from nws.snapshots import SnapshotRecorder, select_prints, weight_layout
 from nws.space import NetConfig
-from nws.training import EarlyStopping, TrainingDiverged, TrainSettings, train_net
 
 SETTINGS = TrainSettings(max_epochs=1000, min_epochs=20, fidelity="clean")
 """The rules with the first stop after `min_epochs` epochs (fidelity paper: one earlier, see
@@ -127,8 +127,8 @@ def test_snapshot_one_is_the_pure_initialisation_under_clean(tiny_data):
     (tests/test_fidelity.py); under clean it is the initialisation, every tensor."""
     import keras
 
-    from nws.cnn import build_model
-    from nws.snapshots import flatten
+    from nws.net.cnn import build_model
+    from nws.net.snapshots import flatten
 
     _, weights, _, _ = train_tiny(tiny_data, seed=9, epochs=1, fidelity="clean")
     keras.utils.set_random_seed(9)
@@ -183,8 +183,8 @@ def test_mixed_precision_trains_and_snapshots_stay_float32(tiny_data):
 
 
 def test_the_snapshot_file_has_no_name_so_a_killed_trainer_leaves_nothing(tmp_path):
-    from nws.cnn import build_model
-    from nws.snapshots import flatten
+    from nws.net.cnn import build_model
+    from nws.net.snapshots import flatten
 
     layout, model = weight_layout(TINY), build_model(TINY)
     with SnapshotRecorder(layout, directory=str(tmp_path)) as recorder:

@@ -32,6 +32,14 @@ def _settle(seconds: float = 3.0) -> None:
     time.sleep(seconds)
 
 
+def _close_assistant(page: Any) -> None:
+    """MLflow 3.17's UI opens its chat panel on a new browser's first page: close it."""
+    close = page.locator("button[aria-label='Close']")
+    if close.count() and close.first.is_visible():
+        close.first.click()
+        _settle(1)
+
+
 def _expand(page: Any, run_name: str) -> None:
     row = page.locator("div[role='row'], tr").filter(has_text=run_name).first
     row.locator("button").first.click(timeout=10_000)
@@ -49,6 +57,7 @@ def take(url: str, out: Path, experiment_id: str, campaign: str) -> list[Path]:
         page.goto(runs)
         page.wait_for_selector(f"text=nws-main-{campaign}", timeout=60_000)
         _settle()
+        _close_assistant(page)
         _expand(page, f"nws-main-{campaign}")
         _expand(page, f"meta-{campaign}")
         made.append(out / "ui-experiment.png")
@@ -59,12 +68,16 @@ def take(url: str, out: Path, experiment_id: str, campaign: str) -> list[Path]:
         _settle(4)
         made.append(out / "ui-datasets.png")
         page.screenshot(path=made[-1])
+        page.set_viewport_size({"width": 1900, "height": 820})  # the scores are the last columns
         page.goto(f"{url}/#/experiments/{experiment_id}/models?workflowType=machine_learning")
         _settle(6)
+        _close_assistant(page)
         made.append(out / "ui-models.png")
         page.screenshot(path=made[-1])
+        page.set_viewport_size({"width": 1400, "height": 820})
         page.goto(f"{url}/#/models?workflowType=machine_learning")
         _settle(5)
+        _close_assistant(page)
         made.append(out / "ui-registry.png")
         page.screenshot(path=made[-1])
         browser.close()

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nws import interrupts, space
-from nws.campaign.net_job import NetJob, environment_tags
+from nws.backend import environment_tags
+from nws.campaign.net_job import NetJob
 from nws.campaign.orphans import close_orphans
 from nws.campaign.settings import CampaignSettings
 from nws.campaign.storage import open_study

@@ -15,13 +15,6 @@ from nws.tracking import artifacts, runs
 from nws.tracking.tags import TAG_FAILURE, TAG_STOP_REASON, net_tags
 
 
-def environment_tags() -> dict[str, str]:
-    """The versions and device a net was trained with (tags of its run), the backend among them."""
-    from nws.backend import environment_tags as tags
-
-    return tags()
-
-
 @dataclass
 class NetOutcome:
     run_id: str
@@ -78,7 +71,7 @@ class NetJob:
     def start(self) -> tuple[Any, Any, str]:
         """The net's images, its weight layout and its MLflow run, started in this thread."""
         from nws.data import dataset_identity, load_images, split_for_net
-        from nws.snapshots import weight_layout
+        from nws.net.snapshots import weight_layout
         from nws.tracking.datasets import image_dataset, net_input_tags
 
         c = self.campaign
@@ -108,8 +101,8 @@ class NetJob:
     ) -> NetOutcome:
         """Train the net in its own MLflow run. `still_ours` is asked before the result is
         written: False (the trial was given to another worker) ends the run FAILED instead."""
-        from nws.snapshots import SnapshotRecorder
-        from nws.training import TrainingDiverged, train_net
+        from nws.net.snapshots import SnapshotRecorder
+        from nws.net.training import TrainingDiverged, train_net
 
         data, layout, run_id = self.start()
         try:  # straight after: nothing between that a stop signal could cut
@@ -142,7 +135,7 @@ class NetJob:
     ) -> NetOutcome:
         """Store a trained net's artifacts, then end its run FINISHED (FAILED when its trial was
         taken over meanwhile). The caller aborts the run on an error."""
-        from nws.snapshots import layout_document
+        from nws.net.snapshots import layout_document
 
         weights, snapshots = recorder.select(self.campaign.prints)
         if still_ours is not None and not still_ours():

@@ -1,6 +1,6 @@
 """A campaign's nets trained in packs (`sample --pack P`, JAX backend): the worker asks Optuna
-for a block of P trials, groups their nets by `nws.pack.pack_key` and trains each group in one
-compiled step (`nws.pack.PackTrainer`).
+for a block of P trials, groups their nets by `nws.net.pack.pack_key` and trains each group in one
+compiled step (`nws.net.pack.PackTrainer`).
 
 Each net stays its own Optuna trial and MLflow run, exactly as when trained alone: every trial
 runs in its own thread through `study.optimize(n_trials=1)` (so Optuna keeps its heartbeat and
@@ -65,8 +65,8 @@ class _Block:
     def objective(self, trial: Any, current: dict[str, Any]) -> float:
         import optuna
 
-        from nws.snapshots import SnapshotRecorder
-        from nws.training import TrainingDiverged
+        from nws.net.snapshots import SnapshotRecorder
+        from nws.net.training import TrainingDiverged
 
         s, study = self.settings, self.study
         trial.set_user_attr("worker", self.worker)  # first: a retry inherits the dead worker's name
@@ -167,7 +167,7 @@ class _Block:
 
     def _train(self, tickets: list[_Ticket]) -> None:
         """Group the block's nets by pack key and train each group; hand every net its outcome."""
-        from nws.pack import PackTrainer, pack_key
+        from nws.net.pack import PackTrainer, pack_key
 
         groups: dict[Any, list[_Ticket]] = defaultdict(list)
         for ticket in tickets:

@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nws.backend import DEFAULT_BACKEND
+from nws.net.training import TrainSettings
 from nws.space import NetConfig
-from nws.training import TrainSettings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,7 +34,7 @@ class CampaignSettings:
     threads: int  # TensorFlow CPU threads (0: TensorFlow's choice)
     parent_run_id: str  # the run to nest nets under, held by another process ("": this one's)
     backend: str = DEFAULT_BACKEND  # the Keras backend that trains the nets (nws.backend)
-    pack: int = 1  # nets trained together in one compiled step (JAX; nws.pack)
+    pack: int = 1  # nets trained together in one compiled step (JAX; nws.net.pack)
     experiment: str = ""  # the MLflow experiment option ("": nws.tracking.experiments' rule)
 
     @property

@@ -50,7 +50,7 @@ class ImportOptions:
         jobs = []
         for csv in self.csv_paths():
             try:
-                frame = nws_format.read_index(csv)
+                frame = nws_format.read_published_index(csv)
             except DataError as e:
                 raise ParameterError("csv", str(e)) from None
             root = Path(self.root).expanduser() if self.root else csv.parent

@@ -84,7 +84,7 @@ def training_options(options: Any, experiment: str) -> TrainOptions:
 def smallest_region(subset: str, region: str) -> int:
     """The fewest weights that `region` spans in any architecture the subset draws (the fixed
     subset has one): a longer slice fails `train` as soon as a net that small is selected."""
-    from nws.snapshots import region_bounds, weight_layout
+    from nws.net.snapshots import region_bounds, weight_layout
 
     base = {p.name: p.choices(subset)[0] if p.is_categorical else p.low for p in space.PROPERTIES}
     choices = [space.BY_NAME[name].choices(subset) for name in space.ARCHITECTURE]

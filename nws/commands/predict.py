@@ -51,7 +51,7 @@ def _pick(array: np.ndarray, k: int, name: str, where: str) -> np.ndarray:
     """Row `k` of the snapshots (the last for 0) as float32, refused (naming the parameter
     `name`) unless it is a finite weight vector of an architecture of the space: anything else
     would give confident predictions from weights no net has, or a traceback."""
-    from nws.snapshots import conv_size_for_length
+    from nws.net.snapshots import conv_size_for_length
 
     array = np.asarray(array)
     if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
@@ -112,7 +112,7 @@ def load_vector(options: PredictOptions) -> tuple[np.ndarray, dict[str, str], st
 def run_predict(options: PredictOptions) -> pd.DataFrame:
     import mlflow
 
-    from nws.registry import load_champion, registered_name
+    from nws.registry.registration import load_champion, registered_name
     from nws.tracking.runs import parent_run
 
     props = options.validate()

@@ -14,9 +14,9 @@ from nws.campaign.storage import DEFAULT_STORAGE
 from nws.checks import SEED, Count, Real, RunId
 from nws.commands.options import check_campaign, check_declared, default_of, param
 from nws.errors import ParameterError
-from nws.fidelity import check_fidelity
+from nws.net.fidelity import check_fidelity
+from nws.net.training import TrainSettings
 from nws.space import NetConfig
-from nws.training import TrainSettings
 
 
 @dataclass(frozen=True)

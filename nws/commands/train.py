@@ -19,8 +19,8 @@ from nws.commands.train_runs import Plan, train_all
 from nws.errors import ParameterError
 from nws.meta import KINDS, MODEL_NAMES
 from nws.meta.base import MetaSettings
+from nws.net.snapshots import REGIONS, region_bounds
 from nws.progress import Steps, say
-from nws.snapshots import REGIONS, region_bounds
 from nws.space import PROPERTY_NAMES, SNAPSHOT_TARGETS, get_property
 from nws.tracking.runs import parent_run
 from nws.tracking.tags import TAG_ROLE
@@ -219,7 +219,7 @@ def split_property(nets: pd.DataFrame, prop: str, options: TrainOptions) -> Spli
 
 def plan(options: TrainOptions) -> Plan:
     """Check the input against the selected nets and build their zoo: what `train_all` runs."""
-    from nws.snapshots import weight_layout
+    from nws.net.snapshots import weight_layout
     from nws.space import NetConfig
     from nws.zoo.cache import ArtifactCache
     from nws.zoo.splits import varying_properties

@@ -178,7 +178,7 @@ def train_one(
     from nws.meta.dissection import when_rows
     from nws.meta.evaluation import confusion_png, evaluate
     from nws.meta.samples import Samples
-    from nws.registry import log_meta_classifier
+    from nws.registry.registration import log_meta_classifier
 
     zoo = plan.zoo
     task = Task(prop, split.classes)

@@ -14,7 +14,7 @@ import numpy as np
 
 from nws.backend import chosen
 from nws.errors import DataError
-from nws.fidelity import DEFAULT_FIDELITY, PAPER, check_fidelity
+from nws.net.fidelity import DEFAULT_FIDELITY, PAPER, check_fidelity
 
 SIDE = 32
 VALID_FRACTION = 0.1

@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from nws.formats.cnn_zoo_reader import CnnZoo, Refused, ZooNet, layout_document
+from nws.formats.cnn_zoo_reader import CnnZoo, ZooNet, ZooNetRefused, zoo_layout_document
 from nws.formats.importer import EarlierRun, ImportSummary, imported_runs
 from nws.tracking import artifacts
 from nws.tracking.datasets import foreign_dataset, log_input
@@ -61,7 +61,7 @@ def _write(
                  "weightn_fc": zoo.layout.weightn_fc,
                  **{m: last[m] for m in ("train_accuracy", "test_accuracy") if m in last}}  # fmt: skip
         params = {**net.config, "prints": len(net.weights), "source": net.key}
-        document = layout_document(net, zoo.layout, zoo.native)
+        document = zoo_layout_document(net, zoo.layout, zoo.native)
         artifacts.upload_net_artifacts(client, run_id, artifact_uri, net.weights, document, history, False)
         entities = artifacts.net_result_entities(net.weights, history, final, {}, params, True)
         artifacts.finish_net_run(client, target["tracking_uri"], run_id, entities)
@@ -127,7 +127,7 @@ def _import_one(
     """("imported" | "skipped", run id) or ("refused", reason)."""
     try:
         net = zoo.read(key, rows, checkpoints)
-    except Refused as reason:
+    except ZooNetRefused as reason:
         return "refused", str(reason)
     for run in earlier:
         if run.status == "FINISHED" and run.complete and run.checksum == net.checksum:

@@ -11,11 +11,11 @@
                   reshaped to `shape` is the variable `varname` (e.g. `sequential/conv2d/kernel:0`).
 
 A net is the rows of one `modeldir` (or id), its checkpoints in step order. Its vectors are
-rewritten in our layout (`nws.snapshots`: kernels transposed so that a unit's incoming weights are
+rewritten in our layout (`nws.net.snapshots`: kernels transposed so that a unit's incoming weights are
 adjacent, conv part first), with a `WeightLayout` built from layout.csv: a 4-D kernel starts a
 conv layer, a 2-D one a dense layer, and the tensors after a kernel (bias, batch norm) belong to
 its layer. What is wrong with the directory is a DataError; what is wrong with one net is
-`Refused`, and the others go on.
+`ZooNetRefused`, and the others go on.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from nws.errors import DataError
-from nws.snapshots import BN_TENSORS, TensorEntry, WeightLayout
+from nws.net.snapshots import BN_TENSORS, TensorEntry, WeightLayout
 
 FILES = ("weights.npy", "metrics.csv.gz", "layout.csv")
 NET_KEYS = ("modeldir", "run_id", "modelindex")
@@ -42,7 +42,7 @@ HISTORY_COLUMNS = {"train_accuracy": "train_accuracy", "test_accuracy": "test_ac
 TENSORS = ("kernel", "bias", *BN_TENSORS)
 
 
-class Refused(Exception):
+class ZooNetRefused(Exception):
     """A net of the zoo that cannot be imported, with the reason."""
 
 
@@ -156,7 +156,7 @@ class CnnZoo:
         return int(counts.mode().max()) if len(counts) else 0
 
     def read(self, key: str, rows: np.ndarray, checkpoints: int) -> ZooNet:
-        """Net `key` (its rows of the files), checked; `Refused` with the reason otherwise."""
+        """Net `key` (its rows of the files), checked; `ZooNetRefused` with the reason otherwise."""
         import xxhash
 
         metrics = self.metrics.iloc[rows]
@@ -171,22 +171,22 @@ class CnnZoo:
         rows, metrics = rows[order], metrics.iloc[order]
         steps = pd.to_numeric(metrics["step"], errors="coerce").to_numpy()
         if len(rows) != checkpoints:
-            raise Refused(f"{len(rows)} checkpoints, not {checkpoints}")
+            raise ZooNetRefused(f"{len(rows)} checkpoints, not {checkpoints}")
         if not np.isfinite(steps).all() or (steps < 0).any():
-            raise Refused(f"steps {list(metrics['step'])} are not all non-negative numbers")
+            raise ZooNetRefused(f"steps {list(metrics['step'])} are not all non-negative numbers")
         for column in ACCURACIES:
             values = pd.to_numeric(metrics[column], errors="coerce").to_numpy()
             if not (np.isfinite(values).all() and ((values >= 0) & (values <= 1)).all()):
-                raise Refused(f"{column} {list(metrics[column])} is not in [0, 1] at every checkpoint")
+                raise ZooNetRefused(f"{column} {list(metrics[column])} is not in [0, 1] at every checkpoint")
         config = {}
         for column in self.config_columns:
             values = metrics[column].astype(str).unique()
             if len(values) != 1:
-                raise Refused(f"{column} differs between its checkpoints ({', '.join(values[:3])})")
+                raise ZooNetRefused(f"{column} differs between its checkpoints ({', '.join(values[:3])})")
             config[column] = values[0]
         native = np.asarray(self.weights[rows], np.float32)  # these rows only, from the mapped file
         if not np.isfinite(native).all():
-            raise Refused("its weights hold NaN or infinite values")
+            raise ZooNetRefused("its weights hold NaN or infinite values")
         digest = xxhash.xxh3_128(native.tobytes())
         digest.update(metrics.to_csv(index=False).encode())
         snapshots = []
@@ -197,10 +197,10 @@ class CnnZoo:
         return ZooNet(key, to_ours(native, self.layout), snapshots, config, digest.hexdigest())
 
 
-def layout_document(net: ZooNet, layout: WeightLayout, native: pd.DataFrame) -> dict[str, Any]:
+def zoo_layout_document(net: ZooNet, layout: WeightLayout, native: pd.DataFrame) -> dict[str, Any]:
     """The content of an imported net's `snapshots/layout.json`: our layout's tensors, the zoo's
     own names and columns for them, its config and its checkpoints."""
-    from nws.snapshots import LAYOUT_FORMAT
+    from nws.net.snapshots import LAYOUT_FORMAT
 
     return {
         "format": LAYOUT_FORMAT,

@@ -75,7 +75,7 @@ def export_directories(nets: pd.DataFrame, out: Path) -> list[Path]:
             )
         try:
             directories.append(nws_format.resolve_inside(out, f"{subset}/{run_id}"))
-        except nws_format.Refused as reason:
+        except nws_format.PublishedNetRefused as reason:
             raise DataError(f"run {run_id}: {reason}; nothing was exported") from None
     return directories
 
@@ -138,7 +138,7 @@ def _write_cnn_zoo(nets: pd.DataFrame, zoo: Zoo, out: Path, tmp: Path, kernels_o
     import json
 
     from nws.formats import small_cnn_zoo
-    from nws.snapshots import WeightLayout
+    from nws.net.snapshots import WeightLayout
 
     first = json.loads(_artifact(nets, 0, LAYOUT_ARTIFACT, tmp).read_text())
     layout = WeightLayout.from_records(first["tensors"])

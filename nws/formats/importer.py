@@ -39,7 +39,7 @@ import pandas as pd
 
 from nws.errors import NWSError
 from nws.formats import nws as nws_format
-from nws.snapshots import published_error_rows
+from nws.net.snapshots import published_error_rows
 from nws.tracking import artifacts
 from nws.tracking.datasets import foreign_dataset, log_input
 from nws.tracking.runs import end_failed_run, error_text, parent_run
@@ -148,7 +148,7 @@ class _Importer:
         """("imported" | "skipped", run id) or ("refused", reason)."""
         try:
             net = nws_format.read_net(task.directory, task.job.row, self.target.prints)
-        except nws_format.Refused as reason:
+        except nws_format.PublishedNetRefused as reason:
             return "refused", str(reason)
         for run in task.earlier:
             if run.status == "FINISHED" and run.complete and run.checksum == net.checksum:
@@ -165,7 +165,7 @@ class _Importer:
     def _write(self, job: ImportJob, directory: Path, net: nws_format.PublishedNet) -> str:
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-        from nws.snapshots import layout_document, weight_layout
+        from nws.net.snapshots import layout_document, weight_layout
 
         layout = weight_layout(net.config)
         source = nws_format.relative_path(directory, job.root.resolve())
@@ -274,7 +274,7 @@ def _tasks(
     for job in jobs:
         try:
             directory = nws_format.net_directory(job.root, str(job.row["path"]))
-        except nws_format.Refused as reason:
+        except nws_format.PublishedNetRefused as reason:
             yield job, ("refused", str(reason))
             continue
         if directory in seen:

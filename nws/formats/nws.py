@@ -11,7 +11,7 @@ Per net, a directory with
   stat.bin              float64 [4]: evaluations, last step, epochs, seconds.
 Per subset and split, an index CSV with the 13 columns, `weightn_conv`, `weightn_fc` and `path`.
 The error row of snapshot k is round(linspace(0, n_evals - 1, prints))[k]
-(`nws.snapshots.published_error_rows`).
+(`nws.net.snapshots.published_error_rows`).
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ import pandas as pd
 import xxhash
 
 from nws.errors import DataError, NWSError, ParameterError
-from nws.snapshots import weight_layout
+from nws.net.snapshots import weight_layout
 from nws.space import PROPERTY_NAMES, NetConfig
 
 INDEX_COLUMNS = (*PROPERTY_NAMES, "weightn_conv", "weightn_fc", "path")
 PUBLISHED_PRINTS = 20
 
 
-class Refused(NWSError):
+class PublishedNetRefused(NWSError):
     """A net that cannot be imported; the reason goes to the summary and the refusals CSV."""
 
 
@@ -51,7 +51,7 @@ class PublishedNet:
     checksum: str  # xxh3-128 over meta.csv, every snapshot, error.bin and stat.bin
 
 
-def read_index(path: Path) -> pd.DataFrame:
+def read_published_index(path: Path) -> pd.DataFrame:
     """An index CSV with at least the published columns; a DataError otherwise."""
     try:
         frame = pd.read_csv(path, dtype={"path": str})
@@ -79,16 +79,16 @@ def resolve_inside(root: Path, path: str | Path) -> Path:
     unless it stays inside the root. Every path that a CSV cell, a run's tag or a user string
     helps to build goes through here, on reading and on writing."""
     if not str(path).strip():
-        raise Refused("empty path")
+        raise PublishedNetRefused("empty path")
     root = root.resolve()
     candidate = Path(path)
     joined = candidate if candidate.is_absolute() else root / candidate
     try:
         resolved = joined.resolve(strict=False)
     except (OSError, RuntimeError) as e:
-        raise Refused(f"path {str(path)!r} cannot be resolved ({e})") from None
+        raise PublishedNetRefused(f"path {str(path)!r} cannot be resolved ({e})") from None
     if resolved != root and root not in resolved.parents:
-        raise Refused(f"path {str(path)!r} leads outside the root {root}")
+        raise PublishedNetRefused(f"path {str(path)!r} leads outside the root {root}")
     return resolved
 
 
@@ -96,7 +96,7 @@ def net_directory(root: Path, path: str) -> Path:
     """A published net's directory: `path` inside the root (see `resolve_inside`), a directory."""
     resolved = resolve_inside(root, path)
     if not resolved.is_dir():
-        raise Refused(f"path {path!r} is not a directory")
+        raise PublishedNetRefused(f"path {path!r} is not a directory")
     return resolved
 
 
@@ -105,42 +105,44 @@ def _read_meta(directory: Path) -> NetConfig:
         with open(directory / "meta.csv", newline="") as f:
             rows = list(csv.reader(f))
     except OSError as e:
-        raise Refused(f"meta.csv unreadable ({e.strerror})") from None
+        raise PublishedNetRefused(f"meta.csv unreadable ({e.strerror})") from None
     except (UnicodeDecodeError, csv.Error) as e:  # damaged: binary bytes, a NUL, a broken quote
-        raise Refused(f"meta.csv is not a CSV file ({e})") from None
+        raise PublishedNetRefused(f"meta.csv is not a CSV file ({e})") from None
     if len(rows) < 2 or tuple(h.strip() for h in rows[0]) != PROPERTY_NAMES:
-        raise Refused("meta.csv does not have the 13 NWS columns and one row")
+        raise PublishedNetRefused("meta.csv does not have the 13 NWS columns and one row")
     try:
         return NetConfig.from_mapping(dict(zip(PROPERTY_NAMES, rows[1], strict=True)))
     except (ParameterError, ValueError) as e:
-        raise Refused(f"meta.csv: {e}") from None
+        raise PublishedNetRefused(f"meta.csv: {e}") from None
 
 
 def _read_doubles(path: Path, what: str) -> np.ndarray:
     try:
         return np.fromfile(path, dtype="<f8")
     except (OSError, ValueError):
-        raise Refused(f"{what} missing or unreadable") from None
+        raise PublishedNetRefused(f"{what} missing or unreadable") from None
 
 
 def read_net(directory: Path, row: Mapping[str, Any], prints: int = PUBLISHED_PRINTS) -> PublishedNet:
-    """Read and check one net; raise Refused with the reason otherwise."""
+    """Read and check one net; raise PublishedNetRefused with the reason otherwise."""
     config = _read_meta(directory)
     try:
         listed = NetConfig.from_mapping({name: row[name] for name in PROPERTY_NAMES})
     except (ParameterError, ValueError) as e:
-        raise Refused(f"index row: {e}") from None
+        raise PublishedNetRefused(f"index row: {e}") from None
     if listed != config:
         different = [n for n in PROPERTY_NAMES if getattr(listed, n) != getattr(config, n)]
-        raise Refused(f"meta.csv and the index CSV disagree on {', '.join(different)}")
+        raise PublishedNetRefused(f"meta.csv and the index CSV disagree on {', '.join(different)}")
     layout = weight_layout(config)
     try:
         conv, fc = int(row["weightn_conv"]), int(row["weightn_fc"])
     except (TypeError, ValueError):
         sizes = f"{row['weightn_conv']!r}/{row['weightn_fc']!r}"
-        raise Refused(f"index row: weightn_conv/weightn_fc {sizes} are not whole numbers") from None
+        raise PublishedNetRefused(
+            f"index row: weightn_conv/weightn_fc {sizes} are not whole numbers"
+        ) from None
     if (conv, fc) != (layout.weightn_conv, layout.weightn_fc):
-        raise Refused(
+        raise PublishedNetRefused(
             f"weightn_conv/weightn_fc {conv}/{fc} do not match the architecture "
             f"({layout.weightn_conv}/{layout.weightn_fc})"
         )
@@ -150,25 +152,25 @@ def read_net(directory: Path, row: Mapping[str, Any], prints: int = PUBLISHED_PR
         name = snapshot_file(k)
         path = directory / name
         if not path.is_file():
-            raise Refused(f"{name} is missing")
+            raise PublishedNetRefused(f"{name} is missing")
         raw = path.read_bytes()
         values = np.frombuffer(raw, dtype="<f8")
         if len(raw) % 8 or len(values) != conv + fc:
-            raise Refused(
+            raise PublishedNetRefused(
                 f"{name} holds {len(raw) / 8:g} values, not weightn_conv + weightn_fc = {conv + fc}"
             )
         if not np.isfinite(values).all():
-            raise Refused(f"{name} holds NaN or infinite weights")
+            raise PublishedNetRefused(f"{name} holds NaN or infinite weights")
         weights[k - 1] = values
         digest.update(raw)
     errors = _read_doubles(directory / "error.bin", "error.bin")
     stat = _read_doubles(directory / "stat.bin", "stat.bin")
     if len(stat) < 4 or len(errors) == 0 or len(errors) % 5:
-        raise Refused("error.bin or stat.bin is not in the published format")
+        raise PublishedNetRefused("error.bin or stat.bin is not in the published format")
     errors = errors.reshape(-1, 5)
     n_evals = int(stat[0])
     if not 1 <= n_evals <= len(errors):
-        raise Refused(f"stat.bin says {n_evals} evaluations, error.bin holds {len(errors)}")
+        raise PublishedNetRefused(f"stat.bin says {n_evals} evaluations, error.bin holds {len(errors)}")
     digest.update(errors.tobytes())
     digest.update(stat.tobytes())
     return PublishedNet(config, weights, errors[:n_evals], stat[:4], conv, digest.hexdigest())

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nws.snapshots import TensorEntry, WeightLayout
+from nws.net.snapshots import TensorEntry, WeightLayout
 
 LAYOUT_COLUMNS = ("varname", "start_idx", "end_idx", "shape")
 CONFIG_NAMES = {

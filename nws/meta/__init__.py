@@ -29,7 +29,7 @@ from nws.meta.base import MetaClassifier, MetaSettings, Task
 from nws.meta.baselines import LayerStatsModel, SliceStatsModel
 from nws.meta.dmc import DMC
 from nws.meta.invariant import InvariantModel
-from nws.snapshots import WeightLayout
+from nws.net.snapshots import WeightLayout
 
 KINDS: dict[str, type[MetaClassifier]] = {
     "dmc": DMC,

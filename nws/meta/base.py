@@ -22,7 +22,7 @@ import numpy as np
 
 from nws.meta.features import layer_statistics
 from nws.meta.samples import Samples
-from nws.snapshots import WeightLayout, conv_size_for_length, region_bounds
+from nws.net.snapshots import WeightLayout, conv_size_for_length, region_bounds
 from nws.space import value_range
 
 

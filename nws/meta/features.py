@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from nws.snapshots import TensorEntry
+from nws.net.snapshots import TensorEntry
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 SLICE_FEATURES = (

@@ -1,6 +1,6 @@
 """A meta-classifier invariant to the renumbering of hidden units, by construction (issue 18).
 
-Renumbering the units of a hidden layer (`nws.symmetry.permute`) leaves a net's function as it
+Renumbering the units of a hidden layer (`nws.net.symmetry.permute`) leaves a net's function as it
 is, so a prediction from weights should not change either. This model sees a net as sets of
 units, in the manner of DeepSets (Zaheer et al., 2017) and of the neural functional networks
 (Zhou et al., 2023) that pool over the permutation symmetries of weight spaces:

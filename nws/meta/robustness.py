@@ -1,5 +1,5 @@
 """The robustness protocol of `train` (issue 18): the test nets transformed at random without
-changing their function (`nws.symmetry`), then evaluated again, so that every model's figure on
+changing their function (`nws.net.symmetry`), then evaluated again, so that every model's figure on
 the transformed nets stands beside its figure on the nets as they were trained.
 
 - `permute`: every hidden layer's units renumbered, one random renumbering per net, applied to
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nws import symmetry
-from nws.snapshots import WeightLayout, architecture_for_length, weight_layout
+from nws.net import symmetry
+from nws.net.snapshots import WeightLayout, architecture_for_length, weight_layout
 from nws.zoo.store import Zoo
 
 TRANSFORMS = ("permute", "rescale")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nws.snapshots import region_bounds
+from nws.net.snapshots import region_bounds
 from nws.zoo.store import Zoo
 
 

@@ -5,7 +5,7 @@ average them per layer and per role: what `nws.meta.invariant` pools (numpy only
 The roles are the first conv, the other convs, the hidden dense layers and the output layer:
 every net of the space has each role, with one to four layers in it, so a model built on roles
 has one shape for all 243 architectures. A vector's architecture follows from its length
-(`nws.snapshots.architecture_for_length`); a vector outside the NWS family (an imported zoo's)
+(`nws.net.snapshots.architecture_for_length`); a vector outside the NWS family (an imported zoo's)
 comes with its layout, whose kernels name the layers (a zoo without hidden dense layers leaves
 that role empty).
 """
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nws.cnn import layer_plan
-from nws.snapshots import WeightLayout, architecture_for_length, architectures, weight_layout
+from nws.net.cnn import layer_plan
+from nws.net.snapshots import WeightLayout, architecture_for_length, architectures, weight_layout
 from nws.space import BY_NAME
 
 ARCHITECTURE_FEATURES = ("filter_size", "depth_conv", "depth_fc", "width_conv", "width_fc")
@@ -155,7 +155,7 @@ def unit_features(vectors: np.ndarray, layout: WeightLayout | None = None) -> np
     n = len(vectors)
     parts = []
     for layer in template(vectors.shape[1], "all", layout).layers:
-        # Storage order puts a unit's incoming weights next to each other (nws.snapshots).
+        # Storage order puts a unit's incoming weights next to each other (nws.net.snapshots).
         incoming = vectors[:, layer.kernel].reshape(n, layer.units, layer.fan_in)
         columns = [incoming.mean(axis=-1), incoming.std(axis=-1)]
         columns += list(np.quantile(incoming, (0.0, 0.25, 0.5, 0.75, 1.0), axis=-1))

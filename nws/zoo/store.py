@@ -55,7 +55,9 @@ class Zoo:
 
     def __init__(self, directory: Path, index: str | None = None) -> None:
         self.directory = directory
-        self.nets = read_index(io.StringIO(index) if index is not None else directory / "nets.csv", directory)
+        self.nets = read_store_index(
+            io.StringIO(index) if index is not None else directory / "nets.csv", directory
+        )
         self.offsets = self.nets["offset"].to_numpy(np.int64)
         self.lengths = self.nets["n_weights"].to_numpy(np.int64)
         self.conv = self.nets["weightn_conv"].to_numpy(np.int64)
@@ -116,7 +118,7 @@ def _close_files(files: OrderedDict[int, int]) -> None:
         os.close(files.popitem()[1])
 
 
-def read_index(source: Any, directory: Path) -> pd.DataFrame:
+def read_store_index(source: Any, directory: Path) -> pd.DataFrame:
     """A store's table of nets (`nets.csv`), its text columns kept as text; a DataError naming
     the store if it is not one."""
     text = {

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from nws.errors import DataError
-from nws.snapshots import WeightLayout
+from nws.net.snapshots import WeightLayout
 from nws.tracking.tags import LAYOUT_ARTIFACT
 from nws.zoo.cache import _is_local, _local_path
 

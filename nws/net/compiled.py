@@ -10,7 +10,7 @@ built fresh after the net's own seeding, and the optimizer's state (step count, 
 its state before any step, with the net's learning rate. A net trained on a kept model is
 bit-identical to the same net built fresh (tested for every property value).
 
-Knows nothing of configurations: `nws.training` says which nets share a graph (its key).
+Knows nothing of configurations: `nws.net.training` says which nets share a graph (its key).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Training one net (reference section 5): Keras `fit` on class-balanced epochs, one evaluation
 per epoch (plus one before any update), the NWS early-stopping rules.
 
-How evaluation works depends on the fidelity (`nws.fidelity`). Under `paper`, as in the released
+How evaluation works depends on the fidelity (`nws.net.fidelity`). Under `paper`, as in the released
 code: batch norm uses batch statistics and updates its moving statistics in every forward pass,
 evaluation runs in batches of the net's batch size (remainder dropped) on augmented images when
 augmentation is on, and the epoch-0 train accuracy is measured on the first training batch.
@@ -10,11 +10,11 @@ batches, and snapshot 1 is the pure initialisation.
 
 The training loop knows nothing about snapshots or MLflow: callers pass observers that see the
 model and the metrics at every evaluation (epoch 0 is the initialisation). The images reach it
-through the input pipelines of `nws.pipeline`: tf.data on TensorFlow, numpy batches and the
+through the input pipelines of `nws.net.pipeline`: tf.data on TensorFlow, numpy batches and the
 augmentation inside the model elsewhere (JAX), where no TensorFlow is imported.
 
 Why one module: a net's build order (seed, models, optimizer, input pipelines: `build_net`) and
-the loop that trains it must stay in step; `nws.pack` builds every packed net through `build_net`
+the loop that trains it must stay in step; `nws.net.pack` builds every packed net through `build_net`
 so that it starts bit-identical to the same net trained alone.
 """
 
@@ -29,14 +29,13 @@ from typing import Any
 import numpy as np
 
 from nws import interrupts
-from nws.backend import TENSORFLOW, configure_tensorflow, tensorflow_environment  # noqa: F401 (their old home)
 from nws.backend import current as current_backend
 from nws.backend import seed as seed_backend
-from nws.cnn import build_model
-from nws.compiled import MODELS, CompiledModels
 from nws.data.preprocess import BalancedSampler, NetData
-from nws.fidelity import DEFAULT_FIDELITY, PAPER, check_fidelity
-from nws.pipeline import (
+from nws.net.cnn import build_model
+from nws.net.compiled import MODELS, CompiledModels
+from nws.net.fidelity import DEFAULT_FIDELITY, PAPER, check_fidelity
+from nws.net.pipeline import (
     TensorFlowStreams,
     balanced_batches,
     build_augmenter,
@@ -70,7 +69,7 @@ class TrainSettings:
     fall_patience: int = 5
     below_average_limit: int = 30
     stationary_limit: int = 30
-    fidelity: str = DEFAULT_FIDELITY  # paper or clean: see nws.fidelity
+    fidelity: str = DEFAULT_FIDELITY  # paper or clean: see nws.net.fidelity
 
     def __post_init__(self) -> None:
         check_fidelity(self.fidelity)
@@ -167,7 +166,7 @@ def make_optimizer(config: NetConfig, steps_per_epoch: int, settings: TrainSetti
             config.lrate, decay_steps=steps_per_epoch, decay_rate=settings.lr_decay, staircase=True
         )
     if settings.paper and config.optimizer != "momentum":
-        from nws.optimizers import TF1_ADAM_EPSILON, TF1RMSprop
+        from nws.net.optimizers import TF1_ADAM_EPSILON, TF1RMSprop
 
         optimizer = {
             "adam": lambda: keras.optimizers.Adam(rate, epsilon=TF1_ADAM_EPSILON),
@@ -321,7 +320,7 @@ def build_net(
     """The net's models, compiled, and its input pipelines: right after seeding (`seed_backend`),
     in this order, so that a net built here is the same wherever it trains (alone or packed).
     With `kept`, the models are the compiled ones of an earlier net of the same graph
-    (`graph_key`) holding this net's starting values, when there are such (`nws.compiled`)."""
+    (`graph_key`) holding this net's starting values, when there are such (`nws.net.compiled`)."""
     augment = config.augmentation == "on"
     tf_data = current_backend().tensorflow
     streams = _streams(kept) if tf_data else None
@@ -351,7 +350,7 @@ def _models(config: NetConfig, seed: int, settings: TrainSettings, augment_in_mo
     net = build_model(config, mixed_precision=settings.mixed_precision, fidelity=settings.fidelity)
     if not augment_in_model:
         return net, net, net
-    from nws.augmentation import build_affine_augmenter
+    from nws.net.augmentation import build_affine_augmenter
 
     fitted = training_model(net, build_affine_augmenter(seed))
     evaluated = net
@@ -361,7 +360,7 @@ def _models(config: NetConfig, seed: int, settings: TrainSettings, augment_in_mo
 
 
 def graph_key(config: NetConfig, settings: TrainSettings, tf_data: bool) -> tuple[Any, ...] | None:
-    """What nets must share to train on the same compiled models (`nws.compiled`): the graph
+    """What nets must share to train on the same compiled models (`nws.net.compiled`): the graph
     (architecture, activation, batch norm, fidelity; on JAX the augmenter inside the model) and
     the optimizer's kind. Data, batch size, learning rate, initialisation and seed may differ.
     None for nets that keep no models: a decaying learning rate (its schedule is part of the
@@ -374,7 +373,7 @@ def graph_key(config: NetConfig, settings: TrainSettings, tf_data: bool) -> tupl
 
 
 STREAMS = TensorFlowStreams()
-"""This process's tf.data pipelines, kept with its compiled models (`nws.compiled`)."""
+"""This process's tf.data pipelines, kept with its compiled models (`nws.net.compiled`)."""
 
 
 def _streams(kept: CompiledModels | None) -> TensorFlowStreams:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from nws.fidelity import DEFAULT_FIDELITY, PAPER, check_fidelity
+from nws.net.fidelity import DEFAULT_FIDELITY, PAPER, check_fidelity
 from nws.space import NetConfig
 
 IMAGE_SHAPE = (32, 32, 3)
@@ -25,7 +25,7 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 """Batch-norm settings of the original (TensorLayer's BatchNormLayer defaults). Under fidelity
 `paper` the layer also draws gamma from N(1, 0.002) and always uses batch statistics
-(`nws.layers.BatchStatisticsNormalization`); under `clean` it is Keras' own, gamma 1."""
+(`nws.net.layers.BatchStatisticsNormalization`); under `clean` it is Keras' own, gamma 1."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def _kernel_initializer(name: str) -> Any:
 def _batch_norm_layer(fidelity: str) -> Any:
     """The batch-norm class of a fidelity; the layer names, and so the weight layout, are the same."""
     if fidelity == PAPER:
-        from nws.layers import BatchStatisticsNormalization
+        from nws.net.layers import BatchStatisticsNormalization
 
         return BatchStatisticsNormalization
     import keras
@@ -103,7 +103,7 @@ def build_model(config: NetConfig, mixed_precision: bool = False, fidelity: str 
     """The Keras model of a configuration: conv -> BN -> act blocks, dense -> act -> BN -> dropout.
 
     Call `keras.utils.set_random_seed` first for a reproducible initialisation. `fidelity`
-    picks the batch norm (see `nws.fidelity`).
+    picks the batch norm (see `nws.net.fidelity`).
     """
     import keras
     from keras import layers

@@ -1,6 +1,6 @@
 """The original's augmentation with the geometry in one affine transform (any Keras backend).
 
-`nws.pipeline.build_augmenter` chains four Keras geometric layers (translation, rotation, zoom,
+`nws.net.pipeline.build_augmenter` chains four Keras geometric layers (translation, rotation, zoom,
 shear); on XLA's CPU backend chained gather-based transforms cost 132 ms per batch of 64 against
 26 ms for one. `RandomAffine` draws the same four parameters per image, composes them into one
 matrix and resamples once (one bilinear interpolation instead of four, so slightly less blur);
@@ -17,7 +17,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from nws.cnn import IMAGE_SHAPE
+from nws.net.cnn import IMAGE_SHAPE
 
 SHIFT_PIXELS = 3.0
 ROTATION = math.radians(15.0)  # RandomRotation(15 / 360): +-15 degrees

@@ -2,7 +2,7 @@
 
 Two nets whose vectors differ by one of these compute the same logits on every input, so a
 meta-classifier that tells them apart reads the parametrisation, not the function. Both work on
-the layout of `nws.snapshots` and return a new vector; the hidden layers are the convs and the
+the layout of `nws.net.snapshots` and return a new vector; the hidden layers are the convs and the
 hidden dense layers (never the 3 image channels nor the 20 logits).
 
 Permutation (any activation, batch norm on or off). Hidden unit j of a layer owns column j of its
@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nws.snapshots import BN_TENSORS, WeightLayout, unflatten
+from nws.net.snapshots import BN_TENSORS, WeightLayout, unflatten
 
 HOMOGENEOUS_ACTIVATIONS = ("relu",)
 

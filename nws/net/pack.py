@@ -1,7 +1,7 @@
 """Packed training (JAX backend): nets of one compiled graph stepped together by `jax.vmap`
 over their stacked variables, each otherwise trained as it would be alone.
 
-Every net is built by `nws.training.build_net` after its own seeding, so its initial weights are
+Every net is built by `nws.net.training.build_net` after its own seeding, so its initial weights are
 bit-identical to the lone net's. Its variables, batch-norm statistics, dropout and augmentation
 RNG states (non-trainable variables) and optimizer state (its learning rate and step count
 included) are stacked along a leading net axis; one jitted step runs `stateless_call` and
@@ -25,8 +25,7 @@ import numpy as np
 
 from nws import interrupts
 from nws.data.preprocess import BalancedSampler, NetData
-from nws.space import ARCHITECTURE, NetConfig
-from nws.training import (
+from nws.net.training import (
     BuiltNet,
     EarlyStopping,
     Observer,
@@ -37,6 +36,7 @@ from nws.training import (
     build_net,
     seed_backend,
 )
+from nws.space import ARCHITECTURE, NetConfig
 
 GRAPH_PROPERTIES = (*ARCHITECTURE, "batch_norm", "batch_size", "optimizer", "activation", "augmentation")
 """What nets must share to share a compiled step: the graph (architecture, activation, the

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from nws.cnn import LayerSpec, layer_plan
+from nws.net.cnn import LayerSpec, layer_plan
 from nws.space import NetConfig
 
 LAYOUT_FORMAT = "nws-flat-v1"
@@ -176,7 +176,7 @@ def _variable(model: Any, entry: TensorEntry) -> Any:
 
 
 def flatten(model: Any, layout: WeightLayout) -> np.ndarray:
-    """The flat float32 vector of a Keras model built by `nws.cnn.build_model`."""
+    """The flat float32 vector of a Keras model built by `nws.net.cnn.build_model`."""
     out = np.empty(layout.n_weights, dtype=np.float32)
     for entry in layout:
         value = np.asarray(_variable(model, entry).numpy(), dtype=np.float32)

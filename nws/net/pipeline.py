@@ -1,7 +1,7 @@
 """The input pipelines of one net's training: an endless stream of class-balanced epochs (a new
 undersampling of every class each epoch), augmented by Keras preprocessing layers when the net's
 augmentation is on, and the batches of an evaluation (augmented too under fidelity `paper`, as the
-released code). `nws.training` gets them per net (on TensorFlow from `TensorFlowStreams`, which
+released code). `nws.net.training` gets them per net (on TensorFlow from `TensorFlowStreams`, which
 keeps them between nets); nothing here knows the training loop.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from nws.cnn import IMAGE_SHAPE
 from nws.data.preprocess import BalancedSampler, NetData
+from nws.net.cnn import IMAGE_SHAPE
 
 
 def build_augmenter(seed: int) -> Any:
@@ -24,7 +24,7 @@ def build_augmenter(seed: int) -> Any:
     import keras
     from keras import layers
 
-    from nws.augmentation import ROTATION, SHEAR, SHIFT_PIXELS, ZOOM, colour_layers
+    from nws.net.augmentation import ROTATION, SHEAR, SHIFT_PIXELS, ZOOM, colour_layers
 
     shift = SHIFT_PIXELS / IMAGE_SHAPE[0]
     geometry = {"fill_mode": "constant", "fill_value": 0.0}
@@ -103,7 +103,7 @@ class TensorFlowStreams:
 
     def _plug_augmenter(self, seed: int) -> None:
         """Give the kept augmenter the starting values of a new one seeded with `seed`."""
-        from nws.compiled import copy_values
+        from nws.net.compiled import copy_values
 
         fresh = build_augmenter(seed)
         if self._augmenter is None:
@@ -226,7 +226,7 @@ def evaluation_model(net: Any, augmenter: Any) -> Any:
     augmented by its own evaluation augmenter, as the released code evaluated."""
     import keras
 
-    from nws.augmentation import AlwaysAugment
+    from nws.net.augmentation import AlwaysAugment
 
     inputs = keras.Input(IMAGE_SHAPE, name="image")
     return keras.Model(inputs, net(AlwaysAugment(augmenter)(inputs)), name="nws_cnn_evaluation")
