@@ -43,7 +43,27 @@ def log_input(
 
         run_id = mlflow.active_run().info.run_id
     entry = DatasetInput(dataset._to_mlflow_entity(), [InputTag(key, value) for key, value in tags.items()])
-    (client or MlflowClient()).log_inputs(run_id, datasets=[entry])
+    for attempt in range(RACE_RETRIES + 1):
+        try:
+            (client or MlflowClient()).log_inputs(run_id, datasets=[entry])
+            return
+        except Exception as error:  # MLflow's store, or its server's answer
+            if attempt == RACE_RETRIES or not _lost_the_race(error):
+                raise
+
+
+RACE_RETRIES = 3
+"""MLflow's store looks a dataset up, then inserts it: two runs that log the same new dataset at
+once (the nets of a pack, two workers starting together) collide on its unique key, and the
+loser finds it in place when it tries again."""
+
+
+UNIQUE_KEY_ERRORS = ("UNIQUE constraint", "duplicate key", "already exists", "Duplicate entry")
+"""How SQLite, PostgreSQL, MLflow's server and MySQL say a unique key is taken."""
+
+
+def _lost_the_race(error: Exception) -> bool:
+    return any(mark in str(error) for mark in UNIQUE_KEY_ERRORS)
 
 
 def image_dataset(name: str, digest: str, source_tags: Mapping[str, str]) -> Any:
