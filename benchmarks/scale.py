@@ -4,6 +4,10 @@ real servers against the same campaign on local storage, measured side by side i
 Setups (each a fresh campaign of the same small nets, `sample --workers W --target N`):
   local-1, local-2   Optuna journal file + MLflow SQLite file store (one machine)
   server-1, server-2 Optuna on PostgreSQL + `mlflow server` on PostgreSQL with proxied artifacts
+  slurm-1, slurm-2   the same servers, the workers an array of 1 or 2 one-CPU tasks of
+                     examples/cluster/sample.sbatch on a private single-node Slurm cluster
+                     (tests/slurm.py; Debian's slurmctld, slurmd, munge), each task its own
+                     `mlflow run` process; wall time from sbatch to an empty queue
 
 Per setup it prints the wall time of the whole call (process start-up included), nets per hour
 over that wall time and over the steady part (first trial start to last trial end), and per
@@ -13,6 +17,7 @@ worker's next trial (target bookkeeping). PostgreSQL comes from the Debian packa
 tests).
 
 Run: python benchmarks/scale.py [--nets 8] [--epochs 2] [--setups local-1,local-2,server-1,server-2]
+     python benchmarks/scale.py --setups slurm-1,slurm-2   (as root, or with Slurm installed)
 """
 
 from __future__ import annotations
@@ -43,6 +48,31 @@ def sample(workers: int, nets: int, epochs: int, storage: str, tracking: str, cw
     wall = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"sample failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return wall
+
+
+def slurm_array(slurm, tasks: int, nets: int, epochs: int, storage: str, tracking: str, cwd: Path) -> float:
+    """The recipe as an array of `tasks` one-CPU tasks: seconds from sbatch to an empty queue."""
+    small = f"prints=5 max_epochs={epochs} min_epochs={epochs} max_train_images=500 max_eval_images=200"
+    slurm.env = {**slurm.env, "MLFLOW_TRACKING_URI": tracking, "NWS_STORAGE": storage,
+                 "NWS_CAMPAIGN": "bench", "NWS_TARGET": str(nets), "NWS_SUBSET": "fixed",
+                 "NWS_DATASETS": "digits", "NWS_DATA_DIR": str(cwd / "data"), "NWS_DOWNLOAD": "false",
+                 "NWS_VENV": sys.prefix, "NWS_SAMPLE_PARAMS": small, "TF_CPP_MIN_LOG_LEVEL": "3"}  # fmt: skip
+    recipe = ROOT / "examples" / "cluster" / "sample.sbatch"
+    started = time.perf_counter()
+    slurm.run("sbatch", "--parsable", f"--array=0-{tasks - 1}", "--cpus-per-task=1", "--mem=2G",
+              f"--output={cwd}/task-%A_%a.log", str(recipe))  # fmt: skip
+    while slurm.run("squeue", "-h", "-o", "%i").stdout.strip():
+        time.sleep(0.5)
+    wall = time.perf_counter() - started
+    import optuna
+
+    from nws.campaign.storage import open_storage
+
+    study = optuna.load_study(study_name="bench", storage=open_storage(storage))
+    if sum(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)) != nets:
+        logs = "".join(log.read_text()[-1500:] for log in cwd.glob("task-*.log"))
+        sys.exit(f"the array missed its target:\n{logs}")
     return wall
 
 
@@ -81,11 +111,15 @@ def main() -> None:
     setups = [s.strip() for s in a.setups.split(",")]
 
     root = Path(tempfile.mkdtemp(prefix="nws-scale-"))
-    postgres = server = None
-    if any(s.startswith("server") for s in setups):
+    postgres = server = slurm = None
+    if any(not s.startswith("local") for s in setups):
         from tests.conftest import MlflowServer, Postgres
 
         postgres = Postgres(Path(tempfile.mkdtemp(prefix="nws-postgres-")))
+    if any(s.startswith("slurm") for s in setups):
+        from tests.slurm import Slurm
+
+        slurm = Slurm(Path(tempfile.mkdtemp(prefix="nws-slurm-")))
     print(f"{a.nets} nets per setup (fixed subset, digits, 500 train images, {a.epochs} epochs), "
           f"{os.cpu_count()} CPU cores")  # fmt: skip
     print(f"{'setup':<10} {'wall s':>8} {'nets/h wall':>12} {'nets/h steady':>14} "
@@ -98,10 +132,13 @@ def main() -> None:
             if kind == "local":
                 storage, tracking = str(work / "journal.log"), f"sqlite:///{work / 'mlflow.db'}"
             else:
-                storage = postgres.database(f"optuna_{workers}")
-                server = MlflowServer(work, backend=postgres.database(f"mlflow_{workers}"))
+                storage = postgres.database(f"optuna_{kind}_{workers}")
+                server = MlflowServer(work, backend=postgres.database(f"mlflow_{kind}_{workers}"))
                 tracking = server.url
-            wall = sample(int(workers), a.nets, a.epochs, storage, tracking, work)
+            if kind == "slurm":
+                wall = slurm_array(slurm, int(workers), a.nets, a.epochs, storage, tracking, work)
+            else:
+                wall = sample(int(workers), a.nets, a.epochs, storage, tracking, work)
             span, overheads = trial_figures(storage, tracking)
             if server is not None:
                 server.stop()
@@ -109,6 +146,9 @@ def main() -> None:
             print(f"{setup:<10} {wall:>8.1f} {a.nets / wall * 3600:>12.0f} {a.nets / span * 3600:>14.0f} "
                   f"{statistics.median(overheads):>30.2f}, {statistics.mean(overheads):.2f}")  # fmt: skip
     finally:
+        if slurm is not None:
+            slurm.stop()
+            shutil.rmtree(slurm.root, ignore_errors=True)
         if server is not None:
             server.stop()
         if postgres is not None:

@@ -4,10 +4,16 @@ session zoos and servers, whose users are marked slow here."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
+# A shell that starts the suite in the background (`python -m pytest &` in a script) hands it
+# SIGINT ignored, and nws keeps an ignored SIGINT ignored, as `nohup` users expect: the tests of
+# Ctrl-C would then fail for want of the signal. Handle it here and in the processes started.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 # One thread count for this process and every process the tests start (`mlflow run`, `nws sample`):
@@ -26,10 +32,30 @@ SLOW_FIXTURES = {"zoo", "meta_zoo", "mlflow_server", "postgres"}
 another fixture, is marked `slow` (`python -m pytest -m "not slow"` runs the fast set)."""
 
 
+GROUPS = {"zoo": "zoos", "meta_zoo": "zoos", "postgres": "servers", "mlflow_server": "servers"}
+"""The process (pytest-xdist worker) that runs every test of a session fixture: a zoo or a server
+is then built by one worker only. A test with a module's own fixture of module or session scope
+goes where the rest of its module goes; the other tests go to whichever worker is free."""
+
+
+def xdist_group(item: pytest.Item) -> str | None:
+    fixtures = getattr(item, "_fixtureinfo", None)
+    definitions = fixtures.name2fixturedefs if fixtures else {}
+    for name, group in GROUPS.items():
+        if name in definitions:
+            return group
+    shared = [name for name, defs in definitions.items()
+              if defs and defs[-1].scope != "function" and defs[-1].baseid.endswith(".py")]  # fmt: skip
+    return item.module.__name__ if shared else None
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        group = xdist_group(item)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -164,8 +164,8 @@ def test_a_packed_block_stopped_killed_and_resumed_ends_at_the_target_exactly(tm
     """`sample --backend jax --pack 4 --target 6`, three times on one campaign: SIGINT (Ctrl-C) mid-block
     (exit 130, the block's four runs and the campaign's run KILLED, nothing left RUNNING); SIGKILL
     mid-block (nothing ends); a third call closes the killed process's runs, retries its four
-    trials and ends with exactly 6 FINISHED nets (the last block's two surplus trials pruned)."""
-    import optuna
+    trials (the stopped block's four were queued again when it stopped) and ends with exactly 6
+    FINISHED nets (the last block's two surplus trials pruned)."""
 
     from tests.interruptions import run_statuses, start_sample, tracking_store
     from tests.test_scale import campaign_trials, mid_net, wait_until
@@ -179,6 +179,11 @@ def test_a_packed_block_stopped_killed_and_resumed_ends_at_the_target_exactly(tm
         wait_until(training, 240, "a block mid-training", sample.process)
         sample.process.send_signal(number)
         outcomes[number] = (pid, *sample.finish(120))
+        if number == signal.SIGINT:  # the stopped block's configurations are queued again at once
+            stopped = [t for t in campaign_trials(storage, name) if t.state.name == "FAIL"]
+            queued = [t.system_attrs.get("retry_history") for t in campaign_trials(storage, name)
+                      if t.state.name == "WAITING" and t.system_attrs.get("retry_history")]  # fmt: skip
+            assert sorted(queued) == [[t.number] for t in stopped] and len(stopped) == 4, queued
     _, code, output = outcomes[signal.SIGINT]
     assert code == 130 and output.rstrip().endswith("nws sample: interrupted"), output[-3000:]
     killed_pid, code, output = outcomes[signal.SIGKILL]
@@ -196,9 +201,9 @@ def test_a_packed_block_stopped_killed_and_resumed_ends_at_the_target_exactly(tm
     assert len(by_state["COMPLETE"]) == 6, [t.state.name for t in trials]
     killed = [t for t in by_state["FAIL"] if t.user_attrs.get("worker", "").endswith(f":{killed_pid}")]
     assert len(killed) == 4
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback
-    retried = {retry.retried_trial_number(t) for t in by_state["COMPLETE"]}
-    assert {t.number for t in killed} <= retried
+    queued_again = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    history = [(t.number, t.state.name, t.system_attrs.get("retry_history")) for t in trials]
+    assert {t.number for t in by_state["FAIL"]} <= queued_again, history
     assert len(by_state["PRUNED"]) == 2
     statuses = run_statuses(uri, name)
     assert sorted(statuses["net"]) == ["FAILED"] * 4 + ["FINISHED"] * 6 + ["KILLED"] * 4

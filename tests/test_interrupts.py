@@ -293,6 +293,14 @@ def test_main_interrupted_ends_its_runs_killed_and_failing_ends_them_failed(trac
         "meta-fails": "FAILED",
     }  # fmt: skip
     assert runs["nws-main-stopped"].data.tags["nws.failure"] == "KeyboardInterrupt: SIGINT received"
+    import optuna
+
+    from nws.campaign.storage import open_storage
+
+    stopped = optuna.load_study(study_name="stopped", storage=open_storage(str(tmp_path / "optuna.log")))
+    first, queued = stopped.get_trials(deepcopy=False)  # the stopped net comes first next time
+    assert (first.state.name, queued.state.name) == ("FAIL", "WAITING")
+    assert queued.params == first.params and queued.system_attrs["retry_history"] == [first.number]
     assert runs["nws-main-fails"].data.tags["nws.failure"].startswith("ParameterError: props: no requested")
 
 

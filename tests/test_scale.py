@@ -315,6 +315,29 @@ def test_on_a_journal_file_a_gone_process_trial_is_failed_and_retried(tmp_path):
     assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trials[2]) == orphan.number
 
 
+def test_a_trial_stopped_by_a_signal_is_queued_again_once(tmp_path):
+    """Ctrl-C or Slurm's SIGTERM fails the trial; its configuration is queued once (not again when
+    another worker already retried it), and a trial that drew nothing is not queued."""
+    import optuna
+
+    from nws.campaign.storage import open_storage
+    from nws.campaign.trials import retry_interrupted
+
+    study = optuna.create_study(study_name="stopped", storage=open_storage(str(tmp_path / "j.log")))
+    drew = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    study.tell(drew, state=optuna.trial.TrialState.FAIL)
+    empty = study.ask()
+    study.tell(empty, state=optuna.trial.TrialState.FAIL)
+    done = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    study.tell(done, 1.0)
+    for number in (drew.number, drew.number, empty.number, done.number, 99):
+        retry_interrupted(study, number)
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL", "COMPLETE", "WAITING"]
+    assert trials[3].params == trials[0].params
+    assert trials[3].system_attrs["retry_history"] == [drew.number]
+
+
 @pytest.fixture(scope="module")
 def killed_mid_net(tmp_path_factory):
     """Two `nws sample` processes (campaigns "orphan-a", "orphan-b" on one journal file and one

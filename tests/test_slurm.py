@@ -1,8 +1,8 @@
 """The cluster recipe runs for real (issue 28): `examples/cluster/sample.sbatch`, unchanged, as a
 Slurm array on a private single-node Slurm cluster (`tests/slurm.py`), its workers on one Optuna
 study in a private PostgreSQL and one `mlflow server`. One array task is cancelled mid-net and
-another task hits its time limit; the campaign still ends with exactly its target of FINISHED
-nets and nothing left RUNNING."""
+another task hits its time limit; their nets' configurations are trained again by the others,
+and the campaign still ends with exactly its target of FINISHED nets and nothing left RUNNING."""
 
 from __future__ import annotations
 
@@ -83,7 +83,10 @@ def test_an_array_of_the_recipe_reaches_its_target_through_a_cancel_and_a_time_l
     assert not net_runs(client, CAMPAIGN, "RUNNING")
     stopped = trials("FAIL")
     assert stopped, "neither the cancel nor the time limit caught a net"  # both tasks trained nets
+    retried = {n for t in trials("COMPLETE") for n in t.system_attrs.get("retry_history", ())}
     for trial in stopped:
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
             assert client.get_run(run_id).info.status in ("KILLED", "FAILED"), trial.number
+        if trial.params:  # its configuration was queued again and trained by another task
+            assert trial.number in retried, (trial.number, sorted(retried))

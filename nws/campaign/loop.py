@@ -20,7 +20,15 @@ from nws.campaign.net_job import NetJob
 from nws.campaign.orphans import close_orphans
 from nws.campaign.settings import CampaignSettings
 from nws.campaign.storage import open_study
-from nws.campaign.trials import TAKEN_OVER, drop_taken_over, is_surplus, nets_to_ask, trial_failed
+from nws.campaign.trials import (
+    TAKEN_OVER,
+    claim,
+    drop_taken_over,
+    is_surplus,
+    nets_to_ask,
+    retry_interrupted,
+    trial_failed,
+)
 from nws.processes import worker_name
 from nws.tracking.experiments import existing_run, working_experiment
 from nws.tracking.runs import check_tracking_server, fail_net_run, parent_run
@@ -106,9 +114,10 @@ def train_nets(settings: CampaignSettings, study: Any, summary: CampaignSummary)
     current: dict[str, Any] = {}  # the trial being trained, and its MLflow run
 
     def objective(trial: Any) -> float:
-        trial.set_user_attr("worker", worker)  # first: a retry inherits the dead worker's name
+        claim(trial, worker)
         if settings.target and is_surplus(study, trial.number, settings.target):
             raise optuna.TrialPruned("surplus: the campaign's target is already being trained")
+        current["number"] = trial.number  # asked: queued again if a stop signal ends it
         config = space.suggest(trial, settings.subset, list(settings.datasets))
         net = NetJob(settings, trial.number, config, environment)
         progress.start_net(index, net.label, settings.train.max_epochs)
@@ -149,6 +158,8 @@ def train_nets(settings: CampaignSettings, study: Any, summary: CampaignSummary)
             except KeyboardInterrupt:  # its net may have ended FINISHED, its trial not COMPLETE
                 if "trial" in current and trial_failed(study, current["trial"]):
                     fail_net_run(current["run_id"], "interrupted before its trial was told")
+                if "number" in current:
+                    retry_interrupted(study, current["number"])
                 raise
     finally:
         progress.close()

@@ -21,7 +21,15 @@ from typing import Any
 from nws import interrupts, space
 from nws.campaign.net_job import NetJob, NetOutcome
 from nws.campaign.settings import CampaignSettings
-from nws.campaign.trials import TAKEN_OVER, drop_taken_over, is_surplus, nets_to_ask, trial_failed
+from nws.campaign.trials import (
+    TAKEN_OVER,
+    claim,
+    drop_taken_over,
+    is_surplus,
+    nets_to_ask,
+    retry_interrupted,
+    trial_failed,
+)
 from nws.processes import worker_name
 from nws.tracking import runs
 from nws.tracking.runs import fail_net_run
@@ -69,9 +77,10 @@ class _Block:
         from nws.net.training import TrainingDiverged
 
         s, study = self.settings, self.study
-        trial.set_user_attr("worker", self.worker)  # first: a retry inherits the dead worker's name
+        claim(trial, self.worker)
         if s.target and is_surplus(study, trial.number, s.target):
             raise optuna.TrialPruned("surplus: the campaign's target is already being trained")
+        current["number"] = trial.number  # asked: queued again if a stop signal ends it
         config = space.suggest(trial, s.subset, list(s.datasets))
         job = NetJob(s, trial.number, config, self.environment)
         trial.set_user_attr("seed", job.seed)
@@ -132,6 +141,8 @@ class _Block:
             interrupted = isinstance(error, KeyboardInterrupt) and "trial" in current
             if interrupted and trial_failed(self.study, current["trial"]):
                 fail_net_run(current["run_id"], "interrupted before its trial was told")
+            if isinstance(error, KeyboardInterrupt) and "number" in current:
+                retry_interrupted(self.study, current["number"])
             self.errors.append(error)
         finally:
             with self.lock:

@@ -46,6 +46,41 @@ def fail_and_retry(study: Any, trial: Any) -> None:
             optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, trial)
 
 
+def claim(trial: Any, worker: str) -> None:
+    """Mark a trial this worker's, first of all. A retry inherits the stopped or dead worker's
+    attributes: its name is replaced here, and its net's run id cleared until this worker's run
+    starts (else a retry stopped before that would point at, and fail again, the old run)."""
+    trial.set_user_attr("worker", worker)
+    if trial.user_attrs.get("mlflow_run_id"):
+        trial.set_user_attr("mlflow_run_id", "")
+
+
+def retry_interrupted(study: Any, number: int) -> None:
+    """Queue again the configuration of trial `number`, stopped by a signal (Ctrl-C, or SIGTERM
+    from Slurm's scancel or time limit) and failed by Optuna: the next worker that asks, or the
+    campaign resumed, trains it first, as it would a dead worker's trial. Nothing if it was not
+    failed, drew no configuration yet, or was queued again already (another worker judged its
+    worker dead first)."""
+    import optuna
+
+    try:
+        trials = study.get_trials(deepcopy=False)
+    except Exception as e:  # the stop goes on; the trial stays FAIL, and its configuration is lost
+        print(f"could not queue trial {number} again: {type(e).__name__}: {e}", file=sys.stderr)
+        return
+    stopped = next((t for t in trials if t.number == number), None)
+    if stopped is None or stopped.state != optuna_state("FAIL") or not stopped.params:
+        return
+    if any(number in t.system_attrs.get("retry_history", ()) for t in trials):
+        return
+    with warnings.catch_warnings():  # marked experimental; the old name is deprecated
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, stopped)
+        except Exception as e:
+            print(f"could not queue trial {number} again: {type(e).__name__}: {e}", file=sys.stderr)
+
+
 def fail_trial(study: Any, trial: Any) -> None:
     """Fail a RUNNING trial whose worker is gone and queue its configuration again."""
     study.tell(trial.number, state=optuna_state("FAIL"), skip_if_finished=True)
