@@ -153,7 +153,7 @@ def test_a_net_whose_tracking_server_stayed_away_never_ends_finished(tmp_path):
     (tmp_path / "server").mkdir()
     server = MlflowServer(tmp_path / "server")
     env = {**os.environ, "MLFLOW_TRACKING_URI": server.url, "TF_CPP_MIN_LOG_LEVEL": "3",
-           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2"}  # fmt: skip
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}  # fmt: skip
     args = [*TINY, "--target", "2", "--storage", str(tmp_path / "journal.log"), "--campaign", "away",
             "--max-epochs", "400", "--min-epochs", "400", "--max-train-images", "256"]  # fmt: skip
     process = subprocess.Popen([sys.executable, "-m", "nws.cli", "sample", *args], env=env, cwd=tmp_path,
