@@ -24,14 +24,14 @@ from nws.campaign.trials import (
     TAKEN_OVER,
     claim,
     drop_taken_over,
+    end_interrupted,
     is_surplus,
     nets_to_ask,
-    retry_interrupted,
     trial_failed,
 )
 from nws.processes import worker_name
 from nws.tracking.experiments import existing_run, working_experiment
-from nws.tracking.runs import check_tracking_server, fail_net_run, parent_run
+from nws.tracking.runs import check_tracking_server, parent_run
 from nws.tracking.tags import campaign_tags
 
 
@@ -156,10 +156,7 @@ def train_nets(settings: CampaignSettings, study: Any, summary: CampaignSummary)
                     raise
                 drop_taken_over(current["run_id"], summary)
             except KeyboardInterrupt:  # its net may have ended FINISHED, its trial not COMPLETE
-                if "trial" in current and trial_failed(study, current["trial"]):
-                    fail_net_run(current["run_id"], "interrupted before its trial was told")
-                if "number" in current:
-                    retry_interrupted(study, current["number"])
+                end_interrupted(study, current)
                 raise
     finally:
         progress.close()

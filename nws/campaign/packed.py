@@ -25,14 +25,13 @@ from nws.campaign.trials import (
     TAKEN_OVER,
     claim,
     drop_taken_over,
+    end_interrupted,
     is_surplus,
     nets_to_ask,
-    retry_interrupted,
     trial_failed,
 )
 from nws.processes import worker_name
 from nws.tracking import runs
-from nws.tracking.runs import fail_net_run
 
 WAIT_SECONDS = 0.5
 
@@ -138,11 +137,8 @@ class _Block:
             else:
                 self.errors.append(error)
         except BaseException as error:  # KeyboardInterrupt included: the main thread re-raises it
-            interrupted = isinstance(error, KeyboardInterrupt) and "trial" in current
-            if interrupted and trial_failed(self.study, current["trial"]):
-                fail_net_run(current["run_id"], "interrupted before its trial was told")
-            if isinstance(error, KeyboardInterrupt) and "number" in current:
-                retry_interrupted(self.study, current["number"])
+            if isinstance(error, KeyboardInterrupt):
+                end_interrupted(self.study, current)
             self.errors.append(error)
         finally:
             with self.lock:

@@ -32,7 +32,6 @@ def optuna_state(name: str) -> Any:
 def fail_and_retry(study: Any, trial: Any) -> None:
     """A trial whose worker died: mark its MLflow run FAILED, then let Optuna's
     RetryHeartbeatStaleTrialCallback enqueue its configuration again."""
-    import optuna
 
     run_id = trial.user_attrs.get("mlflow_run_id")
     try:
@@ -41,9 +40,17 @@ def fail_and_retry(study: Any, trial: Any) -> None:
     except Exception as e:  # the retry matters more; the run stays not FINISHED either way
         print(f"could not mark MLflow run {run_id} FAILED: {type(e).__name__}: {e}", file=sys.stderr)
     finally:
-        with warnings.catch_warnings():  # marked experimental; the old name is deprecated
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, trial)
+        queue_again(study, trial)
+
+
+def queue_again(study: Any, trial: Any) -> None:
+    """Enqueue a failed trial's configuration again through Optuna's
+    RetryHeartbeatStaleTrialCallback (at most `MAX_RETRIES` times per configuration)."""
+    import optuna
+
+    with warnings.catch_warnings():  # marked experimental; the old name is deprecated
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, trial)
 
 
 def claim(trial: Any, worker: str) -> None:
@@ -55,30 +62,31 @@ def claim(trial: Any, worker: str) -> None:
         trial.set_user_attr("mlflow_run_id", "")
 
 
+def end_interrupted(study: Any, current: dict[str, Any]) -> None:
+    """After a stop signal ended the trial being trained (`current`: its "number" once asked,
+    its "trial" and "run_id" once its run started): a net that finished in the moment before is
+    not counted, and the trial's configuration is queued again."""
+    if "trial" in current and trial_failed(study, current["trial"]):
+        fail_net_run(current["run_id"], "interrupted before its trial was told")
+    if "number" in current:
+        retry_interrupted(study, current["number"])
+
+
 def retry_interrupted(study: Any, number: int) -> None:
     """Queue again the configuration of trial `number`, stopped by a signal (Ctrl-C, or SIGTERM
     from Slurm's scancel or time limit) and failed by Optuna: the next worker that asks, or the
     campaign resumed, trains it first, as it would a dead worker's trial. Nothing if it was not
     failed, drew no configuration yet, or was queued again already (another worker judged its
     worker dead first)."""
-    import optuna
-
     try:
         trials = study.get_trials(deepcopy=False)
+        stopped = next((t for t in trials if t.number == number), None)
+        if stopped is None or stopped.state != optuna_state("FAIL") or not stopped.params:
+            return
+        if not any(number in t.system_attrs.get("retry_history", ()) for t in trials):
+            queue_again(study, stopped)
     except Exception as e:  # the stop goes on; the trial stays FAIL, and its configuration is lost
         print(f"could not queue trial {number} again: {type(e).__name__}: {e}", file=sys.stderr)
-        return
-    stopped = next((t for t in trials if t.number == number), None)
-    if stopped is None or stopped.state != optuna_state("FAIL") or not stopped.params:
-        return
-    if any(number in t.system_attrs.get("retry_history", ()) for t in trials):
-        return
-    with warnings.catch_warnings():  # marked experimental; the old name is deprecated
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        try:
-            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, stopped)
-        except Exception as e:
-            print(f"could not queue trial {number} again: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def fail_trial(study: Any, trial: Any) -> None:
