@@ -248,3 +248,53 @@ def test_jax_compilation_cache_is_on_bounded_and_leaves_the_users_settings(monke
     monkeypatch.setenv("NWS_JAX_CACHE", "0")
     compilation_cache()
     assert "JAX_COMPILATION_CACHE_DIR" not in os.environ
+
+
+NO_TENSORFLOW = """
+import atexit, os, sys
+
+class NoTensorFlow:  # a machine with JAX alone: TensorFlow cannot be imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            raise ImportError("no TensorFlow on this machine")
+
+sys.meta_path.insert(0, NoTensorFlow())
+atexit.register(lambda: open(os.environ["NWS_TEST_IMPORTS"], "a").write(
+    f"{os.getpid()} {' '.join(sys.argv[1:3])} {'tensorflow' in sys.modules}\\n"))
+"""
+"""Installed in every Python process of the test (as `sitecustomize`): TensorFlow cannot be
+imported, and each process writes at exit whether it was."""
+
+
+@pytest.mark.slow
+def test_main_on_jax_samples_trains_and_registers_without_tensorflow(tmp_path):
+    """`nws main --backend jax` (issue 25): sampling, the DMC and the statistics models, the
+    registry and the table, in processes where TensorFlow cannot be imported; every process
+    (main and its sampling workers) ends without it, and the runs say they ran on JAX."""
+    from tests.test_newcomer import TINY_MAIN
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NO_TENSORFLOW)
+    imports = tmp_path / "imports.txt"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_EXPERIMENT")}
+    env.update(MLFLOW_TRACKING_URI=uri, NWS_CACHE_DIR=str(tmp_path / "cache"), KERAS_BACKEND="jax",
+               PYTHONPATH=f"{site}{os.pathsep}{ROOT}", NWS_TEST_IMPORTS=str(imports))  # fmt: skip
+    argv = [*TINY_MAIN, "--backend", "jax", "--workers", "2", "--models", "dmc,stats", "--campaign", "on-jax"]
+    done = subprocess.run([sys.executable, "-m", "nws.cli", "main", *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    processes = imports.read_text().splitlines()
+    assert len(processes) >= 3, processes  # main and its two sampling workers
+    assert all(line.endswith(" False") for line in processes), processes
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    roles = {}
+    for run in runs:
+        roles.setdefault(run.data.tags.get(TAG_ROLE), []).append(run)
+    assert len(roles["net"]) == 6 and all(r.info.status == "FINISHED" for r in roles["net"])
+    assert {r.data.tags[TAG_BACKEND] for r in runs if TAG_BACKEND in r.data.tags} == {"jax"}
+    models = {r.data.params.get("model") for r in runs}
+    assert {"dmc", "stats"} <= models, models
+    assert "dataset" in done.stdout and "dmc" in done.stdout, done.stdout[-2000:]
