@@ -38,7 +38,7 @@ def main() -> None:
     import tensorflow as tf
 
     from nws.backend import configure_tensorflow
-    from nws.meta.dmc import build_dmc, slice_batches
+    from nws.meta.dmc import Budget, build_dmc, slice_batches
     from nws.meta.samples import Samples
     from nws.zoo.store import Zoo
 
@@ -68,7 +68,7 @@ def main() -> None:
     model = build_dmc(length, 5)
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))  # fmt: skip
-    fed = slice_batches(samples, b, seed=0, steps=args.steps)
+    fed = slice_batches(samples, b, seed=0, plan=Budget(1, args.steps))
     x = rng.standard_normal((b, length), dtype=np.float32)
     y = rng.integers(0, 5, b)
     in_memory = tf.data.Dataset.from_tensors((x, y)).repeat()

@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--props", default="initialization,optimizer,activation,batch_size")
     parser.add_argument("--steps", default="30,300,3000")
     parser.add_argument("--variants", default="budget")
+    parser.add_argument("--set", default="", help="DMC settings changed in every variant: key=value,...")
     parser.add_argument("--paper-epochs", type=int, default=30)
     parser.add_argument("--K", default="4,4")
     parser.add_argument("--slice-length", type=int, default=512)
@@ -76,6 +77,8 @@ def main() -> None:
     )  # fmt: skip
     work = plan(options)
     base = options.settings()
+    if args.set:
+        print(f"every DMC variant with {args.set}", flush=True)
     rows = []
 
     def run(prop: str, split, name: str, settings, label: str, steps: int) -> None:
@@ -110,7 +113,8 @@ def main() -> None:
             change = VARIANTS[variant]
             budgets = [0] if variant == "paper" else [int(s) for s in args.steps.split(",")]
             for steps in budgets:
-                settings = dataclasses.replace(base, **{"steps": steps, **change})
+                changed = {"steps": steps, **change, **overrides(base, args.set)}
+                settings = dataclasses.replace(base, **changed)
                 if variant == "paper":
                     settings = dataclasses.replace(settings, epochs=args.paper_epochs)
                 run(prop, split, "dmc", settings, variant, steps)
@@ -118,6 +122,16 @@ def main() -> None:
     print(table.to_string(index=False), file=sys.stdout)
     if args.csv:
         table.to_csv(args.csv, index=False)
+
+
+def overrides(base, text: str) -> dict:
+    """`key=value,...` as MetaSettings fields, each value of the field's own type."""
+    changed = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        kind = type(getattr(base, key))
+        changed[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return changed
 
 
 def step_times(args: argparse.Namespace) -> None:

@@ -19,6 +19,7 @@ import os
 import platform
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,52 @@ def array_batches(arrays: Any, batch_size: int) -> Any:
             return batch if isinstance(arrays, tuple) else batch[0]
 
     return ArrayBatches()
+
+
+def made_batches(
+    make: Callable[[int], tuple[np.ndarray, ...]], epochs: int, per_epoch: int, workers: int = 2
+) -> Any:
+    """Batches for Keras' `fit(..., epochs=epochs, steps_per_epoch=per_epoch)`: one stream of
+    `epochs * per_epoch` batches, batch i made on demand by `make(i)` (a tuple of arrays of fixed
+    shapes) ahead of the training step, each epoch training on the next `per_epoch` batches of the
+    stream, never on one trained on before.
+
+    On TensorFlow a tf.data stream that calls `make` through `numpy_function`. A Keras PyDataset
+    of all the batches is read from its start again every epoch (the DMC saw its first round's
+    batches in every round) and, on TensorFlow, made every batch of the stream every epoch
+    ahead of need: 1,065 ms per DMC step against 478 ms at a slice length of 512 on 2 CPU cores.
+    Elsewhere a PyDataset of one epoch that moves on to the next epoch's batches at each epoch's
+    end, made by `workers` threads."""
+    import keras
+
+    first = make(0)
+    if keras.backend.backend() == TENSORFLOW:
+        import tensorflow as tf
+
+        def made(index: Any) -> tuple[Any, ...]:
+            parts = tf.numpy_function(lambda i: make(int(i)), [index], [tf.as_dtype(a.dtype) for a in first])
+            for part, example in zip(parts, first, strict=True):
+                part.set_shape(example.shape)
+            return tuple(parts)
+
+        return tf.data.Dataset.range(epochs * per_epoch).map(made).prefetch(workers)
+
+    class MadeBatches(keras.utils.PyDataset):
+        def __init__(self) -> None:
+            super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=4 * workers)
+            self.epoch = 0
+
+        def __len__(self) -> int:
+            return per_epoch
+
+        def __getitem__(self, index: int) -> tuple[np.ndarray, ...]:
+            batch = self.epoch * per_epoch + index
+            return first if batch == 0 else make(batch)
+
+        def on_epoch_end(self) -> None:
+            self.epoch += 1
+
+    return MadeBatches()
 
 
 def environment_tags() -> dict[str, str]:

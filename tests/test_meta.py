@@ -29,6 +29,41 @@ def test_dmc_depth_follows_the_slice_length():
     assert build_dmc(64, 2).get_layer("flatten").output.shape[1] <= 256 * 8
 
 
+def test_the_dmc_stream_trains_each_epoch_on_new_batches_made_in_order():
+    """`backend.made_batches` (the DMC's training stream, tf.data here): batch i is `make(i)`
+    exactly, and `fit` over 3 epochs of 2 steps trains on batches 0..5 in order. Keras'
+    PyDataset of the whole stream gave 0, 1 in every epoch."""
+    import keras
+
+    from nws import backend
+
+    def make(index: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(index)
+        x = rng.standard_normal((4, 7), dtype=np.float32)
+        x[:, 0] = index
+        return x, rng.integers(0, 3, 4)
+
+    batches = [tuple(np.asarray(part) for part in batch) for batch in backend.made_batches(make, 1, 5)]
+    assert len(batches) == 5
+    for index, (x, y) in enumerate(batches):
+        want_x, want_y = make(index)
+        assert x.dtype == np.float32 and y.dtype == want_y.dtype and x.shape == (4, 7)
+        np.testing.assert_array_equal(x, want_x)
+        np.testing.assert_array_equal(y, want_y)
+
+    trained_on = []
+
+    class Seen(keras.layers.Layer):
+        def call(self, x):
+            trained_on.append(int(keras.ops.convert_to_numpy(x)[0, 0]))
+            return x
+
+    model = keras.Sequential([keras.Input((7,)), Seen(), keras.layers.Dense(3)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), run_eagerly=True)
+    model.fit(backend.made_batches(make, 3, 2), epochs=3, steps_per_epoch=2, verbose=0, shuffle=False)
+    assert trained_on == [0, 1, 2, 3, 4, 5]
+
+
 @pytest.fixture(scope="module")
 def learned(meta_zoo, tmp_path_factory):
     """Train once for this module: constant vs normal initialisation at snapshot 1, and the

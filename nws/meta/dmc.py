@@ -99,23 +99,15 @@ def build_dmc(length: int, n_outputs: int, scale: float | None = None) -> Any:
     return keras.Model(inputs, outputs, name="dmc")
 
 
-def slice_batches(samples: Samples, batch_size: int, seed: int, steps: int) -> Any:
-    """`steps` batches of (slices, targets) for Keras on any backend, a new random slice for every
-    sample of every batch (`Samples.batch`), made by two threads ahead of the training step."""
-    import keras
+def slice_batches(samples: Samples, batch_size: int, seed: int, plan: Budget) -> Any:
+    """The batches of (slices, targets) of `plan`'s epochs for Keras on any backend, a new random
+    slice for every sample of every batch (`Samples.batch`), made ahead of the training step."""
 
-    class SliceBatches(keras.utils.PyDataset):
-        def __init__(self) -> None:
-            super().__init__(workers=2, use_multiprocessing=False, max_queue_size=8)
+    def make(index: int) -> tuple[np.ndarray, np.ndarray]:
+        x, y = samples.batch(index, batch_size, seed)
+        return x.astype(np.float32), (y.astype(np.float32) if y.dtype.kind == "f" else y.astype(np.int64))
 
-        def __len__(self) -> int:
-            return steps
-
-        def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-            x, y = samples.batch(index, batch_size, seed)
-            return x, y.astype(np.float32) if y.dtype.kind == "f" else y
-
-    return SliceBatches()
+    return backend.made_batches(make, plan.epochs, plan.steps_per_epoch)
 
 
 VALIDATION_SLICES = 16
@@ -240,7 +232,7 @@ class DMC(MetaClassifier):
             callbacks.append(best)
         with progress:
             history = self.model.fit(
-                slice_batches(train, batch, self.settings.seed, plan.steps),
+                slice_batches(train, batch, self.settings.seed, plan),
                 epochs=plan.epochs,
                 steps_per_epoch=plan.steps_per_epoch,
                 validation_data=validation,
