@@ -3,12 +3,13 @@ number of optimizer steps, beside the `stats` and `layer_stats` models of the sa
 
 It reads a zoo already in an MLflow store (by default the default `main`'s campaign, as `main`
 leaves it) with `train`'s own selection, split and evaluation, and prints one row per (property,
-model, steps): the per-net accuracy with its interval and p-value against chance, the steps the
-DMC took and the step of its best validation, and the fit's seconds. Nothing is logged to MLflow.
+model, steps): the per-net accuracy with its interval and p-value against chance, the slice
+accuracy, the confusion over the test nets (true class: counts of each predicted class), the
+steps the DMC took and the step of its best validation, and the fit's seconds. Nothing is logged to MLflow.
 
 Run (after the default `mlflow run . --env-manager local --experiment-name nws`, same store):
-    python benchmarks/dmc_steps.py --steps 30,300,3000 [--props initialization,optimizer]
-        [--variants budget,paper,raw] [--csv out.csv]
+    python benchmarks/dmc_steps.py --steps 30,300,1000 [--props initialization,optimizer]
+        [--variants budget,paper,raw] [--set learning_rate=0.003,...] [--csv out.csv]
 and the DMC's step time per backend (random batches in memory, no zoo needed), each backend in a
 process of its own, side by side:
     python benchmarks/dmc_steps.py --step-time 512,5000 [--timed-steps 10]
@@ -103,6 +104,10 @@ def main() -> None:
                "best_step": int(model.fit_metrics.get("dmc_best_step", 0)),
                "final_loss": round(model.history["loss"][-1], 3) if model.history.get("loss") else None,
                "fit_s": round(seconds, 1)}  # fmt: skip
+        row["slice_accuracy"] = round(result.metrics.get("slice_accuracy", float("nan")), 3)
+        if result.confusion is not None:  # true class -> counts of predicted classes, over test nets
+            pairs = zip(split.classes, result.confusion, strict=True)
+            row["confusion"] = " ".join(f"{c}:{'/'.join(map(str, counts))}" for c, counts in pairs)
         rows.append(row)
         print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 

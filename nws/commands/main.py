@@ -38,12 +38,13 @@ SAMPLE_DEFAULTS = {
 """96 cheap nets of the fixed architecture (3 epochs of 500 images, snapshots after epochs 0-3) in
 two worker processes: measured on 2 cores, many nets decode more properties significantly than
 fewer, longer-trained ones at the same cost (README, "main")."""
-TRAIN_DEFAULTS = {"K": "4,4", "slice_length": 512, "epochs": 30, "steps": 300,
+TRAIN_DEFAULTS = {"K": "4,4", "slice_length": 512, "epochs": 30, "steps": 1000,
                   "models": "stats,layer_stats", "test_fraction": 0.3}  # fmt: skip
 """The last snapshot; the two statistics models; 30 % of the nets held out, so each property has
-20-30 test nets. The DMC is left out: at 300 steps (initialization 0.875 per net on this zoo,
-benchmarks/dmc_steps.py) it costs ~9 minutes per property on 2 CPU cores, an hour for the seven;
-add it with models=dmc,stats,layer_stats."""
+20-30 test nets. The DMC is left out: it needs ~1,000 steps to read the initialisation as
+`stats` does on this zoo (1.000 per net; 0.833 at 300 steps; benchmarks/dmc_steps.py), ~8.5
+minutes per property on 2 CPU cores, an hour for the seven. models=dmc,stats,layer_stats adds
+it with that budget."""
 TRAIN_FROM_CAMPAIGN = ("experiment", "filter", "seed", "backend")
 """Train parameters that `main` sets itself: the nets are the campaign's in the experiment of its
 runs (sample's `experiment`), the seed and the Keras backend are shared."""
