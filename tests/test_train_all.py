@@ -42,6 +42,7 @@ BAD = [
     (["--slice-length", "20000", "--region", "conv"], "slice_length: 20000 is longer than the conv part"),
     (["--props", "depth_conv"], "props: does not vary in the selection: depth_conv (always 3)"),
     (["--models", "svm"], "models: unknown model 'svm'"),
+    (["--select-by", "best"], "select_by: 'best' is not one of loss, accuracy"),
     (["--test-fraction", "1.5"], "test_fraction: 1.5 is not in (0, 1)"),
 ]  # fmt: skip
 

@@ -18,7 +18,7 @@ from nws.commands.options import Selection, check_declared, default_of, names_li
 from nws.commands.train_runs import Plan, train_all
 from nws.errors import ParameterError
 from nws.meta import KINDS, MODEL_NAMES
-from nws.meta.base import MetaSettings
+from nws.meta.base import SELECT_BY, MetaSettings
 from nws.net.snapshots import REGIONS, region_bounds
 from nws.progress import Steps, say
 from nws.space import PROPERTY_NAMES, SNAPSHOT_TARGETS, get_property
@@ -58,8 +58,12 @@ class TrainOptions(Selection):
     )
     patience: int = param(
         default_of(MetaSettings, "patience"),
-        "validations without a lower DMC validation loss before it stops (0: never)",
+        "validations without a better DMC validation (select_by) before it stops (0: never)",
         Count(0),
+    )
+    select_by: str = param(
+        default_of(MetaSettings, "select_by"),
+        "what the DMC's validations compare to keep its best weights: loss or accuracy",
     )
     normalize: bool = param(
         default_of(MetaSettings, "normalize"), "DMC inputs divided by the training weights' spread"
@@ -113,6 +117,8 @@ class TrainOptions(Selection):
             raise ParameterError("split", f"{self.split!r} is not one of {', '.join(SPLITS)}")
         if self.region not in REGIONS:
             raise ParameterError("region", f"{self.region!r} is not one of {', '.join(REGIONS)}")
+        if self.select_by not in SELECT_BY:
+            raise ParameterError("select_by", f"{self.select_by!r} is not one of {', '.join(SELECT_BY)}")
         self.sweep_lengths()
         k_bounds(self.K)  # its syntax now; its range once the nets' snapshot counts are known
         models = names_list(self.models)
@@ -146,6 +152,7 @@ class TrainOptions(Selection):
             steps=self.steps,
             validate_every=self.validate_every,
             patience=self.patience,
+            select_by=self.select_by,
             normalize=self.normalize,
             batch_size=self.batch_size,
             learning_rate=self.learning_rate,

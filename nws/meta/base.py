@@ -47,6 +47,9 @@ class Task:
         return np.clip(np.asarray(values, np.float64), 0.0, 1.0) * (high - low) + low
 
 
+SELECT_BY = ("loss", "accuracy")
+
+
 @dataclass(frozen=True)
 class MetaSettings:
     """Settings that shape a meta-classifier (logged as params)."""
@@ -61,6 +64,13 @@ class MetaSettings:
     patience: int = 8
     """Validations without a lower validation loss before the DMC stops (0: never); it keeps the
     weights of its best validation either way."""
+    select_by: str = "accuracy"  # one of SELECT_BY
+    """What the DMC's validations compare to keep its best weights: the validation slices'
+    `accuracy` (classification; regression compares the loss), or their `loss`. With a few
+    validation nets the loss rose after step 100 on the default zoo (confident on the nets it
+    already read) and kept those weights (initialisation 0.875 per net on one split); the
+    accuracy kept step 1,000's (1.000), and 0.958 on the other split (loss: 1.000);
+    benchmarks/dmc_steps.py --set select_by=loss."""
     normalize: bool = True  # the DMC sees weights scaled to their typical size, then softsign
     batch_size: int = 64
     learning_rate: float = 1e-3  # Adam's; the DMC's peak, cosine-decayed over `steps`

@@ -226,8 +226,12 @@ class DMC(MetaClassifier):
         if self.settings.steps and validation is not None:
             # Keras keeps the weights of the lowest validation loss and restores them at the end,
             # stopped early or not.
+            by_accuracy = self.settings.select_by == "accuracy" and not self.task.is_regression
             best = keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=self.settings.patience or plan.epochs, restore_best_weights=True
+                monitor="val_accuracy" if by_accuracy else "val_loss",
+                mode="max" if by_accuracy else "min",
+                patience=self.settings.patience or plan.epochs,
+                restore_best_weights=True,
             )
             callbacks.append(best)
         with progress:
