@@ -62,8 +62,7 @@ class TrainOptions(Selection):
         Count(0),
     )
     select_by: str = param(
-        default_of(MetaSettings, "select_by"),
-        "what the DMC's validations compare to keep its best weights: loss or accuracy",
+        default_of(MetaSettings, "select_by"), "what keeps the DMC's best weights: accuracy or loss"
     )
     normalize: bool = param(
         default_of(MetaSettings, "normalize"), "DMC inputs divided by the training weights' spread"
@@ -113,12 +112,9 @@ class TrainOptions(Selection):
         """Check the parameters that need no data; return the properties and models."""
         check_declared(self)
         check_backend(self.backend)
-        if self.split not in SPLITS:
-            raise ParameterError("split", f"{self.split!r} is not one of {', '.join(SPLITS)}")
-        if self.region not in REGIONS:
-            raise ParameterError("region", f"{self.region!r} is not one of {', '.join(REGIONS)}")
-        if self.select_by not in SELECT_BY:
-            raise ParameterError("select_by", f"{self.select_by!r} is not one of {', '.join(SELECT_BY)}")
+        for name, choices in (("split", SPLITS), ("region", REGIONS), ("select_by", SELECT_BY)):
+            if getattr(self, name) not in choices:
+                raise ParameterError(name, f"{getattr(self, name)!r} is not one of {', '.join(choices)}")
         self.sweep_lengths()
         k_bounds(self.K)  # its syntax now; its range once the nets' snapshot counts are known
         models = names_list(self.models)
