@@ -78,8 +78,9 @@ def main() -> None:
     )  # fmt: skip
     work = plan(options)
     base = options.settings()
-    if args.set:
-        print(f"every DMC variant with {args.set}", flush=True)
+    set_by_hand = overrides(base, args.set)
+    if set_by_hand:
+        print(f"every DMC variant with {set_by_hand}", flush=True)
     rows = []
 
     def run(prop: str, split, name: str, settings, label: str, steps: int) -> None:
@@ -118,7 +119,7 @@ def main() -> None:
             change = VARIANTS[variant]
             budgets = [0] if variant == "paper" else [int(s) for s in args.steps.split(",")]
             for steps in budgets:
-                changed = {"steps": steps, **change, **overrides(base, args.set)}
+                changed = {"steps": steps, **change, **set_by_hand}
                 settings = dataclasses.replace(base, **changed)
                 if variant == "paper":
                     settings = dataclasses.replace(settings, epochs=args.paper_epochs)

@@ -27,6 +27,18 @@ os.environ["TF_NUM_INTRAOP_THREADS"] = "1"
 os.environ["TF_NUM_INTEROP_THREADS"] = "1"
 
 ROOT = Path(__file__).resolve().parents[1]
+NO_TENSORFLOW = """
+import sys
+
+class NoTensorFlow:  # a machine with JAX alone: TensorFlow cannot be imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            raise ImportError("no TensorFlow on this machine")
+
+sys.meta_path.insert(0, NoTensorFlow())
+"""
+"""Python source that makes `import tensorflow` fail from then on in the process that runs it
+(first lines of a `python -c` program, or a `sitecustomize`)."""
 SLOW_FIXTURES = {"zoo", "meta_zoo", "mlflow_server", "postgres"}
 """Session fixtures that sample a zoo or start a server: a test that uses one, directly or through
 another fixture, is marked `slow` (`python -m pytest -m "not slow"` runs the fast set)."""

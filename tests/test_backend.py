@@ -20,7 +20,7 @@ import pytest
 from nws.backend import TAG_BACKEND
 from nws.cli import main
 from nws.tracking.tags import TAG_CAMPAIGN, TAG_ROLE, TAG_TRIAL, WEIGHTS_ARTIFACT
-from tests.conftest import ROOT
+from tests.conftest import NO_TENSORFLOW, ROOT
 
 REPLAY = "shapes,0.003,32,1,1,2,0,2,5,3,2,8,128"
 TINY = ["--subset", "fixed", "--datasets", "shapes", "--max-epochs", "1", "--min-epochs", "1",
@@ -250,18 +250,14 @@ def test_jax_compilation_cache_is_on_bounded_and_leaves_the_users_settings(monke
     assert "JAX_COMPILATION_CACHE_DIR" not in os.environ
 
 
-NO_TENSORFLOW = """
-import atexit, os, sys
-
-class NoTensorFlow:  # a machine with JAX alone: TensorFlow cannot be imported
-    def find_spec(self, name, path=None, target=None):
-        if name == "tensorflow" or name.startswith("tensorflow."):
-            raise ImportError("no TensorFlow on this machine")
-
-sys.meta_path.insert(0, NoTensorFlow())
+SITE_NO_TENSORFLOW = (
+    NO_TENSORFLOW
+    + """
+import atexit, os
 atexit.register(lambda: open(os.environ["NWS_TEST_IMPORTS"], "a").write(
     f"{os.getpid()} {' '.join(sys.argv[1:3])} {'tensorflow' in sys.modules}\\n"))
 """
+)
 """Installed in every Python process of the test (as `sitecustomize`): TensorFlow cannot be
 imported, and each process writes at exit whether it was."""
 
@@ -275,7 +271,7 @@ def test_main_on_jax_samples_trains_and_registers_without_tensorflow(tmp_path):
 
     site = tmp_path / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text(NO_TENSORFLOW)
+    (site / "sitecustomize.py").write_text(SITE_NO_TENSORFLOW)
     imports = tmp_path / "imports.txt"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_EXPERIMENT")}

@@ -16,6 +16,7 @@ from nws.commands.train import TrainOptions, run_training
 from nws.meta.dmc import build_dmc, conv_plan
 from nws.registry.registration import CHAMPION, registered_name
 from nws.tracking.tags import TAG_ROLE, WEIGHTS_ARTIFACT
+from tests.conftest import NO_TENSORFLOW
 
 PLAIN = "params.initialization != 'glorot_uniform' and params.initialization != 'glorot_normal'"
 """Constant vs normal(0, 1) initialisation: plainly encoded in snapshot 1."""
@@ -284,15 +285,10 @@ def test_predict_refuses_a_snapshot_it_cannot_read_as_weights(learned, tmp_path,
     assert len(after) == before
 
 
-JAX_TRAIN = """
-import json, sys
-
-class NoTensorFlow:  # a machine with JAX alone: TensorFlow cannot be imported
-    def find_spec(self, name, path=None, target=None):
-        if name == "tensorflow" or name.startswith("tensorflow."):
-            raise ImportError("no TensorFlow on this machine")
-
-sys.meta_path.insert(0, NoTensorFlow())
+JAX_TRAIN = (
+    NO_TENSORFLOW
+    + """
+import json
 import mlflow, numpy as np
 from nws.commands.train import TrainOptions, run_training
 from nws.registry.registration import CHAMPION, registered_name
@@ -309,6 +305,7 @@ print(json.dumps({
     "tensorflow_imported": "tensorflow" in sys.modules,
 }))
 """
+)
 
 
 def test_train_runs_on_jax_without_tensorflow_and_a_tensorflow_model_predicts_there(learned, tmp_path):

@@ -62,7 +62,7 @@ class MetaSettings:
     (`epochs` passes over the training samples, a constant learning rate, the last weights)."""
     validate_every: int = 100  # DMC steps between two validations (the steps budget only)
     patience: int = 8
-    """Validations without a lower validation loss before the DMC stops (0: never); it keeps the
+    """Validations without a better one (`select_by`) before the DMC stops (0: never); it keeps the
     weights of its best validation either way."""
     select_by: str = "accuracy"  # one of SELECT_BY
     """What the DMC's validations compare to keep its best weights: the validation slices'

@@ -224,8 +224,8 @@ class DMC(MetaClassifier):
         callbacks = [interrupts.between_steps(), progress.keras_callback()]
         best = None
         if self.settings.steps and validation is not None:
-            # Keras keeps the weights of the lowest validation loss and restores them at the end,
-            # stopped early or not.
+            # Keras keeps the weights of the best validation (`select_by`) and restores them at the
+            # end, stopped early or not.
             by_accuracy = self.settings.select_by == "accuracy" and not self.task.is_regression
             best = keras.callbacks.EarlyStopping(
                 monitor="val_accuracy" if by_accuracy else "val_loss",
