@@ -21,7 +21,13 @@ from tests.test_scale import campaign_trials, net_runs
 pytestmark = pytest.mark.slow
 RECIPE = ROOT / "examples" / "cluster" / "sample.sbatch"
 CAMPAIGN = "slurm"
-TARGET = 24  # more than the one-minute task trains alone
+UNREACHED = 100_000
+"""The first task's target: more nets than any machine trains in its one minute."""
+ARRAY_NETS = 10
+"""Nets the array must add: the target is set when the array is submitted, from the nets the
+first task left, so that the array has work left however fast the machine trained before (with
+a fixed target, a quiet machine left the array two nets, it finished them between two polls and
+the wait for the array at work never ended)."""
 SMALL_NETS = "max_epochs=4 min_epochs=4 prints=2 max_train_images=256 max_eval_images=64"
 
 
@@ -47,7 +53,7 @@ def test_an_array_of_the_recipe_reaches_its_target_through_a_cancel_and_a_time_l
 ):
     storage = postgres.database()
     env = {**slurm.env, "MLFLOW_TRACKING_URI": mlflow_server.url, "NWS_STORAGE": storage,
-           "NWS_CAMPAIGN": CAMPAIGN, "NWS_TARGET": str(TARGET), "NWS_SUBSET": "fixed",
+           "NWS_CAMPAIGN": CAMPAIGN, "NWS_TARGET": str(UNREACHED), "NWS_SUBSET": "fixed",
            "NWS_DATASETS": "digits,shapes", "NWS_DATA_DIR": str(tmp_path / "data"), "NWS_DOWNLOAD": "false",
            "NWS_HEARTBEAT": "3", "NWS_VENV": sys.prefix, "NWS_SAMPLE_PARAMS": SMALL_NETS}  # fmt: skip
     slurm.env = env
@@ -63,11 +69,17 @@ def test_an_array_of_the_recipe_reaches_its_target_through_a_cancel_and_a_time_l
     limited = slurm.run(*common, "--array=0", "--time=1", str(RECIPE)).stdout.strip()
     wait_for(queue_empty, "the time limit to end the first task")
     before = len(trials("COMPLETE"))
-    assert 0 < before < TARGET
-    # Then an array of two: one is cancelled once the array has finished two nets; the other
-    # finishes the campaign.
+    assert before > 0
+    # Then an array of two, to a target ARRAY_NETS above what the first task left: one is
+    # cancelled once the array has finished two nets; the other finishes the campaign.
+    target = before + ARRAY_NETS
+    slurm.env = {**env, "NWS_TARGET": str(target)}  # sbatch passes its environment to the tasks
     array = slurm.run(*common, "--array=0-1", "--time=30", str(RECIPE)).stdout.strip()
-    wait_for(lambda: len(trials("COMPLETE")) >= before + 2 and trials("RUNNING"), "the array at work")
+    wait_for(
+        lambda: (len(trials("COMPLETE")) >= before + 2 and trials("RUNNING")) or queue_empty(),
+        "the array at work",
+    )
+    assert not queue_empty(), "the array ended before one of its tasks could be cancelled"
     slurm.run("scancel", f"{array}_1")
     wait_for(queue_empty, "every task to end")
 
@@ -76,10 +88,10 @@ def test_an_array_of_the_recipe_reaches_its_target_through_a_cancel_and_a_time_l
     assert any(
         "DUE TO TIME LIMIT" in text for name, text in logs.items() if name.startswith(f"task-{limited}")
     ), logs
-    assert len(trials("COMPLETE")) == TARGET and not trials("RUNNING")
+    assert len(trials("COMPLETE")) == target and not trials("RUNNING")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     client = MlflowClient(mlflow_server.url)
-    assert len(net_runs(client, CAMPAIGN, "FINISHED")) == TARGET
+    assert len(net_runs(client, CAMPAIGN, "FINISHED")) == target
     assert not net_runs(client, CAMPAIGN, "RUNNING")
     stopped = trials("FAIL")
     assert stopped, "neither the cancel nor the time limit caught a net"  # both tasks trained nets
