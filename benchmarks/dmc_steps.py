@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--paper-epochs", type=int, default=30)
     parser.add_argument("--K", default="4,4")
     parser.add_argument("--slice-length", type=int, default=512)
+    parser.add_argument("--region", default="all", help="where every model's slices start: all, conv or fc")
     parser.add_argument("--test-fraction", type=float, default=0.3)
     parser.add_argument("--baselines", default="stats,layer_stats")
     parser.add_argument("--seed", type=int, default=0)
@@ -73,7 +74,8 @@ def main() -> None:
 
     options = TrainOptions(
         experiment=args.experiment, filter=args.filter, props=args.props, K=args.K,
-        slice_length=args.slice_length, models="dmc," + args.baselines if args.baselines else "dmc",
+        slice_length=args.slice_length, region=args.region,
+        models="dmc," + args.baselines if args.baselines else "dmc",
         test_fraction=args.test_fraction, seed=args.seed, register=False,
     )  # fmt: skip
     work = plan(options)
