@@ -48,6 +48,24 @@ GROUPS = {"zoo": "zoos", "meta_zoo": "zoos", "postgres": "servers", "mlflow_serv
 """The process (pytest-xdist worker) that runs every test of a session fixture: a zoo or a server
 is then built by one worker only. A test with a module's own fixture of module or session scope
 goes where the rest of its module goes; the other tests go to whichever worker is free."""
+SECOND_ZOO_LANE = frozenset({"tests.test_order", "tests.test_train_all", "tests.test_cnn_zoo"})
+"""Modules whose zoo tests run in a second process with a `meta_zoo` of its own (bit-identical:
+same seed, one thread). In one process, the zoo tests took 689 s of a 720 s suite (4 workers on
+2 CPUs): the suite waited on that one process. Two lanes of about 510 s each, for the cost of a
+second meta zoo (about 45 CPU-s)."""
+WORKERS_PER_CPU = 2
+"""Test processes per CPU for `-n logical` (at most `--maxprocesses`): many tests spend much
+of their time waiting on the processes, servers and Slurm tasks they started. Measured on 2 CPUs
+(vmstat, 2026-12-07): one process per CPU left them 31 % idle over the first 1,000 s; two per
+CPU, 3-7 % idle, the whole suite in 12-13 min."""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # pytest-xdist's own: the user's count
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return WORKERS_PER_CPU * (cpus or 1)
 
 
 def xdist_group(item: pytest.Item) -> str | None:
@@ -55,7 +73,7 @@ def xdist_group(item: pytest.Item) -> str | None:
     definitions = fixtures.name2fixturedefs if fixtures else {}
     for name, group in GROUPS.items():
         if name in definitions:
-            return group
+            return f"{group}-2" if group == "zoos" and item.module.__name__ in SECOND_ZOO_LANE else group
     shared = [name for name, defs in definitions.items()
               if defs and defs[-1].scope != "function" and defs[-1].baseid.endswith(".py")]  # fmt: skip
     return item.module.__name__ if shared else None

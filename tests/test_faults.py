@@ -8,6 +8,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -42,13 +43,45 @@ def grow(where: Path, size: str) -> None:
     subprocess.run(["mount", "-o", f"remount,size={size}", str(where)], check=True)
 
 
-def nws(command: str, *args: str, tracking_uri: str, cwd: Path) -> subprocess.CompletedProcess:
+def start(command: str, *args: str, tracking_uri: str, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "TF_CPP_MIN_LOG_LEVEL": "3"}
     extra = TINY if command == "sample" else []
+    # Output to files, not pipes: a test that waits on something else meanwhile cannot block it.
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in ended)
     process = subprocess.Popen([sys.executable, "-m", "nws.cli", command, *extra, *args], env=env, cwd=cwd,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    out, err = process.communicate(timeout=600)
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+                               stdout=out, stderr=err, text=True)  # fmt: skip
+    process.outputs = (out, err)
+    return process
+
+
+def ended(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    process.wait(timeout=600)
+    texts = []
+    for file in process.outputs:
+        file.seek(0)
+        texts.append(file.read())
+        file.close()
+    return subprocess.CompletedProcess(process.args, process.returncode, *texts)
+
+
+def nws(command: str, *args: str, tracking_uri: str, cwd: Path) -> subprocess.CompletedProcess:
+    return ended(start(command, *args, tracking_uri=tracking_uri, cwd=cwd))
+
+
+LEFT_FREE = 16 * 1024
+"""Bytes left free on a filesystem filled mid-campaign: less than a net's next writes need."""
+
+
+def fill_after_the_first_net(process: subprocess.Popen, full: Path, journal: Path, campaign: str) -> Path:
+    """Once the campaign holds a finished net (or the process has ended), fill `full` to within
+    LEFT_FREE bytes with a file, returned: the disk fills at a net's writes whatever the speed
+    of the machine or the size of the store's schema."""
+    while finished_count(str(journal), campaign) < 1 and process.poll() is None:
+        time.sleep(0.2)
+    stat = os.statvfs(full)
+    filler = full / "filler"
+    filler.write_bytes(bytes(max(0, stat.f_bavail * stat.f_frsize - LEFT_FREE)))
+    return filler
 
 
 @needs_root
@@ -254,19 +287,21 @@ def test_workers_end_with_their_parent_killed_by_sigkill(tmp_path):
 def test_a_tracking_store_that_fills_its_disk_is_one_line_and_the_resume_ends_at_the_target(what, tmp_path):
     """MLflow's SQLite database, or its artifact store (./mlruns of the working directory), on a
     filesystem that fills mid-campaign: one line naming it (no tracebacks from MLflow or Optuna
-    before it; the traceback in the file the line names); after the filesystem grows, the same
-    campaign ends at its target with every net complete."""
+    before it; the traceback in the file the line names); once space is freed, the same campaign
+    ends at its target with every net complete. The disk is filled after the first net."""
     from mlflow import MlflowClient
 
     from nws.tracking.tags import TAG_SNAPSHOTS
 
-    size = "1200k" if what == "database" else "3m"
-    with small_filesystem(tmp_path / "full", size) as full:
+    with small_filesystem(tmp_path / "full", "64m") as full:
         uri = f"sqlite:///{(full if what == 'database' else tmp_path) / 'mlflow.db'}"
         cwd = tmp_path if what == "database" else full
-        args = ["--storage", str(tmp_path / "journal.log"), "--campaign", f"{what}-full", "--max-epochs", "3",
+        journal = tmp_path / "journal.log"
+        args = ["--storage", str(journal), "--campaign", f"{what}-full", "--max-epochs", "3",
                 "--min-epochs", "3"]  # fmt: skip
-        first = nws("sample", *args, "--target", "200", tracking_uri=uri, cwd=cwd)
+        process = start("sample", *args, "--target", "200", tracking_uri=uri, cwd=cwd)
+        filler = fill_after_the_first_net(process, full, journal, f"{what}-full")
+        first = ended(process)
         assert first.returncode == 1, first.stderr[-3000:]
         errors = [line for line in first.stderr.splitlines() if "error" in line.lower()]
         assert len(errors) == 1 and "no space left on device while writing" in errors[0], first.stderr[-3000:]
@@ -275,7 +310,7 @@ def test_a_tracking_store_that_fills_its_disk_is_one_line_and_the_resume_ends_at
         log = Path(errors[0].rsplit("traceback in ", 1)[1].rstrip(")"))
         assert "Traceback" in log.read_text()
 
-        grow(full, "64m")
+        filler.unlink()
         client = MlflowClient(uri)
         done = len(net_runs(client, f"{what}-full", "FINISHED"))
         second = nws("sample", *args, "--target", str(done + 2), tracking_uri=uri, cwd=cwd)
