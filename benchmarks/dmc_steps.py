@@ -10,6 +10,10 @@ steps the DMC took and the step of its best validation, and the fit's seconds. N
 Run (after the default `mlflow run . --env-manager local --experiment-name nws`, same store):
     python benchmarks/dmc_steps.py --steps 30,300,1000 [--props initialization,optimizer]
         [--variants budget,paper,raw] [--set learning_rate=0.003,...] [--csv out.csv]
+        [--region conv | --small-tensors]
+`--small-tensors` cuts every model's slices from the tensors that are not kernels (biases, batch
+norm) alone, where a briefly trained net keeps its optimizer, activation and batch size
+(`signal_by_tensor.py`).
 and the DMC's step time per backend (random batches in memory, no zoo needed), each backend in a
 process of its own, side by side:
     python benchmarks/dmc_steps.py --step-time 512,5000 [--timed-steps 10]
@@ -48,6 +52,10 @@ def main() -> None:
     parser.add_argument("--K", default="4,4")
     parser.add_argument("--slice-length", type=int, default=512)
     parser.add_argument("--region", default="all", help="where every model's slices start: all, conv or fc")
+    parser.add_argument(
+        "--small-tensors", action="store_true",
+        help="slices of the nets' tensors other than kernels alone (biases, batch norm), laid end to end",
+    )  # fmt: skip
     parser.add_argument("--test-fraction", type=float, default=0.3)
     parser.add_argument("--baselines", default="stats,layer_stats")
     parser.add_argument("--seed", type=int, default=0)
@@ -79,6 +87,10 @@ def main() -> None:
         test_fraction=args.test_fraction, seed=args.seed, register=False,
     )  # fmt: skip
     work = plan(options)
+    if args.small_tensors:  # layer_stats reads whole snapshots: not of these
+        work = dataclasses.replace(work, zoo=SmallTensors(work.zoo, work.layout),
+                                   models=[m for m in work.models if m != "layer_stats"])  # fmt: skip
+        print(f"slices of the {work.zoo.lengths[0]} weights that are not kernels", flush=True)
     base = options.settings()
     set_by_hand = overrides(base, args.set)
     if set_by_hand:
@@ -130,6 +142,42 @@ def main() -> None:
     print(table.to_string(index=False), file=sys.stdout)
     if args.csv:
         table.to_csv(args.csv, index=False)
+
+
+class SmallTensors:
+    """A zoo's snapshots cut down to the tensors that are not kernels (biases, batch norm's
+    parameters and moving statistics), end to end in layout order and held in memory: the part of
+    a briefly trained net's weights that tells how it was trained (`signal_by_tensor.py`). Only
+    what `Samples` and the evaluation read of a `Zoo`; nets of one architecture (`layer_stats`)."""
+
+    def __init__(self, zoo, layout) -> None:
+        import numpy as np
+
+        if layout is None:
+            sys.exit("--small-tensors needs nets of one architecture")
+        keep = np.concatenate([np.arange(e.offset, e.stop) for e in layout if e.tensor != "kernel"])
+        prints = int(zoo.nets["prints"].iloc[0])
+        rows = [zoo.snapshot(n, k)[keep] for n in range(len(zoo)) for k in range(1, prints + 1)]
+        self.values, self.width, self.prints, self.nets = np.concatenate(rows), len(keep), prints, zoo.nets
+        self.lengths = np.full(len(zoo), len(keep), np.int64)
+        self.conv = np.zeros(len(zoo), np.int64)
+
+    def __len__(self) -> int:
+        return len(self.nets)
+
+    def row_start(self, net, k):
+        import numpy as np
+
+        return (np.asarray(net) * self.prints + np.asarray(k) - 1) * self.width
+
+    def gather(self, starts, length: int):
+        import numpy as np
+
+        return self.values[np.asarray(starts, np.int64)[:, None] + np.arange(length)]
+
+    def snapshot(self, net: int, k: int):
+        start = int(self.row_start(net, k))
+        return self.values[start : start + self.width]
 
 
 def overrides(base, text: str) -> dict:
