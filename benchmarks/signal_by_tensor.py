@@ -47,7 +47,7 @@ def main() -> None:
     from sklearn.preprocessing import StandardScaler
 
     from nws.commands.train import TrainOptions, plan
-    from nws.meta.features import layer_statistics
+    from nws.meta.features import LAYER_FEATURES, layer_statistics
     from nws.meta.statistics import accuracy_statistics
 
     options = TrainOptions(
@@ -74,23 +74,24 @@ def main() -> None:
         rows.append({"kind": kind, "weights": weights, "share": round(weights / n, 4),
                      "slices_touching": round(float(touched.mean()), 3)})  # fmt: skip
     table = pd.DataFrame(rows).set_index("kind")
+    # Each net's snapshot read once, its statistics per kind computed once, for every property.
+    features = {kind: np.empty((len(zoo), len(entries) * len(LAYER_FEATURES)), np.float32)
+                for kind, entries in kinds.items()}  # fmt: skip
+    for net in range(len(zoo)):
+        vector = zoo.snapshot(net, k)
+        for kind, entries in kinds.items():
+            features[kind][net] = layer_statistics(vector, entries)[0]
     for prop, split in work.splits.items():
         if split.is_regression:
             continue
         labels = split.labels if split.labels.ndim == 1 else split.labels[:, k - 1]
         fit_nets = np.concatenate([split.train, split.valid])
-        vectors = {int(i): zoo.snapshot(int(i), k) for i in np.concatenate([fit_nets, split.test])}
         column = []
-        for entries in kinds.values():
-
-            def features(nets, entries=entries, vectors=vectors):
-                return layer_statistics(np.stack([vectors[int(i)] for i in nets]), entries)
-
+        for kind in kinds:
             model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
-            model.fit(features(fit_nets), labels[fit_nets])
-            stats = accuracy_statistics(
-                model.predict(features(split.test)) == labels[split.test], split.chance
-            )
+            model.fit(features[kind][fit_nets], labels[fit_nets])
+            right = model.predict(features[kind][split.test]) == labels[split.test]
+            stats = accuracy_statistics(right, split.chance)
             column.append(f"{stats.estimate:.2f}{'*' if stats.significant else ''}")
         table[f"{prop} ({len(split.test)}, chance {split.chance:.2f})"] = column
     pd.set_option("display.width", 250)
