@@ -10,10 +10,10 @@ steps the DMC took and the step of its best validation, and the fit's seconds. N
 Run (after the default `mlflow run . --env-manager local --experiment-name nws`, same store):
     python benchmarks/dmc_steps.py --steps 30,300,1000 [--props initialization,optimizer]
         [--variants budget,paper,raw] [--set learning_rate=0.003,...] [--csv out.csv]
-        [--region conv | --small-tensors]
-`--small-tensors` cuts every model's slices from the tensors that are not kernels (biases, batch
-norm) alone, where a briefly trained net keeps its optimizer, activation and batch size
-(`signal_by_tensor.py`).
+        [--region conv|fc|nonkernel|auto]
+`--region nonkernel` cuts every model's slices from the tensors that are not kernels (biases,
+batch norm) alone, where a briefly trained net keeps its optimizer, activation and batch size
+(`signal_by_tensor.py`); `--small-tensors` is the same.
 and the DMC's step time per backend (random batches in memory, no zoo needed), each backend in a
 process of its own, side by side:
     python benchmarks/dmc_steps.py --step-time 512,5000 [--timed-steps 10]
@@ -51,11 +51,8 @@ def main() -> None:
     parser.add_argument("--paper-epochs", type=int, default=30)
     parser.add_argument("--K", default="4,4")
     parser.add_argument("--slice-length", type=int, default=512)
-    parser.add_argument("--region", default="all", help="where every model's slices start: all, conv or fc")
-    parser.add_argument(
-        "--small-tensors", action="store_true",
-        help="slices of the nets' tensors other than kernels alone (biases, batch norm), laid end to end",
-    )  # fmt: skip
+    parser.add_argument("--region", default="all", help="where every model's slices are cut (train's region)")
+    parser.add_argument("--small-tensors", action="store_true", help="--region nonkernel (the earlier name)")
     parser.add_argument("--test-fraction", type=float, default=0.3)
     parser.add_argument("--baselines", default="stats,layer_stats")
     parser.add_argument("--seed", type=int, default=0)
@@ -69,28 +66,26 @@ def main() -> None:
         step_times(args)
         return
 
+    import numpy as np
     import pandas as pd
 
     from nws import backend
 
     backend.configure(True, args.threads)
     from nws.commands.train import TrainOptions, plan
-    from nws.meta import create
+    from nws.meta import KINDS, create
     from nws.meta.base import Task
     from nws.meta.evaluation import evaluate
+    from nws.meta.region_choice import choose_region
     from nws.meta.samples import Samples
 
     options = TrainOptions(
         experiment=args.experiment, filter=args.filter, props=args.props, K=args.K,
-        slice_length=args.slice_length, region=args.region,
+        slice_length=args.slice_length, region="nonkernel" if args.small_tensors else args.region,
         models="dmc," + args.baselines if args.baselines else "dmc",
         test_fraction=args.test_fraction, seed=args.seed, register=False,
     )  # fmt: skip
     work = plan(options)
-    if args.small_tensors:  # layer_stats reads whole snapshots: not of these
-        work = dataclasses.replace(work, zoo=SmallTensors(work.zoo, work.layout),
-                                   models=[m for m in work.models if m != "layer_stats"])  # fmt: skip
-        print(f"slices of the {work.zoo.lengths[0]} weights that are not kernels", flush=True)
     base = options.settings()
     set_by_hand = overrides(base, args.set)
     if set_by_hand:
@@ -100,7 +95,13 @@ def main() -> None:
     def run(prop: str, split, name: str, settings, label: str, steps: int) -> None:
         samples = {
             part: Samples.of(
-                work.zoo, nets, split.labels, work.k_range, settings.region, settings.slice_length
+                work.zoo,
+                nets,
+                split.labels,
+                work.k_range,
+                settings.region,
+                settings.slice_length,
+                work.layout,
             )
             for part, nets in (("train", split.train), ("valid", split.valid), ("test", split.test))
         }
@@ -127,8 +128,16 @@ def main() -> None:
         print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 
     for prop, split in work.splits.items():
+        base = options.settings()
+        if base.region == "auto":  # as train: the region the probe finds the property in
+            nets = np.concatenate([split.train, split.valid])
+            choice = choose_region(work.zoo, nets, split.labels, work.k_range[1], split.is_regression,
+                                   base.slice_length, work.layout, base.seed)  # fmt: skip
+            print(f"{prop}: slices from {choice.describe()}", flush=True)
+            base = dataclasses.replace(base, region=choice.region)
         for name in [m for m in work.models if m != "dmc"]:
-            run(prop, split, name, base, "-", 0)
+            settings = base if KINDS[name].uses_slices else dataclasses.replace(base, region="all")
+            run(prop, split, name, settings, "-", 0)
         for variant in args.variants.split(","):
             change = VARIANTS[variant]
             budgets = [0] if variant == "paper" else [int(s) for s in args.steps.split(",")]
@@ -142,42 +151,6 @@ def main() -> None:
     print(table.to_string(index=False), file=sys.stdout)
     if args.csv:
         table.to_csv(args.csv, index=False)
-
-
-class SmallTensors:
-    """A zoo's snapshots cut down to the tensors that are not kernels (biases, batch norm's
-    parameters and moving statistics), end to end in layout order and held in memory: the part of
-    a briefly trained net's weights that tells how it was trained (`signal_by_tensor.py`). Only
-    what `Samples` and the evaluation read of a `Zoo`; nets of one architecture (`layer_stats`)."""
-
-    def __init__(self, zoo, layout) -> None:
-        import numpy as np
-
-        if layout is None:
-            sys.exit("--small-tensors needs nets of one architecture")
-        keep = np.concatenate([np.arange(e.offset, e.stop) for e in layout if e.tensor != "kernel"])
-        prints = int(zoo.nets["prints"].iloc[0])
-        rows = [zoo.snapshot(n, k)[keep] for n in range(len(zoo)) for k in range(1, prints + 1)]
-        self.values, self.width, self.prints, self.nets = np.concatenate(rows), len(keep), prints, zoo.nets
-        self.lengths = np.full(len(zoo), len(keep), np.int64)
-        self.conv = np.zeros(len(zoo), np.int64)
-
-    def __len__(self) -> int:
-        return len(self.nets)
-
-    def row_start(self, net, k):
-        import numpy as np
-
-        return (np.asarray(net) * self.prints + np.asarray(k) - 1) * self.width
-
-    def gather(self, starts, length: int):
-        import numpy as np
-
-        return self.values[np.asarray(starts, np.int64)[:, None] + np.arange(length)]
-
-    def snapshot(self, net: int, k: int):
-        start = int(self.row_start(net, k))
-        return self.values[start : start + self.width]
 
 
 def overrides(base, text: str) -> dict:

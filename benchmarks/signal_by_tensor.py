@@ -58,9 +58,9 @@ def main() -> None:
     if work.layout is None:
         sys.exit("the selected nets do not share one architecture")
     layout, zoo, k = work.layout, work.zoo, work.k_range[1]
-    kinds = {"kernels": [e for e in layout if e.tensor == "kernel"],
-             "not kernels": [e for e in layout if e.tensor != "kernel"]}  # fmt: skip
-    for tensor in dict.fromkeys(e.tensor for e in layout if e.tensor != "kernel"):
+    kinds = {"kernels": [e for e in layout if e.is_kernel],
+             "not kernels": [e for e in layout if not e.is_kernel]}  # fmt: skip
+    for tensor in dict.fromkeys(e.tensor for e in layout if not e.is_kernel):
         kinds[tensor] = [e for e in layout if e.tensor == tensor]
     n, length = layout.n_weights, args.slice_length
     starts = np.arange(n - length + 1)

@@ -42,9 +42,7 @@ def train(store: str, slice_length: int, steps: int) -> None:
     model = create("dmc", Task("dataset", tuple("abcde")), settings)
     # One "epoch" of `steps` steps: the samples cover every net of the store.
     index = np.random.default_rng(0).choice(len(samples), steps * batch)
-    subset = Samples(zoo, samples.net[index], samples.k[index], samples.label[index], slice_length,
-                     samples.low[index], samples.high[index])  # fmt: skip
-    model.fit(subset, Samples(zoo, nets[:0], nets[:0], nets[:0], slice_length, nets[:0], nets[:0]))
+    model.fit(samples.subset(index), samples.subset(index[:0]))
 
 
 def main() -> None:

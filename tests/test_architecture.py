@@ -35,7 +35,7 @@ LAYERS = [
         "nws.net.training",
         "nws.net.pack",
     ),
-    ("nws.net.snapshots", "nws.net.symmetry"),
+    ("nws.net.snapshots", "nws.net.regions", "nws.net.symmetry"),
     ("nws.tracking",),
     ("nws.campaign",),
     ("nws.zoo",),

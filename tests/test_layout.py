@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from nws.net.cnn import build_model, conv_blocks, layer_plan
+from nws.net.regions import region_positions, region_segments, region_size
 from nws.net.snapshots import flatten, load_into, unflatten, weight_layout
 from nws.space import NetConfig
 
@@ -133,6 +134,40 @@ def test_flatten_unflatten_round_trip_gives_the_same_keras_weights(config):
     np.testing.assert_array_equal(flatten(target, layout), vector)
     tensors = unflatten(vector, layout)
     assert tensors[("fc_final", "kernel")].shape == layout.entries[-2].shape
+
+
+def test_the_nonkernel_region_is_every_bias_and_batch_norm_tensor_by_hand():
+    """The fixed net: per layer, its bias and (but for the output) batch norm's 4 tensors follow its
+    kernel, so the region is one run per layer, 1,260 weights in all."""
+    layout = weight_layout(FIXED)
+    n, conv = layout.n_weights, layout.weightn_conv
+    kernels = [5 * 5 * 3 * 8, 5 * 5 * 8 * 16, 5 * 5 * 16 * 32, 512 * 128, 128 * 64, 64 * 20]
+    units = [8, 16, 32, 128, 64, 20]
+    runs, at = [], 0
+    for kernel, width, last in zip(kernels, units, [False] * 5 + [True], strict=True):
+        size = width if last else width + bn(width)
+        runs.append([at + kernel, at + kernel + size])
+        at += kernel + size
+    assert at == n
+    assert region_segments(n, conv, "nonkernel").tolist() == runs
+    assert region_size(n, conv, "nonkernel") == 5 * (8 + 16 + 32 + 128 + 64) + 20 == 1260
+    assert region_segments(n, conv, "fc").tolist() == [[conv, n]]
+    assert region_size(n, conv, "all") == n
+
+
+@pytest.mark.parametrize("config", [FIXED, LARGEST], ids=["fixed", "largest"])
+def test_the_nonkernel_region_reads_the_keras_biases_and_batch_norm_in_layout_order(config):
+    model = build_model(config)
+    rng = np.random.default_rng(3)
+    for weight in model.weights:  # every value distinct, biases and batch norm included
+        weight.assign(rng.normal(size=weight.shape).astype(np.float32))
+    layout = weight_layout(config)
+    vector = flatten(model, layout)
+    positions = region_positions(layout.n_weights, layout.weightn_conv, "nonkernel")
+    by_path = {w.path: w.numpy() for w in model.weights}  # Keras' own names, e.g. conv1_1_bn/gamma
+    wanted = [by_path[f"{e.keras_layer}/{e.tensor}"] for e in layout if e.tensor != "kernel"]
+    assert len(wanted) == len(by_path) - len(layer_plan(config))  # all but one kernel per layer
+    np.testing.assert_array_equal(vector[positions], np.concatenate(wanted))
 
 
 def test_batch_norm_off_has_no_batch_norm_tensors_and_round_trips():

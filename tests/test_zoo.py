@@ -17,9 +17,12 @@ import pytest
 
 from nws.commands.options import Selection
 from nws.commands.sample import SampleOptions, run_campaign
-from nws.commands.train import check_slice_length, parse_k
+from nws.commands.train import check_slice_lengths, parse_k
 from nws.errors import DataError, ParameterError
+from nws.meta import create
+from nws.meta.base import MetaSettings, Task
 from nws.meta.samples import Samples
+from nws.net.regions import region_positions
 from nws.tracking.tags import TAG_ROLE, WEIGHTS_ARTIFACT
 from nws.zoo.cache import ArtifactCache
 from nws.zoo.splits import UnsplittableError, split_nets
@@ -27,7 +30,7 @@ from nws.zoo.store import Zoo, build_zoo
 from tests import zoo_race
 from tests.conftest import META_ZOO
 
-FIXED_CONV, FIXED_TOTAL = 16880, 92868  # hand-computed in test_layout.py
+FIXED_CONV, FIXED_TOTAL, FIXED_NONKERNEL = 16880, 92868, 1260  # hand-computed in test_layout.py
 
 
 def artifact_weights(run_id: str, tmp_path) -> np.ndarray:
@@ -110,7 +113,42 @@ def test_slices_come_from_the_hand_computed_offsets(in_meta_zoo, tmp_path):
     drawn = fc.random_slices(np.arange(4).repeat(50), rng)
     assert drawn.shape == (200, length)
     with pytest.raises(ParameterError, match=r"^slice_length: 20000 is longer than the conv part"):
-        check_slice_length(nets, np.arange(len(nets)), "conv", 20000)
+        check_slice_lengths(nets, np.arange(len(nets)), "conv", [("slice_length", 20000)], None)
+
+
+def test_nonkernel_slices_are_cut_from_the_biases_and_batch_norm_laid_end_to_end(in_meta_zoo, tmp_path):
+    nets = Selection().query()
+    zoo = build_zoo(nets, ArtifactCache())
+    first = artifact_weights(nets["run_id"][0], tmp_path)
+    second = artifact_weights(nets["run_id"][1], tmp_path)
+    positions = region_positions(FIXED_TOTAL, FIXED_CONV, "nonkernel")
+    assert len(positions) == FIXED_NONKERNEL
+    length = 300
+    samples = Samples.of(zoo, np.array([0, 1]), np.zeros(len(nets)), (2, 3), "nonkernel", length)
+    assert samples.low.tolist() == [0] * 4 and samples.high.tolist() == [FIXED_NONKERNEL - length] * 4
+    assert samples.row_starts().tolist() == [0, FIXED_NONKERNEL, 2 * FIXED_NONKERNEL, 3 * FIXED_NONKERNEL]
+    starts = samples.even_starts(4)
+    assert starts[3].tolist() == [0, 320, 640, 960]
+    for sample, vector in ((0, first[1]), (3, second[2])):
+        slices = samples.even_slices(sample, starts[sample])
+        np.testing.assert_array_equal(slices[1], vector[positions][320 : 320 + length])
+        np.testing.assert_array_equal(slices[3], vector[positions][960:])
+    drawn = samples.random_slices(np.arange(4).repeat(20), np.random.default_rng(0))
+    region = np.concatenate([v[positions] for v in (first[1], first[2], second[1], second[2])])
+    assert drawn.shape == (80, length) and np.isin(drawn, region).all()
+    # A whole vector is predicted from evenly spaced slices of the same region (a registered model).
+    labels = np.arange(len(nets)) % 2
+    train = Samples.of(zoo, np.arange(10), labels, (1, 3), "nonkernel", length)
+    model = create("stats", Task("initialization", ("constant", "normal")), MetaSettings(length, "nonkernel"))
+    model.fit(train, train)
+    window = np.stack([first[1][positions][s : s + length] for s in (0, 320, 640, 960)])
+    np.testing.assert_allclose(
+        model.predict_vector(first[1], slices=4), model.predict_slices(window).mean(axis=0)
+    )
+    with pytest.raises(
+        ParameterError, match=r"^slice_lengths: 1261 is longer than the nonkernel part .* \(1260 "
+    ):
+        check_slice_lengths(nets, np.arange(len(nets)), "nonkernel", [("slice_lengths", 1261)], None)
 
 
 def test_every_build_verifies_every_artifact_and_reuses_an_intact_store(in_meta_zoo):

@@ -22,6 +22,7 @@ from nws.commands.sample import SampleOptions
 from nws.commands.train import TrainOptions, parse_k
 from nws.errors import ParameterError
 from nws.meta import KINDS
+from nws.meta.region_choice import AUTO
 from nws.tracking.tags import TAG_CAMPAIGN, TAG_ROLE, tag_equals
 
 SAMPLE_DEFAULTS = {
@@ -85,7 +86,8 @@ def training_options(options: Any, experiment: str) -> TrainOptions:
 def smallest_region(subset: str, region: str) -> int:
     """The fewest weights that `region` spans in any architecture the subset draws (the fixed
     subset has one): a longer slice fails `train` as soon as a net that small is selected."""
-    from nws.net.snapshots import region_bounds, weight_layout
+    from nws.net.regions import region_size
+    from nws.net.snapshots import weight_layout
 
     base = {p.name: p.choices(subset)[0] if p.is_categorical else p.low for p in space.PROPERTIES}
     choices = [space.BY_NAME[name].choices(subset) for name in space.ARCHITECTURE]
@@ -93,8 +95,7 @@ def smallest_region(subset: str, region: str) -> int:
     for architecture in itertools.product(*choices):
         values = {**base, **dict(zip(space.ARCHITECTURE, architecture, strict=True))}
         layout = weight_layout(space.NetConfig(**values))
-        start, stop = region_bounds(layout.n_weights, layout.weightn_conv, region)
-        spans.append(int(stop - start))
+        spans.append(region_size(layout.n_weights, layout.weightn_conv, region, layout))
     return min(spans)
 
 
@@ -124,13 +125,14 @@ def check_before_sampling(options: Any, sample: SampleOptions) -> None:
         )
     sweep = _part(options, TrainOptions).sweep_lengths()
     if any(KINDS[m].uses_slices for m in models):
-        span = smallest_region(options.subset, options.region)
+        region = "all" if options.region == AUTO else options.region  # auto keeps `all` as a candidate
+        span = smallest_region(options.subset, region)
         which = "architecture" if options.subset == "fixed" else "smallest architecture"
         for name, length in [("slice_length", options.slice_length), *(("slice_lengths", s) for s in sweep)]:
             if length > span:
                 raise ParameterError(
                     name,
-                    f"{length} is longer than the {options.region} part of the {options.subset} "
+                    f"{length} is longer than the {region} part of the {options.subset} "
                     f"subset's {which} ({span} weights)",
                 )
     elif sweep:

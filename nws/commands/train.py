@@ -6,8 +6,9 @@ registers anything. The training and its runs: `nws.commands.train_runs`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,7 +20,8 @@ from nws.commands.train_runs import Plan, train_all
 from nws.errors import ParameterError
 from nws.meta import KINDS, MODEL_NAMES
 from nws.meta.base import SELECT_BY, MetaSettings
-from nws.net.snapshots import REGIONS, region_bounds
+from nws.meta.region_choice import AUTO, REGION_CHOICES
+from nws.net.regions import region_size
 from nws.progress import Steps, say
 from nws.space import PROPERTY_NAMES, SNAPSHOT_TARGETS, get_property
 from nws.tracking.runs import parent_run
@@ -43,7 +45,10 @@ class TrainOptions(Selection):
     slice_lengths: str = param(
         "", "comma list of further slice lengths for the dissection's how-much sweep (default: none)"
     )
-    region: str = param(default_of(MetaSettings, "region"), "where slices start: all, conv or fc")
+    region: str = param(
+        AUTO,
+        "where slices are cut: all, conv, fc, nonkernel (biases, batch norm) or auto (chosen per property)",
+    )
     models: str = param("dmc,stats,layer_stats", f"meta-classifiers, comma list of: {', '.join(MODEL_NAMES)}")
     steps: int = param(
         default_of(MetaSettings, "steps"),
@@ -112,7 +117,7 @@ class TrainOptions(Selection):
         """Check the parameters that need no data; return the properties and models."""
         check_declared(self)
         check_backend(self.backend)
-        for name, choices in (("split", SPLITS), ("region", REGIONS), ("select_by", SELECT_BY)):
+        for name, choices in (("split", SPLITS), ("region", REGION_CHOICES), ("select_by", SELECT_BY)):
             if getattr(self, name) not in choices:
                 raise ParameterError(name, f"{getattr(self, name)!r} is not one of {', '.join(choices)}")
         self.sweep_lengths()
@@ -141,19 +146,9 @@ class TrainOptions(Selection):
         return [length for length in parse_slice_lengths(self.slice_lengths) if length != self.slice_length]
 
     def settings(self) -> MetaSettings:
+        """The meta-classifiers' settings: every MetaSettings field this entry point has."""
         return MetaSettings(
-            slice_length=self.slice_length,
-            region=self.region,
-            epochs=self.epochs,
-            steps=self.steps,
-            validate_every=self.validate_every,
-            patience=self.patience,
-            select_by=self.select_by,
-            normalize=self.normalize,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            seed=self.seed,
-            save_optimizer=self.save_optimizer,
+            **{f.name: getattr(self, f.name) for f in fields(MetaSettings) if hasattr(self, f.name)}
         )
 
 
@@ -195,19 +190,25 @@ def parse_k(text: str, prints: int) -> tuple[int, int]:
     return bounds
 
 
-def check_slice_length(
-    nets: pd.DataFrame, used: np.ndarray, region: str, length: int, parameter: str = "slice_length"
+def check_slice_lengths(
+    nets: pd.DataFrame, used: np.ndarray, region: str, lengths: list, layout: Any
 ) -> None:
-    """Refuse a slice longer than the shortest region among the nets that will be used."""
-    start, stop = region_bounds(nets["n_weights"], nets["weightn_conv"], region)
-    span = (stop - start)[used]
-    if length > span.min():
-        shortest = used[int(np.argmin(span))]
-        raise ParameterError(
-            parameter,
-            f"{length} is longer than the {region} part of run {nets['run_id'].iloc[shortest]} "
-            f"({int(span.min())} weights)",
-        )
+    """Refuse a slice longer than the shortest region among the nets that will be used; `lengths`
+    are (parameter, length) pairs."""
+    shapes = zip(nets["n_weights"].iloc[used], nets["weightn_conv"].iloc[used], strict=True)
+    try:
+        span = np.array([region_size(n, c, region, layout) for n, c in shapes])
+    except ValueError:
+        raise ParameterError("region", f"{region} needs each net's tensor layout: the nets are not of "
+                             "the NWS family, nor of one architecture") from None  # fmt: skip
+    shortest = used[int(np.argmin(span))]
+    for parameter, length in lengths:
+        if length > span.min():
+            raise ParameterError(
+                parameter,
+                f"{length} is longer than the {region} part of run {nets['run_id'].iloc[shortest]} "
+                f"({int(span.min())} weights)",
+            )
 
 
 def split_property(nets: pd.DataFrame, prop: str, options: TrainOptions) -> Split:
@@ -280,9 +281,8 @@ def plan(options: TrainOptions) -> Plan:
     used = np.unique(np.concatenate([np.concatenate([s.train, s.valid, s.test]) for s in splits.values()]))
     sweep = options.sweep_lengths()
     if any(KINDS[m].uses_slices for m in models):
-        check_slice_length(nets, used, options.region, options.slice_length)
-        for length in sweep:
-            check_slice_length(nets, used, options.region, length, "slice_lengths")
+        lengths = [("slice_length", options.slice_length), *(("slice_lengths", n) for n in sweep)]
+        check_slice_lengths(nets, used, "all" if options.region == AUTO else options.region, lengths, layout)
     elif sweep:
         raise ParameterError("slice_lengths", "no slice model (dmc, stats) among the models to sweep")
     with Steps("zoo: verifying snapshot files", len(nets), "nets") as steps:

@@ -80,15 +80,16 @@ def train_all(plan: Plan, settings: MetaSettings, register: bool) -> pd.DataFram
 
     rows, findings = [], []
     for prop, split in plan.splits.items():
+        region = region_for(plan, prop, split, settings)
         for name in plan.models:
             interrupts.check()  # a stop that a library swallowed on the way
-            row, found = train_one(plan, prop, split, name, settings, register)
+            row, found = train_one(plan, prop, split, name, region(name), register)
             rows.append(row)
             findings.append(found)
             _log_parent_metrics(row, found.statistics)
             for length in plan.sweep_lengths if KINDS[name].uses_slices else ():
                 interrupts.check()
-                swept = replace(settings, slice_length=length)
+                swept = replace(region(name), slice_length=length)
                 rows.append(train_one(plan, prop, split, name, swept, False, sweep=True)[0])
     table = pd.DataFrame(rows)
     mlflow.log_text(table.to_csv(index=False), "results.csv")
@@ -99,6 +100,25 @@ def train_all(plan: Plan, settings: MetaSettings, register: bool) -> pd.DataFram
         mlflow.log_image(_image(results_png(main)), "results.png")
     _log_dissection(table, main, findings)
     return table
+
+
+def region_for(plan: Plan, prop: str, split: Split, settings: MetaSettings) -> Any:
+    """The settings of each model of `prop`: with `region=auto`, the region the probe chose for
+    the slice models (`nws.meta.regions`; logged on the parent run), `all` for the others."""
+    import mlflow
+
+    from nws.meta.region_choice import AUTO, choose_region
+
+    if settings.region != AUTO:
+        return lambda name: settings
+    longest = max([settings.slice_length, *plan.sweep_lengths])  # a region every length fits
+    nets = np.concatenate([split.train, split.valid])
+    choice = choose_region(plan.zoo, nets, split.labels, plan.k_range[1], split.is_regression, longest,
+                           plan.layout, settings.seed)  # fmt: skip
+    say(f"{prop}: slices from {choice.describe()}")
+    mlflow.log_param(f"region_{prop}", choice.region)
+    mlflow.log_metrics({f"region_probe_{prop}_{region}": score for region, score in choice.scores.items()})
+    return lambda name: replace(settings, region=choice.region if KINDS[name].uses_slices else "all")
 
 
 def main_rows(table: pd.DataFrame, slice_length: int) -> pd.DataFrame:
@@ -178,12 +198,14 @@ def train_one(
     from nws.meta.dissection import when_rows
     from nws.meta.evaluation import confusion_png, evaluate
     from nws.meta.samples import Samples
-    from nws.registry.registration import log_meta_classifier
+    from nws.registry.registration import log_meta_classifier, version_description, version_tags
 
     zoo = plan.zoo
     task = Task(prop, split.classes)
     samples = {
-        part: Samples.of(zoo, nets, split.labels, plan.k_range, settings.region, settings.slice_length)
+        part: Samples.of(
+            zoo, nets, split.labels, plan.k_range, settings.region, settings.slice_length, plan.layout
+        )
         for part, nets in (("train", split.train), ("valid", split.valid), ("test", split.test))
     }
     uses_slices = KINDS[name].uses_slices
@@ -207,14 +229,8 @@ def train_one(
             for epoch, value in enumerate(values, start=1):
                 mlflow.log_metric(f"train_{key}", value, step=epoch)
         mlflow.log_metrics(model.fit_metrics)
-        result = evaluate(
-            model,
-            samples["test"],
-            split.labels[split.train],
-            settings.seed,
-            sweep=not sweep,
-            label=f"{prop} / {name}",
-        )
+        result = evaluate(model, samples["test"], split.labels[split.train], settings.seed,
+                          sweep=not sweep, label=f"{prop} / {name}")  # fmt: skip
         if not sweep:
             result.metrics.update(_robustness(plan, model, split, settings))
         log_input(plan.zoo_input, {"nws.property": prop})
@@ -237,7 +253,14 @@ def train_one(
             found.where = _log_sweep(result, samples["test"], task, plan, settings, name)
         metric, value, higher_is_better = result.registry_metric
         about = version_tags(
-            plan, prop, split, name, settings, result.metrics.get("chance"), child.info.run_id
+            plan.selection,
+            plan.k_range,
+            len(plan.zoo),
+            split,
+            name,
+            settings,
+            result.metrics.get("chance"),
+            child.info.run_id,
         )
         registration = log_meta_classifier(
             model, register, value, metric, higher_is_better, about,
@@ -278,9 +301,8 @@ def _robustness(plan: Plan, model: Any, split: Split, settings: MetaSettings) ->
             activations = plan.activations or [""] * len(plan.zoo)
             zoo, changed = transformed_zoo(plan.zoo, split.test, plan.k_range, name, plan.layout,
                                            activations, settings.seed, Path(tmp))  # fmt: skip
-            test = Samples.of(
-                zoo, split.test, split.labels, plan.k_range, settings.region, settings.slice_length
-            )
+            test = Samples.of(zoo, split.test, split.labels, plan.k_range, settings.region,
+                              settings.slice_length, plan.layout)  # fmt: skip
             result = evaluate(model, test, split.labels[split.train], settings.seed, sweep=False)
             zoo.close()
         out.update({f"{measure}_{name}": result.metrics[measure] for measure in ROBUST_MEASURES.values()
@@ -288,40 +310,6 @@ def _robustness(plan: Plan, model: Any, split: Split, settings: MetaSettings) ->
         out[f"n_{name}d"] = float(changed)
         say(f"  {name}: {changed} of {len(split.test)} test nets transformed")
     return out
-
-
-def version_tags(
-    plan: Plan, prop: str, split: Split, name: str, settings: MetaSettings, chance: Any, run_id: str
-) -> dict[str, str]:
-    """What a registered version is: model type, property, chance, how its nets were chosen, and
-    the Keras backend it was trained on."""
-    chance_text = f"{chance:.4f}" if chance is not None and np.isfinite(chance) else "n/a (regression)"
-    return {
-        "nws.model": name,
-        "nws.property": prop,
-        "nws.chance": chance_text,
-        "nws.selection": plan.selection,
-        "nws.k": f"{plan.k_range[0]},{plan.k_range[1]}",
-        "nws.slice_length": str(settings.slice_length)
-        if KINDS[name].uses_slices
-        else "n/a (whole snapshots)",
-        "nws.region": settings.region,
-        "nws.nets": f"{len(plan.zoo)} selected, {len(split.train)} train, {len(split.valid)} valid, "
-        f"{len(split.test)} test",
-        "nws.source_run": run_id,
-        TAG_BACKEND: active(),
-    }
-
-
-def version_description(about: dict[str, str], metric: str, value: float) -> str:
-    """The version page's text: the same facts as the tags, in one paragraph."""
-    return (
-        f"{about['nws.model']} meta-classifier predicting {about['nws.property']} from a net's weights. "
-        f"Held-out {metric} {value:.4f} (chance {about['nws.chance']}). Nets: {about['nws.nets']}, "
-        f"selected by {about['nws.selection']}; snapshots K={about['nws.k']}, slice length "
-        f"{about['nws.slice_length']}, region {about['nws.region']}. "
-        f"Trained in run {about['nws.source_run']}."
-    )
 
 
 def _log_sweep(result: Any, test: Any, task: Task, plan: Plan, settings: MetaSettings, model: str) -> Any:

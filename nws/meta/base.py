@@ -22,7 +22,8 @@ import numpy as np
 
 from nws.meta.features import layer_statistics
 from nws.meta.samples import Samples
-from nws.net.snapshots import WeightLayout, conv_size_for_length, region_bounds
+from nws.net.regions import region_positions
+from nws.net.snapshots import WeightLayout, conv_size_for_length, vector_layout
 from nws.space import value_range
 
 
@@ -109,13 +110,15 @@ class MetaClassifier(ABC):
         vector = np.asarray(vector, dtype=np.float32).ravel()
         if not self.uses_slices:
             return self.predict_snapshots(vector[None])[0]
-        low, stop = (int(x) for x in region_bounds(len(vector), self._conv_size(len(vector)),
-                                                      self.settings.region))  # fmt: skip
+        layout = vector_layout(len(vector), self.layout) if self.settings.region == "nonkernel" else None
+        values = vector[
+            region_positions(len(vector), self._conv_size(len(vector)), self.settings.region, layout)
+        ]
         length = self.settings.slice_length
-        if stop - low < length:
-            raise ValueError(f"the {self.settings.region} part ({stop - low}) is shorter than a slice")
-        starts = np.round(np.linspace(low, stop - length, slices)).astype(np.int64)
-        window = np.lib.stride_tricks.sliding_window_view(vector, length)
+        if len(values) < length:
+            raise ValueError(f"the {self.settings.region} part ({len(values)}) is shorter than a slice")
+        starts = np.round(np.linspace(0, len(values) - length, slices)).astype(np.int64)
+        window = np.lib.stride_tricks.sliding_window_view(values, length)
         return self.predict_slices(window[starts]).mean(axis=0)
 
     def _conv_size(self, n_weights: int) -> int:
@@ -160,5 +163,5 @@ def to_probabilities(model: Any, features: np.ndarray, n_classes: int) -> np.nda
 
 
 def snapshot_features(vectors: np.ndarray, layout: WeightLayout, region: str) -> np.ndarray:
-    entries = [e for e in layout if region == "all" or e.part == region]
+    entries = [e for e in layout if e.in_region(region)]
     return layer_statistics(vectors, entries)

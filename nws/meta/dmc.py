@@ -13,6 +13,7 @@ archive (a Lambda layer's code, a function of another module) is refused rather 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,10 +191,7 @@ class DMC(MetaClassifier):
     def _targets(self, samples: Samples) -> Samples:
         if not self.task.is_regression:
             return samples
-        return Samples(
-            samples.zoo, samples.net, samples.k, self.task.scale(samples.label), samples.length,
-            samples.low, samples.high,
-        )  # fmt: skip
+        return dataclasses.replace(samples, label=self.task.scale(samples.label))
 
     def fit(self, train: Samples, valid: Samples) -> None:
         with interrupts.deferred():  # a stop is raised between two steps (interrupts.between_steps)

@@ -25,7 +25,8 @@ units, in the manner of DeepSets (Zaheer et al., 2017) and of the neural functio
 Every pooling is a product with a fixed matrix (`Dot` layers): the per-layer and per-role means
 over a padded set of `MAX_UNITS` units are inputs built from the architecture, which the vector's
 length names (`architecture_for_length`). The region setting keeps the conv roles ("conv"), the
-dense and output roles ("fc") or all four.
+dense and output roles ("fc") or all four ("all"; "nonkernel": all four, each unit read from its
+bias and batch norm only, its kernel features zeroed).
 
 Saved as `invariant.keras` (checked against `KERAS_OBJECTS` and read in Keras' safe mode, as the
 DMC) and `invariant.json` (the feature standardisation); nothing runs code from the files.
@@ -48,6 +49,7 @@ from nws.meta.keras_archive import load_checked, save_keras
 from nws.meta.samples import Samples
 from nws.meta.unit_features import (
     ARCHITECTURE_FEATURES,
+    KERNEL_FEATURES,
     ROLES,
     SLOTS,
     UNIT_FEATURES,
@@ -121,6 +123,8 @@ class InvariantModel(MetaClassifier):
             units[row, : t.n_units] = (table.features[start : start + t.n_units] - self.feature_mean) / (
                 self.feature_std
             )
+        if self.settings.region == "nonkernel":  # standardised, so 0 says nothing
+            units[:, :, : len(KERNEL_FEATURES)] = 0.0
         return {
             "units": units,
             "layer_pool": np.stack([t.layer_pool for t in templates]),

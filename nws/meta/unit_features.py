@@ -29,10 +29,11 @@ MAX_DENSE = max(BY_NAME["depth_fc"].options)
 SLOTS = MAX_CONV + MAX_DENSE + 1
 """Layer slots: convs 0..4, hidden dense layers 5..8, the output layer 9."""
 ROLES = ("first_conv", "conv", "dense", "output")
-REGION_ROLES = {"all": ROLES, "conv": ("first_conv", "conv"), "fc": ("dense", "output")}
+REGION_ROLES = {"all": ROLES, "conv": ("first_conv", "conv"), "fc": ("dense", "output"), "nonkernel": ROLES}
+KERNEL_FEATURES = ("in_mean", "in_std", "in_min", "in_q25", "in_median", "in_q75", "in_max", "in_rms")
+"""A unit's features read from its kernel: the `nonkernel` region leaves them out (zeroed)."""
 UNIT_FEATURES = (
-    "in_mean", "in_std", "in_min", "in_q25", "in_median", "in_q75", "in_max", "in_rms",
-    "bias", "beta", "gamma", "moving_mean", "moving_variance",
+    *KERNEL_FEATURES, "bias", "beta", "gamma", "moving_mean", "moving_variance",
     "has_batch_norm", "log2_fan_in", "log2_units",
 )  # fmt: skip
 """Per unit; the first 13 are weight values, compressed by sign(x) log(1 + |x|)."""

@@ -1,5 +1,6 @@
-"""Weight snapshots: the flat-vector layout contract, its regions (the conv part, the fc part),
-capture during training, and which evaluations become the snapshots (20 of n).
+"""Weight snapshots: the flat-vector layout contract, capture during training, and which
+evaluations become the snapshots (20 of n). The parts of the vector slices are cut from:
+`nws.net.regions`.
 
 The layout contract (reference section 6), written down once here:
 
@@ -31,8 +32,6 @@ from nws.space import NetConfig
 
 LAYOUT_FORMAT = "nws-flat-v1"
 BN_TENSORS = ("beta", "gamma", "moving_mean", "moving_variance")
-REGIONS = ("all", "conv", "fc")
-"""Parts of the flat vector a slice may start in: all of it, the conv part or the fc part."""
 
 
 @dataclass(frozen=True)
@@ -52,16 +51,26 @@ class TensorEntry:
     def stop(self) -> int:
         return self.offset + self.size
 
+    @property
+    def is_kernel(self) -> bool:
+        return self.tensor == "kernel"
+
+    def in_region(self, region: str) -> bool:
+        """Whether this tensor belongs to `region` (one of `nws.net.regions.REGIONS`)."""
+        if region == "nonkernel":
+            return not self.is_kernel
+        return region == "all" or self.part == region
+
     def to_storage(self, value: np.ndarray) -> np.ndarray:
         """A Keras-shaped tensor in storage order, flat."""
-        if self.tensor == "kernel":
+        if self.is_kernel:
             value = np.transpose(value, (3, 2, 0, 1)) if value.ndim == 4 else value.T
         return np.ravel(value)
 
     def from_storage(self, flat: np.ndarray) -> np.ndarray:
         """The Keras-shaped tensor from its slice of the flat vector."""
         value = np.reshape(flat, self.stored_shape)
-        if self.tensor == "kernel":
+        if self.is_kernel:
             value = np.transpose(value, (2, 3, 1, 0)) if value.ndim == 4 else value.T
         return value
 
@@ -168,7 +177,21 @@ def architecture_for_length(n_weights: int) -> NetConfig:
 @functools.cache
 def conv_size_for_length(n_weights: int) -> int:
     """The conv part's length of a flat vector of the NWS family, known from its length alone."""
-    return weight_layout(architecture_for_length(n_weights)).weightn_conv
+    return layout_for_length(n_weights).weightn_conv
+
+
+@functools.cache
+def layout_for_length(n_weights: int) -> WeightLayout:
+    """The layout of a flat vector of the NWS family, known from its length alone."""
+    return weight_layout(architecture_for_length(n_weights))
+
+
+def vector_layout(n_weights: int, layout: WeightLayout | None = None) -> WeightLayout:
+    """The layout of a flat vector of this length: `layout` where it fits (an imported zoo's
+    architecture), else the NWS family's; ValueError if neither has this length."""
+    if layout is not None and layout.n_weights == n_weights:
+        return layout
+    return layout_for_length(n_weights)
 
 
 def _variable(model: Any, entry: TensorEntry) -> Any:
@@ -198,19 +221,6 @@ def load_into(model: Any, vector: np.ndarray, layout: WeightLayout) -> None:
     for entry in layout:
         variable = _variable(model, entry)
         variable.assign(tensors[(entry.keras_layer, entry.tensor)].astype(variable.dtype))
-
-
-def region_bounds(lengths: Any, conv: Any, region: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per vector, the [start, stop) of `region` within it, from its length and its conv part's
-    length (numbers or arrays)."""
-    lengths, conv = np.asarray(lengths, np.int64), np.asarray(conv, np.int64)
-    if region == "all":
-        return np.zeros_like(lengths), lengths.copy()
-    if region == "conv":
-        return np.zeros_like(lengths), conv.copy()
-    if region == "fc":
-        return conv.copy(), lengths.copy()
-    raise ValueError(f"{region!r} is not one of {', '.join(REGIONS)}")
 
 
 def _evenly_spaced(first: int, last: int, count: int) -> np.ndarray:

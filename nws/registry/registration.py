@@ -22,9 +22,13 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from nws.meta.base import MetaSettings
+    from nws.zoo.splits import Split
 
 CHAMPION = "champion"
 TAG_SCORE = "nws.score"
@@ -35,6 +39,42 @@ TAG_COMPARISON = "nws.champion_comparison"
 
 def registered_name(prop: str) -> str:
     return f"nws-meta-{prop.replace('_', '-')}"
+
+
+def version_tags(selection: str, k_range: tuple[int, int], n_nets: int, split: Split, name: str,
+                 settings: MetaSettings, chance: Any, run_id: str) -> dict[str, str]:  # fmt: skip
+    """What a registered version is: model type, property, chance, how its nets were chosen, and
+    the Keras backend it was trained on."""
+    from nws.backend import TAG_BACKEND, active
+    from nws.meta import KINDS
+
+    chance_text = f"{chance:.4f}" if chance is not None and np.isfinite(chance) else "n/a (regression)"
+    return {
+        "nws.model": name,
+        "nws.property": split.prop,
+        "nws.chance": chance_text,
+        "nws.selection": selection,
+        "nws.k": f"{k_range[0]},{k_range[1]}",
+        "nws.slice_length": str(settings.slice_length)
+        if KINDS[name].uses_slices
+        else "n/a (whole snapshots)",
+        "nws.region": settings.region,
+        "nws.nets": f"{n_nets} selected, {len(split.train)} train, {len(split.valid)} valid, "
+        f"{len(split.test)} test",
+        "nws.source_run": run_id,
+        TAG_BACKEND: active(),
+    }
+
+
+def version_description(about: dict[str, str], metric: str, value: float) -> str:
+    """The version page's text: the same facts as the tags, in one paragraph."""
+    return (
+        f"{about['nws.model']} meta-classifier predicting {about['nws.property']} from a net's weights. "
+        f"Held-out {metric} {value:.4f} (chance {about['nws.chance']}). Nets: {about['nws.nets']}, "
+        f"selected by {about['nws.selection']}; snapshots K={about['nws.k']}, slice length "
+        f"{about['nws.slice_length']}, region {about['nws.region']}. "
+        f"Trained in run {about['nws.source_run']}."
+    )
 
 
 def _signature(regression: bool) -> Any:
