@@ -160,3 +160,16 @@ def test_markdown_names_every_property_with_its_verdict_and_findings():
     lrate = lines["lrate"]
     assert "MAE " in lrate and "learned (p<0.01)" in lrate and "below the constant guess" in lrate
     assert "Wilson" in text and "sign-flip" in text
+
+
+def test_a_sweep_of_the_small_tensors_says_so_in_the_words_and_the_legend():
+    where = _where()
+    where["dataset"] = WhereCurve(
+        0.5 + 0.4 * np.linspace(0, 1, 100), baseline=0.2, model="dmc", region="nonkernel"
+    )
+    text = dissection_markdown(_results(), _when(), where, _how_much())
+    dataset = next(line for line in text.splitlines() if line.startswith("| dataset "))
+    assert "within nonkernel: peak 0.900 at 1.00" in dataset and "conv" not in dataset
+    fig = dissection_figure(_when(), where, _how_much(), None)
+    labels = [text.get_text() for ax in fig.axes if ax.get_legend() for text in ax.get_legend().get_texts()]
+    assert any(label.startswith("dataset (") and "dmc in nonkernel" in label for label in labels), labels

@@ -58,4 +58,5 @@ def test_auto_reads_each_property_where_the_training_nets_write_it(tmp_path, whe
 def test_a_region_too_short_for_the_slices_is_no_candidate(tmp_path):
     zoo, labels = written_zoo(tmp_path, "nonkernel")
     choice = choose_region(zoo, np.arange(NETS), labels, 1, False, 1261)  # 1,260 small weights
-    assert choice.region == "all" and set(choice.scores) == {"all"}
+    assert choice.region == "all" and choice.scores == {}  # a lone candidate, chosen unprobed
+    assert "only region" in choice.describe()

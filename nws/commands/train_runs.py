@@ -109,8 +109,8 @@ def region_for(plan: Plan, prop: str, split: Split, settings: MetaSettings) -> A
 
     from nws.meta.region_choice import AUTO, choose_region
 
-    if settings.region != AUTO:
-        return lambda name: settings
+    if settings.region != AUTO or not any(KINDS[name].uses_slices for name in plan.models):
+        return lambda name: replace(settings, region="all" if settings.region == AUTO else settings.region)
     longest = max([settings.slice_length, *plan.sweep_lengths])  # a region every length fits
     nets = np.concatenate([split.train, split.valid])
     choice = choose_region(plan.zoo, nets, split.labels, plan.k_range[1], split.is_regression, longest,
@@ -334,4 +334,4 @@ def _log_sweep(result: Any, test: Any, task: Task, plan: Plan, settings: MetaSet
     mlflow.log_image(_image(sweep_png(curve, chance, boundary, title, ylabel)), "position_sweep.png")
     mlflow.log_text(json.dumps({"positions": len(curve), "curve": curve.tolist()}), "position_sweep.json")
     measure = MAE if task.is_regression else ACCURACY
-    return WhereCurve(curve, boundary, result.statistics.baseline, model, measure)
+    return WhereCurve(curve, boundary, result.statistics.baseline, model, measure, settings.region)

@@ -62,6 +62,7 @@ class WhereCurve:
     baseline: float = float("nan")
     model: str = ""
     measure: str = ACCURACY
+    region: str = "all"  # the region the slices were cut from (`region=auto` chooses per property)
 
 
 def snapshot_rows(

@@ -108,7 +108,8 @@ def _label(prop: str, when: pd.DataFrame, curves: Mapping[str, WhereCurve], how_
         if not table.empty and "model" in table and (table["property"] == prop).any():
             used[panel] = str(table.loc[table["property"] == prop, "model"].iloc[0])
     if prop in curves and curves[prop].model:
-        used["where"] = curves[prop].model
+        region = curves[prop].region
+        used["where"] = curves[prop].model + ("" if region == "all" else f" in {region}")
     models = list(dict.fromkeys(used.values()))
     if len(models) <= 1:
         return f"{prop} ({models[0]})" if models else prop

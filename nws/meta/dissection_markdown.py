@@ -129,7 +129,9 @@ def _where_words(sweep: WhereCurve | None, measure: str, best: str) -> str:
         by = _by(sweep.model, best)
         return f"{by}slices starting in conv {_value(measure, conv)}, in fc {_value(measure, fc)}"
     at = int(np.argmax(curve) if measure == ACCURACY else np.argmin(curve))
-    return f"{_by(sweep.model, best)}{_extreme(measure)} {_value(measure, curve[at])} at {positions[at]:.2f}"
+    within = "" if sweep.region == "all" else f"within {sweep.region}: "
+    extreme = f"{_extreme(measure)} {_value(measure, curve[at])} at {positions[at]:.2f}"
+    return f"{_by(sweep.model, best)}{within}{extreme}"
 
 
 def _how_much_words(table: pd.DataFrame, prop: str, measure: str, best: str) -> str:

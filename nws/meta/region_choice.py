@@ -20,7 +20,7 @@ import numpy as np
 
 from nws.meta.features import slice_statistics
 from nws.meta.samples import Samples
-from nws.net.regions import REGIONS
+from nws.net.regions import REGIONS, region_size
 from nws.net.snapshots import WeightLayout
 from nws.zoo.store import Zoo
 
@@ -43,6 +43,8 @@ class RegionChoice:
     measure: str  # "accuracy" or "-MAE"
 
     def describe(self) -> str:
+        if not self.scores:
+            return f"region {self.region} (the only region every net has a slice of)"
         measured = ", ".join(f"{name} {score:.3g}" for name, score in self.scores.items())
         return f"region {self.region} (probe {self.measure}: {measured})"
 
@@ -60,22 +62,27 @@ def choose_region(
     """The candidate region whose slices tell `labels` best on these (training) nets, among those
     every net has a slice of `slice_length` of and whose layout is known: per net,
     `PROBE_SLICES` random slices of snapshot k, their statistics (what `stats` reads), a linear
-    probe cross-validated with the folds split by net."""
+    probe cross-validated with the folds split by net. A lone candidate is chosen unprobed."""
     rng = np.random.default_rng(seed)
     nets = np.sort(rng.permutation(np.asarray(nets))[:PROBE_NETS])
-    scores = {}
+    shapes = {(int(zoo.lengths[i]), int(zoo.conv[i])) for i in nets}
+    candidates = []
     for region in CANDIDATES:
         try:
-            samples = Samples.of(zoo, nets, labels, (k, k), region, slice_length, layout)
+            if min(region_size(n, conv, region, layout) for n, conv in shapes) >= slice_length:
+                candidates.append(region)
         except ValueError:  # a net whose layout is unknown
             continue
-        if (samples.high < samples.low).any():  # a net with less of this region than a slice
-            continue
+    measure = "-MAE" if regression else "accuracy"
+    if len(candidates) < 2:
+        return RegionChoice(candidates[0] if candidates else "all", {}, measure)
+    scores = {}
+    for region in candidates:
+        samples = Samples.of(zoo, nets, labels, (k, k), region, slice_length, layout)
         index = np.repeat(np.arange(len(samples)), PROBE_SLICES)
         features = slice_statistics(samples.random_slices(index, np.random.default_rng([seed, 1])))
         scores[region] = probe_score(features, samples.label[index], samples.net[index], regression, seed)
-    best = max(scores, key=lambda region: scores[region]) if scores else "all"
-    return RegionChoice(best, scores, "-MAE" if regression else "accuracy")
+    return RegionChoice(max(scores, key=lambda region: scores[region]), scores, measure)
 
 
 def probe_score(
