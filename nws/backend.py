@@ -14,6 +14,7 @@ environment tags name JAX's version and devices.
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
 import os
 import platform
@@ -95,10 +96,43 @@ def select(backend: str) -> None:
             )
         return
     os.environ["KERAS_BACKEND"] = backend
+    if backend == TENSORFLOW:
+        spare_optional_jax()
     if backend == JAX:
         # Workers share a device: JAX would otherwise take 75 % of a GPU's memory at its start.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         compilation_cache()
+
+
+OPTIONAL_JAX_IMPORTERS = ("tensorflow.lite.", "keras.src.callbacks.orbax_checkpoint")
+"""Modules that import JAX when they load, whatever the backend, and do without it: TensorFlow's
+`tf.lite` converter (for converting JAX functions) and Keras' Orbax checkpoint callback (a patch
+of old JAX versions). Neither is used by nws."""
+
+
+class _NoOptionalJax(importlib.abc.MetaPathFinder):
+    """Refuses `import jax` to `OPTIONAL_JAX_IMPORTERS` in a TensorFlow process: JAX's start is
+    0.7 of the 4.6 CPU-s that starting Keras on TensorFlow costs on this project's machine, paid
+    by every process (each worker, each `mlflow run` step). Both importers catch the ImportError;
+    an import of JAX by any other module goes through."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> None:
+        if name == "jax" and _importer().startswith(OPTIONAL_JAX_IMPORTERS):
+            raise ImportError("jax is optional here and not imported on TensorFlow (nws.backend)")
+
+
+def _importer() -> str:
+    """The module whose import statement is running (the first frame outside importlib)."""
+    frame = sys._getframe(2)
+    while frame is not None and str(frame.f_globals.get("__name__", "")).startswith("importlib"):
+        frame = frame.f_back
+    return str(frame.f_globals.get("__name__", "")) if frame is not None else ""
+
+
+def spare_optional_jax() -> None:
+    """Once per process, before Keras starts on TensorFlow: `_NoOptionalJax`."""
+    if not any(isinstance(finder, _NoOptionalJax) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _NoOptionalJax())
 
 
 def compilation_cache() -> None:
@@ -148,6 +182,7 @@ def tensorflow_environment(threads: int = 0) -> None:
     share a GPU) and CPU thread pools. Set before anything imports TensorFlow, these hold even
     when loading data starts TensorFlow before `configure_tensorflow` runs."""
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+    spare_optional_jax()
     if threads:
         os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
         os.environ["TF_NUM_INTEROP_THREADS"] = str(_interop_threads(threads))

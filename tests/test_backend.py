@@ -61,6 +61,27 @@ def test_bad_backend_or_pack_is_one_line_and_exit_2(tracking_uri, capsys, args, 
 
 
 @pytest.mark.slow
+def test_keras_on_tensorflow_starts_without_jax_and_jax_still_imports_after():
+    """TensorFlow's tf.lite and Keras' Orbax callback import JAX at their start whatever the
+    backend (0.6 CPU-s per process); on TensorFlow nws spares it, and JAX imports when asked."""
+    script = (
+        "import sys\n"
+        "from nws.backend import select\n"
+        "select('tensorflow')\n"
+        "import keras\n"
+        "from tensorflow.lite.python import util\n"
+        "started = 'jax' in sys.modules\n"
+        "import jax\n"
+        "print(started, util._jit is None, float(jax.numpy.ones(3).sum()), keras.backend.backend())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    done = subprocess.run([sys.executable, "-c", script], env={**env, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "True", "3.0", "tensorflow"]
+
+
+@pytest.mark.slow
 def test_packed_nets_start_identical_agree_after_a_step_and_fail_alone(jax_checks):
     """Three nets of one pack (other seeds, rates, images; the third with rate 1e12): initial
     weights bit-identical to each net built alone; after one optimizer step, L2-relative
