@@ -22,7 +22,8 @@ from nws.tracking.tags import TAG_ROLE
 PROPS = ("initialization", "lrate")
 MODELS = ("stats", "layer_stats")
 ARGS = ["--props", ",".join(PROPS), "--models", ",".join(MODELS), "--K", "1,2", "--slice-length", "128",
-        "--slice-lengths", "64,128", "--seed", "1", "--register", "false"]  # fmt: skip
+        "--slice-lengths", "64,128", "--seed", "1", "--register", "false",
+        "--region", "all"]  # fmt: skip  # the position sweep's conv | fc words need the whole vector
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
