@@ -22,7 +22,7 @@ from nws.commands.sample import SampleOptions
 from nws.commands.train import TrainOptions, parse_k
 from nws.errors import ParameterError
 from nws.meta import KINDS
-from nws.meta.region_choice import AUTO
+from nws.meta.region_choice import widest_region
 from nws.tracking.tags import TAG_CAMPAIGN, TAG_ROLE, tag_equals
 
 SAMPLE_DEFAULTS = {
@@ -125,7 +125,7 @@ def check_before_sampling(options: Any, sample: SampleOptions) -> None:
         )
     sweep = _part(options, TrainOptions).sweep_lengths()
     if any(KINDS[m].uses_slices for m in models):
-        region = "all" if options.region == AUTO else options.region  # auto keeps `all` as a candidate
+        region = widest_region(options.region)
         span = smallest_region(options.subset, region)
         which = "architecture" if options.subset == "fixed" else "smallest architecture"
         for name, length in [("slice_length", options.slice_length), *(("slice_lengths", s) for s in sweep)]:

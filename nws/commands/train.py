@@ -20,7 +20,7 @@ from nws.commands.train_runs import Plan, train_all
 from nws.errors import ParameterError
 from nws.meta import KINDS, MODEL_NAMES
 from nws.meta.base import SELECT_BY, MetaSettings
-from nws.meta.region_choice import AUTO, REGION_CHOICES
+from nws.meta.region_choice import AUTO, REGION_CHOICES, widest_region
 from nws.net.regions import region_size
 from nws.progress import Steps, say
 from nws.space import PROPERTY_NAMES, SNAPSHOT_TARGETS, get_property
@@ -282,7 +282,7 @@ def plan(options: TrainOptions) -> Plan:
     sweep = options.sweep_lengths()
     if any(KINDS[m].uses_slices for m in models):
         lengths = [("slice_length", options.slice_length), *(("slice_lengths", n) for n in sweep)]
-        check_slice_lengths(nets, used, "all" if options.region == AUTO else options.region, lengths, layout)
+        check_slice_lengths(nets, used, widest_region(options.region), lengths, layout)
     elif sweep:
         raise ParameterError("slice_lengths", "no slice model (dmc, stats) among the models to sweep")
     with Steps("zoo: verifying snapshot files", len(nets), "nets") as steps:

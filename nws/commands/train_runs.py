@@ -104,13 +104,13 @@ def train_all(plan: Plan, settings: MetaSettings, register: bool) -> pd.DataFram
 
 def region_for(plan: Plan, prop: str, split: Split, settings: MetaSettings) -> Any:
     """The settings of each model of `prop`: with `region=auto`, the region the probe chose for
-    the slice models (`nws.meta.regions`; logged on the parent run), `all` for the others."""
+    the slice models (`nws.meta.region_choice`; logged on the parent run), `all` for the others."""
     import mlflow
 
-    from nws.meta.region_choice import AUTO, choose_region
+    from nws.meta.region_choice import AUTO, choose_region, widest_region
 
     if settings.region != AUTO or not any(KINDS[name].uses_slices for name in plan.models):
-        return lambda name: replace(settings, region="all" if settings.region == AUTO else settings.region)
+        return lambda name: replace(settings, region=widest_region(settings.region))
     longest = max([settings.slice_length, *plan.sweep_lengths])  # a region every length fits
     nets = np.concatenate([split.train, split.valid])
     choice = choose_region(plan.zoo, nets, split.labels, plan.k_range[1], split.is_regression, longest,

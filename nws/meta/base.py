@@ -23,7 +23,7 @@ import numpy as np
 from nws.meta.features import layer_statistics
 from nws.meta.samples import Samples
 from nws.net.regions import region_positions
-from nws.net.snapshots import WeightLayout, conv_size_for_length, vector_layout
+from nws.net.snapshots import WeightLayout, vector_layout
 from nws.space import value_range
 
 
@@ -110,23 +110,14 @@ class MetaClassifier(ABC):
         vector = np.asarray(vector, dtype=np.float32).ravel()
         if not self.uses_slices:
             return self.predict_snapshots(vector[None])[0]
-        layout = vector_layout(len(vector), self.layout) if self.settings.region == "nonkernel" else None
-        values = vector[
-            region_positions(len(vector), self._conv_size(len(vector)), self.settings.region, layout)
-        ]
+        layout = vector_layout(len(vector), self.layout)  # an imported zoo's, else the NWS family's
+        values = vector[region_positions(len(vector), layout.weightn_conv, self.settings.region, layout)]
         length = self.settings.slice_length
         if len(values) < length:
             raise ValueError(f"the {self.settings.region} part ({len(values)}) is shorter than a slice")
         starts = np.round(np.linspace(0, len(values) - length, slices)).astype(np.int64)
         window = np.lib.stride_tricks.sliding_window_view(values, length)
         return self.predict_slices(window[starts]).mean(axis=0)
-
-    def _conv_size(self, n_weights: int) -> int:
-        """The conv part's length: from the length for the NWS family, else from the layout the
-        model was trained with (an imported zoo's architecture)."""
-        if self.layout is not None and self.layout.n_weights == n_weights:
-            return self.layout.weightn_conv
-        return conv_size_for_length(n_weights)
 
     def label(self, output: np.ndarray) -> str | float:
         """The readable value of a prediction."""

@@ -8,8 +8,7 @@ and before any model is trained, where the training nets show it: a probe (gradi
 trees on the statistics of random slices of each candidate region, the last snapshot in K)
 is cross-validated on the training and validation nets alone, folds split by net, and the region
 it scores best on is the one every slice model of the property is trained and evaluated on. Ties
-go to `all`. Models
-of whole snapshots (`layer_stats`, `invariant`) see every tensor already: they keep `all`.
+go to `all`. Models of whole snapshots (`layer_stats`, `invariant`) see every tensor already: they keep `all`.
 """
 
 from __future__ import annotations
@@ -26,6 +25,13 @@ from nws.zoo.store import Zoo
 
 AUTO = "auto"
 REGION_CHOICES = (*REGIONS, AUTO)
+
+
+def widest_region(region: str) -> str:
+    """The region every slice must fit in: `auto` may choose `all`, so `all`."""
+    return "all" if region == AUTO else region
+
+
 CANDIDATES = ("all", "nonkernel")
 """What `auto` chooses between, in order of preference on a tie."""
 PROBE_NETS = 300  # the most training nets the probe reads (one snapshot each)
@@ -62,8 +68,8 @@ def choose_region(
 ) -> RegionChoice:
     """The candidate region whose slices tell `labels` best on these (training) nets, among those
     every net has a slice of `slice_length` of and whose layout is known: per net,
-    `PROBE_SLICES` random slices of snapshot k, their statistics (what `stats` reads), a linear
-    probe cross-validated with the folds split by net. A lone candidate is chosen unprobed."""
+    `PROBE_SLICES` random slices of snapshot k, their statistics (what `stats` reads), a probe
+    (`probe_score`) cross-validated with the folds split by net. A lone candidate is chosen unprobed."""
     rng = np.random.default_rng(seed)
     nets = np.sort(rng.permutation(np.asarray(nets))[:PROBE_NETS])
     shapes = {(int(zoo.lengths[i]), int(zoo.conv[i])) for i in nets}
